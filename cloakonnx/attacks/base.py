@@ -1,0 +1,105 @@
+"""Attack options and the small base class every attack shares (torchattacks-style).
+
+Attacks work in the data's box ([lo, hi], default [0, 1]); the model callable they get takes
+box-space inputs and returns logits (normalisation, if any, is inside it).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import CloakError
+
+NORMS = ("linf", "l2")
+
+
+@dataclass
+class AttackConfig:
+    """How adversarial inputs are crafted. ``step_size`` None means 2.5 * eps / steps (Madry et al.)."""
+
+    name: str = "pgd"
+    eps: float = 8 / 255
+    norm: str = "linf"
+    steps: int = 10
+    step_size: float | None = None
+    random_start: bool = True
+    restarts: int = 1
+    queries: int = 1000  # gradient-free attacks only
+    seed: int = 0
+    batch_size: int = 128
+
+    def validate(self, bounds: tuple[float, float]) -> None:
+        width = bounds[1] - bounds[0]
+        if self.norm not in NORMS:
+            raise CloakError(f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.eps < 0:
+            raise CloakError(f"--eps must be non-negative, got {self.eps:g}")
+        if self.norm == "linf" and self.eps > width:
+            raise CloakError(f"--eps {self.eps:g} is larger than the box {bounds[0]:g},{bounds[1]:g} allows (at most {width:g} in L-inf)")
+        if self.steps < 1:
+            raise CloakError(f"--steps must be at least 1, got {self.steps}")
+        if self.step_size is not None and self.step_size <= 0:
+            raise CloakError(f"--step-size must be positive, got {self.step_size:g}")
+        if self.batch_size < 1:
+            raise CloakError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["step_size"] = self.alpha
+        return d
+
+
+class Attack:
+    """Base class: ``attack(x, y)`` returns adversarial inputs within the eps ball and the box."""
+
+    needs_gradients = True
+
+    def __init__(self, model: Callable, config: AttackConfig, bounds: tuple[float, float] = (0.0, 1.0)):
+        import torch
+
+        self.model = model
+        self.config = config
+        self.lo, self.hi = bounds
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)  # random starts, per run
+
+    def __call__(self, x, y):
+        return self.perturb(x, y)
+
+    def perturb(self, x, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # helpers shared by the gradient attacks
+    def project(self, x_adv, x):
+        """Back into the eps ball around x (in the configured norm) and into the box."""
+        import torch
+
+        eps = self.config.eps
+        delta = x_adv - x
+        if self.config.norm == "linf":
+            delta = delta.clamp(-eps, eps)
+        else:
+            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+            delta = delta * torch.clamp(eps / norms, max=1.0)
+        return torch.clamp(x + delta, self.lo, self.hi)
+
+    def step(self, grad, alpha):
+        """The steepest-ascent direction for the norm, scaled by alpha."""
+        if self.config.norm == "linf":
+            return alpha * grad.sign()
+        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+        return alpha * grad / norms
+
+    def input_grad(self, x_adv, y):
+        import torch
+        import torch.nn.functional as F
+
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = F.cross_entropy(self.model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        return grad

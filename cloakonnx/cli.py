@@ -1,0 +1,224 @@
+"""The ``cloakonnx`` command line: each command parses options and calls one library function.
+
+User errors (CloakError) print ``cloakonnx: error: ...`` and exit 1; usage errors exit 2 (click's
+convention); tracebacks appear only with ``--debug``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CloakError
+
+log = logging.getLogger("cloakonnx")
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"cloakonnx: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(fn):
+    """Turn CloakError into one clear line and exit 1; Ctrl-C into exit 130; all without traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except CloakError as exc:
+            if debug:
+                raise
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            _fail("interrupted; nothing was written", 130)
+
+    return wrapper
+
+
+def _emit(data: dict, as_json: bool, report: str | None, human) -> None:
+    from .report import to_json, write_report
+
+    if report:
+        write_report(data, report)
+    if as_json:
+        click.echo(to_json(data))
+    else:
+        click.echo(human(data))
+        if report:
+            click.echo(f"report written to {report}")
+
+
+def _pair(text: str | None, what: str, cast=float):
+    if text is None:
+        return None
+    from .data import parse_floats
+
+    values = parse_floats(text, what)
+    if values is None or len(values) != 2:
+        raise CloakError(f"{what} takes two comma-separated values, got {text!r}")
+    return tuple(cast(v) for v in values)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of the table.")
+report_option = click.option("--report", type=click.Path(dir_okay=False), help="Also write the JSON report to PATH.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cloakonnx")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print results and errors (no progress or status).")
+def main(debug: bool, quiet: bool) -> None:
+    """Harden ONNX image classifiers against adversarial inputs, with no retraining.
+
+    cloakonnx crafts adversarial inputs, measures which features of the tensor feeding the final
+    linear layer they move most, and writes a model in which one constant Mul zeroes those
+    features (the DeepCloak method). The result runs anywhere ONNX runs.
+
+    \b
+    Start here:   cloakonnx demo
+    Your model:   cloakonnx inspect model.onnx
+                  cloakonnx harden model.onnx --data calib.npz -o model.cloaked.onnx
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="cloakonnx: %(message)s",
+                        stream=sys.stderr)
+    if quiet:
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits (if there are several).")
+@json_option
+@handles_errors
+def inspect(model: str, logits: str | None, as_json: bool) -> None:
+    """Show MODEL's inputs, outputs, opset, classification head, feature tensor and any cloak mask."""
+    from .model import inspect_model
+    from .report import format_inspect
+
+    _emit(inspect_model(model, logits).to_dict(), as_json, None, format_inspect)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", "data", required=True, type=click.Path(),
+              help="Labelled data: .npz with x (N x input shape, in --bounds) and y (int labels), "
+                   "or a folder of class sub-folders of images.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Hardened model path [default: MODEL.cloaked.onnx].")
+@click.option("--attack", type=click.Choice(["pgd", "fgsm"]), default="pgd", show_default=True,
+              help="Attack used to find the features adversarial noise moves.")
+@click.option("--eps", type=float, default=8 / 255, show_default="8/255",
+              help="Perturbation budget, in the units of --bounds.")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True, help="PGD iterations.")
+@click.option("--step-size", type=float, default=None, help="PGD step size [default: 2.5 * eps / steps].")
+@click.option("--restarts", type=int, default=1, show_default=True, help="PGD random restarts (worst case kept).")
+@click.option("--no-random-start", is_flag=True, help="Start PGD at the clean input.")
+@click.option("--fraction", type=float, default=0.01, show_default=True,
+              help="Share of features to zero, in [0, 1).")
+@click.option("--score", type=click.Choice(["absdiff", "normalised"]), default="absdiff", show_default=True,
+              help="absdiff: mean |f(x') - f(x)| (the paper's); normalised: absdiff / clean std of the feature.")
+@click.option("--val-split", type=float, default=0.2, show_default=True,
+              help="Share of the data held out for the report, never used for scoring.")
+@click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box the data lives in.")
+@click.option("--mean", default=None, help="Per-channel mean applied between the box and the model, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Per-channel std, with --mean.")
+@click.option("--size", default=None, metavar="H,W", help="Resize images from an image folder to H,W.")
+@click.option("--feature-tensor", metavar="NAME", help="Mask this tensor instead of the head's input.")
+@click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several).")
+@click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits (if there are several).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Makes splits and attacks repeatable.")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Batch size for attacks.")
+@click.option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu].")
+@click.option("--providers", default=None, help="Comma-separated onnxruntime providers [default: CUDA if it loads, else CPU].")
+@click.option("--no-adaptive", is_flag=True, help="Skip the adaptive attack on the hardened model (faster).")
+@json_option
+@report_option
+@handles_errors
+def harden(model, data, output, attack, eps, norm, steps, step_size, restarts, no_random_start, fraction, score,
+           val_split, bounds, mean, std, size, feature_tensor, input_name, logits, seed, batch_size, device,
+           providers, no_adaptive, as_json, report) -> None:
+    """Write a hardened copy of MODEL with a DeepCloak mask chosen on --data, and report what it buys.
+
+    \b
+    Example:
+      cloakonnx harden model.onnx --data calib.npz -o model.cloaked.onnx \\
+          --attack pgd --eps 0.1 --fraction 0.05 --report report.json
+    """
+    from .attacks import AttackConfig
+    from .data import Preprocess, parse_floats
+    from .harden import HardenConfig
+    from .harden import harden as run
+    from .report import format_harden
+
+    config = HardenConfig(
+        output=Path(output) if output else None,
+        attack=AttackConfig(name=attack, eps=eps, norm=norm, steps=steps, step_size=step_size,
+                            random_start=not no_random_start, restarts=restarts, seed=seed, batch_size=batch_size),
+        fraction=fraction, score=score, val_split=val_split,
+        preprocess=Preprocess(_pair(bounds, "--bounds"), parse_floats(mean, "--mean"), parse_floats(std, "--std")),
+        feature_tensor=feature_tensor, input_name=input_name, output_name=logits,
+        image_size=_pair(size, "--size", int), seed=seed, device=device,
+        providers=tuple(p for p in providers.split(",") if p) if providers else None,
+        adaptive=not no_adaptive,
+    )
+    _emit(run(model, data, config).to_dict(), as_json, report, format_harden)
+
+
+@main.command()
+@click.option("--out", "out", default="cloakonnx-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the trained model, its data, the hardened model and the report.")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Training epochs for the digits CNN.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+@report_option
+@handles_errors
+def demo(out, epochs, seed, as_json, report) -> None:
+    """Run the whole job on real data: train a CNN on scikit-learn's digits, export it, harden it.
+
+    Needs no download and finishes in about a minute on two CPU cores.
+    """
+    from .demo import DemoOptions, run_demo
+    from .report import format_harden
+
+    result = run_demo(DemoOptions(out=Path(out), epochs=epochs, seed=seed))
+    data = dict(result.report, demo={"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds,
+                                     "data": str(result.data)})
+    report_path = report or str(Path(out) / "report.json")
+    _emit(data, as_json, report_path, format_harden)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--batch", type=int, default=2, show_default=True, help="Batch size for dynamic batch dimensions.")
+@click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box to draw random inputs from.")
+@json_option
+@handles_errors
+def check(model, batch, bounds, as_json) -> None:
+    """Check that cloakonnx's torch executor reproduces MODEL (outputs and usable gradients).
+
+    Exit 0 only when every output matches onnxruntime within tolerance and input gradients are
+    finite and non-zero. Unsupported ops are all listed at once.
+    """
+    from .check import check_model
+    from .model import load_model
+    from .report import format_check
+
+    result = check_model(load_model(model), batch=batch, bounds=_pair(bounds, "--bounds"))
+    data = dict(result.to_dict(), model=model, ok=result.ok)
+    _emit(data, as_json, None, format_check)
+    if not result.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

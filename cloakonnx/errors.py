@@ -1,0 +1,9 @@
+"""The one exception type for user errors.
+
+The CLI turns a :class:`CloakError` into ``cloakonnx: error: ...`` and exit code 1,
+without a traceback (as Polygraphy does). Anything else is a bug and keeps its traceback.
+"""
+
+
+class CloakError(Exception):
+    """A problem with the user's input or environment, with a message that says how to fix it."""

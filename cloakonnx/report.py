@@ -1,0 +1,121 @@
+"""Human-readable tables and JSON for every command's result."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .errors import CloakError
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}%"
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=str)
+
+
+def write_report(data: Any, path: str | Path) -> None:
+    """Write JSON to ``path`` (atomically, like models)."""
+    import os
+    import tempfile
+
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise CloakError(f"report directory does not exist: {p.parent}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(to_json(data) + "\n")
+        os.replace(tmp, p)
+    except OSError as exc:
+        raise CloakError(f"could not write report {p}: {exc.strerror or exc}") from exc
+
+
+def table(rows: list[list[str]], header: list[str] | None = None) -> str:
+    rows = ([header] if header else []) + rows
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdict(report: dict) -> str:
+    """One plain sentence on what the mask buys, under the strongest threat model measured."""
+    adv = report["adversarial_accuracy"]
+    clean = report["clean_accuracy"]
+    gain_t = adv["hardened_transfer"] - adv["original"]
+    cost = clean["original"] - clean["hardened"]
+    parts = [f"Transfer attacks (crafted on the original): {100 * gain_t:+.1f} points of adversarial accuracy"]
+    if adv.get("hardened_adaptive") is not None:
+        gain_a = adv["hardened_adaptive"] - adv["original"]
+        parts.append(f"adaptive attacks (crafted on the hardened model): {100 * gain_a:+.1f} points")
+    parts.append(f"clean-accuracy cost {100 * cost:+.1f} points")
+    text = "; ".join(parts) + "."
+    if gain_t <= 0:
+        text += " The mask buys nothing against transfer attacks on this model and data."
+    elif adv.get("hardened_adaptive") is not None and adv["hardened_adaptive"] <= adv["original"]:
+        text += " An attacker who knows the mask gains it all back."
+    return text
+
+
+def format_harden(report: dict) -> str:
+    a = report["attack"]
+    adv = report["adversarial_accuracy"]
+    clean = report["clean_accuracy"]
+    head = (f"{report['model']} -> {report['output']}\n"
+            f"masked {report['masked']} of {report['features']} features of {report['feature_tensor']!r} "
+            f"(score {report['score']}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
+            + (f" steps={a['steps']}" if a["name"] != "fgsm" else "")
+            + f"; {report['samples']['validation']} validation samples\n")
+    rows = [
+        ["clean", pct(clean["original"]), pct(clean["hardened"])],
+        ["adversarial, transfer (crafted on original)", pct(adv["original"]), pct(adv["hardened_transfer"])],
+        ["adversarial, adaptive (crafted on each model)", pct(adv["original"]), pct(adv.get("hardened_adaptive"))],
+    ]
+    return head + table(rows, ["accuracy on validation", "original", "hardened"]) + "\n" + verdict(report)
+
+
+def format_inspect(info: dict) -> str:
+    lines = [f"{info['path']}: IR {info['ir_version']}, opset {info['opset']}, {info['nodes']} nodes"
+             + (f", producer {info['producer']}" if info["producer"] else "")]
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            shape = "[" + ", ".join("?" if d is None else str(d) for d in t["shape"]) + "]"
+            lines.append(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {shape}")
+    lines.append(f"  batch dimension: {'dynamic' if info['dynamic_batch'] else 'fixed'}")
+    head = info["head"]
+    if head:
+        lines.append(f"  head: {head['kind']} ({', '.join(head['nodes'])}) -> {head['logits']}, "
+                     f"{head['classes']} classes")
+        lines.append(f"  feature tensor: {head['feature_tensor']} ({head['features']} features)")
+        m = head["mask"]
+        lines.append("  cloak mask: none" if m is None else
+                     f"  cloak mask: {m['node']} zeroes {m['masked']} of {head['features']} features ({100 * m['fraction']:.1f}%)")
+    else:
+        lines.append(f"  head: not found: {info['head_error']}")
+    meta = info["metadata"]
+    for k, v in meta.items():
+        if k.startswith("cloakonnx.") and k != "cloakonnx.history":
+            lines.append(f"  {k}: {v if len(v) < 100 else v[:97] + '...'}")
+    return "\n".join(lines)
+
+
+def format_check(result: dict) -> str:
+    lines = [f"{result['model']}: batch {result['batch']}"]
+    if result.get("unsupported"):
+        ops = ", ".join(f"{op} (opset {v})" for op, v in result["unsupported"])
+        lines.append(f"  unsupported ops: {ops}")
+    rows = [[o["name"], f"{o['max_abs']:.3g}", f"{o['max_rel']:.3g}", f"{o['tolerance']:.3g}", "ok" if o["ok"] else "MISMATCH"]
+            for o in result.get("outputs", [])]
+    if rows:
+        lines.append(table(rows, ["output", "max abs diff", "max rel diff", "tolerance", ""]))
+    lines.append(f"  input gradients: {'finite' if result.get('grad_finite') else 'NOT finite'}, "
+                 f"{'non-zero' if result.get('grad_nonzero') else 'ZERO'}")
+    if result.get("computes_in_float32"):
+        lines.append("  note: the model is fp16; the executor computes in float32 for gradients")
+    lines.append("  result: " + ("OK" if result.get("ok") else "FAILED"))
+    return "\n".join(lines)

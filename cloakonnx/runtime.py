@@ -1,0 +1,149 @@
+"""onnxruntime sessions and a deliberate choice of execution providers.
+
+Asking onnxruntime-gpu for CUDA on a machine without a GPU prints a long error and then falls
+back silently; so the provider is probed once, quietly, and the choice is logged once.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import logging
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from .errors import CloakError
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def _ort():
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # errors only: no wall of provider warnings
+    return ort
+
+
+def _tiny_model_bytes() -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _has_nvidia_device() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.environ.get("CLOAKONNX_ASSUME_GPU") == "1"
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence native stderr: onnxruntime prints provider load failures straight to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_really_loads() -> bool:
+    """True only when a CUDA session can be created and actually keeps the CUDA provider."""
+    ort = _ort()
+    if CUDA not in ort.get_available_providers() or not _has_nvidia_device():
+        return False
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        with _quiet_stderr():
+            sess = ort.InferenceSession(_tiny_model_bytes(), opts, providers=[CUDA, CPU])
+        return CUDA in sess.get_providers()
+    except Exception:  # noqa: BLE001 - any failure means "no usable CUDA"
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def default_providers() -> tuple[str, ...]:
+    """CUDA when it really loads, else CPU. Chosen once per process and logged once."""
+    providers = (CUDA, CPU) if _cuda_really_loads() else (CPU,)
+    log.info("onnxruntime providers: %s", ", ".join(providers))
+    return providers
+
+
+def resolve_providers(requested: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Validate a user's provider list (short names such as ``cuda`` or ``cpu`` are accepted)."""
+    if not requested:
+        return default_providers()
+    ort = _ort()
+    available = ort.get_available_providers()
+    short = {p.replace("ExecutionProvider", "").lower(): p for p in available}
+    out = []
+    for name in requested:
+        full = short.get(name.lower(), name)
+        if full not in available:
+            raise CloakError(
+                f"onnxruntime provider {name!r} is not available here; available: {', '.join(available)}"
+            )
+        if full == CUDA and not _cuda_really_loads():
+            raise CloakError("the CUDA provider is installed but does not load (no GPU, or CUDA/cuDNN missing)")
+        out.append(full)
+    return tuple(out)
+
+
+def make_session(model, providers: Sequence[str] | None = None):
+    """An InferenceSession from a ModelProto, bytes or a path, on the chosen providers."""
+    ort = _ort()
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, opts, providers=list(resolve_providers(providers)))
+    except Exception as exc:  # onnxruntime raises its own types for invalid graphs
+        raise CloakError(f"onnxruntime could not load the model: {exc}") from exc
+
+
+def fixed_batch(session) -> int | None:
+    """The model's batch size if the first input's batch dimension is fixed, else None."""
+    dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def run_batch(session, xb: np.ndarray, outputs: Sequence[str] | None = None,
+              input_name: str | None = None) -> list[np.ndarray]:
+    """Run one batch; a static-batch model gets its last partial batch padded, then trimmed."""
+    input_name = input_name or session.get_inputs()[0].name
+    fb, n = fixed_batch(session), len(xb)
+    if fb and n < fb:
+        xb = np.concatenate([xb, np.repeat(xb[-1:], fb - n, axis=0)])
+    return [r[:n] for r in session.run(outputs, {input_name: xb})]
+
+
+def batch_size_for(session, wanted: int) -> int:
+    """A static-batch model dictates its batch size; a dynamic one takes ``wanted``."""
+    return fixed_batch(session) or wanted
+
+
+def run_batched(session, x: np.ndarray, outputs: Sequence[str] | None = None,
+                batch_size: int = 256) -> list[np.ndarray]:
+    """Run ``x`` batch by batch and concatenate each output. Only for small outputs (logits)."""
+    bs = batch_size_for(session, batch_size)
+    chunks = [run_batch(session, x[s : s + bs], outputs) for s in range(0, len(x), bs)]
+    return [np.concatenate(parts) for parts in zip(*chunks)]

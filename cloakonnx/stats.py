@@ -1,0 +1,109 @@
+"""Per-feature statistics streamed from onnxruntime, with the feature tensor exposed as an output.
+
+As onnxruntime's own calibrator does, the tensor that feeds the head is added as an extra graph
+output; unlike it, only running sums are kept, so memory does not grow with the number of samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .errors import CloakError
+from .model import tensor_elem_type
+
+
+@dataclass
+class FeatureStats:
+    """Running sums per feature (channel, for 4-D tensors: averaged over space), in float64."""
+
+    width: int
+    ndim: int = 2  # rank of the feature tensor: 2 for a head input, 4 for a conv output
+    count: int = 0
+    sum_absdiff: np.ndarray = field(default=None, repr=False)  # sum |f_adv - f_clean|
+    sum_clean: np.ndarray = field(default=None, repr=False)
+    sum_clean_sq: np.ndarray = field(default=None, repr=False)
+    sum_adv: np.ndarray = field(default=None, repr=False)
+    sum_adv_sq: np.ndarray = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("sum_absdiff", "sum_clean", "sum_clean_sq", "sum_adv", "sum_adv_sq"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(self.width, np.float64))
+
+    def update(self, f_clean: np.ndarray, f_adv: np.ndarray) -> None:
+        c, a = per_feature(f_clean), per_feature(f_adv)
+        if c.shape[1] != self.width:
+            raise CloakError(f"feature tensor has {c.shape[1]} features, expected {self.width}")
+        self.count += len(c)
+        self.sum_absdiff += np.abs(a - c).sum(0)
+        self.sum_clean += c.sum(0)
+        self.sum_clean_sq += (c * c).sum(0)
+        self.sum_adv += a.sum(0)
+        self.sum_adv_sq += (a * a).sum(0)
+
+    def mean_absdiff(self) -> np.ndarray:
+        return self.sum_absdiff / max(self.count, 1)
+
+    def clean_mean(self) -> np.ndarray:
+        return self.sum_clean / max(self.count, 1)
+
+    def clean_std(self) -> np.ndarray:
+        n = max(self.count, 1)
+        return np.sqrt(np.maximum(self.sum_clean_sq / n - (self.sum_clean / n) ** 2, 0.0))
+
+    def adv_mean(self) -> np.ndarray:
+        return self.sum_adv / max(self.count, 1)
+
+
+def per_feature(f: np.ndarray) -> np.ndarray:
+    """[N, C, ...] -> [N, C] in float64: spatial positions are averaged (one mask entry per channel)."""
+    f = np.asarray(f, dtype=np.float64)
+    if f.ndim > 2:
+        f = f.reshape(f.shape[0], f.shape[1], -1).mean(-1)
+    return f.reshape(f.shape[0], -1)
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the named intermediate tensors."""
+    known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise CloakError(f"no tensor named {', '.join(map(repr, missing))} in the model; "
+                         "`cloakonnx inspect MODEL` lists the feature tensor and candidates")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for n in names:
+        if n not in present:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(n, tensor_elem_type(model, n), None))
+    return out
+
+
+def stream_stats(session, feature: str, logits: str, x_clean: np.ndarray, x_adv: np.ndarray,
+                 y: np.ndarray, to_model, batch_size: int = 256, desc: str = "statistics"):
+    """Run clean and adversarial batches through ``session``; return FeatureStats and accuracies.
+
+    ``to_model`` maps box-space inputs to the model's (normalisation). Only running sums are kept.
+    """
+    from tqdm.auto import tqdm
+
+    from .runtime import batch_size_for, run_batch
+
+    bs = batch_size_for(session, batch_size)
+    stats: FeatureStats | None = None
+    correct_clean = correct_adv = 0
+    with tqdm(total=len(y), desc=desc, unit="img", leave=False, disable=None) as bar:
+        for start in range(0, len(y), bs):
+            sl = slice(start, start + bs)
+            f_c, l_c = run_batch(session, to_model(x_clean[sl]), [feature, logits])
+            f_a, l_a = run_batch(session, to_model(x_adv[sl]), [feature, logits])
+            if stats is None:
+                stats = FeatureStats(per_feature(f_c).shape[1], ndim=np.ndim(f_c))
+            stats.update(f_c, f_a)
+            correct_clean += int((l_c.reshape(len(l_c), -1).argmax(1) == y[sl]).sum())
+            correct_adv += int((l_a.reshape(len(l_a), -1).argmax(1) == y[sl]).sum())
+            bar.update(len(l_c))
+    n = max(len(y), 1)
+    return stats, correct_clean / n, correct_adv / n
