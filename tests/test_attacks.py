@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+
+from cloakonnx.attacks import ATTACKS, AttackConfig, craft
+from cloakonnx.errors import CloakError
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_attacks_respect_eps_ball_and_box(digits_net, name, norm):
+    net, held = digits_net
+    x, y = held.x[:64], held.y[:64]
+    eps = 0.1 if norm == "linf" else 1.0
+    cfg = AttackConfig(name=name, eps=eps, norm=norm, steps=5, seed=0)
+    adv = craft(net, cfg, x, y)
+    delta = (adv - x).reshape(len(x), -1)
+    if norm == "linf":
+        assert np.abs(delta).max() <= eps + 1e-6
+    else:
+        assert np.linalg.norm(delta, axis=1).max() <= eps + 1e-5
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    with torch.no_grad():
+        clean_acc = (net(torch.from_numpy(x)).argmax(1).numpy() == y).mean()
+        adv_acc = (net(torch.from_numpy(adv)).argmax(1).numpy() == y).mean()
+    assert adv_acc < clean_acc - 0.1  # the attack really attacks
+
+
+def test_pgd_is_stronger_than_fgsm_and_repeatable(digits_net):
+    net, held = digits_net
+    x, y = held.x[:128], held.y[:128]
+
+    def acc(a):
+        with torch.no_grad():
+            return (net(torch.from_numpy(a)).argmax(1).numpy() == y).mean()
+
+    fgsm = craft(net, AttackConfig(name="fgsm", eps=0.1), x, y)
+    pgd = craft(net, AttackConfig(name="pgd", eps=0.1, steps=10, seed=3), x, y)
+    pgd2 = craft(net, AttackConfig(name="pgd", eps=0.1, steps=10, seed=3), x, y)
+    assert acc(pgd) <= acc(fgsm)
+    assert np.array_equal(pgd, pgd2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eps=-0.1), "--eps"), (dict(eps=2.0), "larger than the box"), (dict(norm="l1"), "--norm"),
+    (dict(steps=0), "--steps"),
+])
+def test_bad_attack_options(kwargs, match):
+    with pytest.raises(CloakError, match=match):
+        AttackConfig(**kwargs).validate((0.0, 1.0))
