@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+from cloakonnx.data import Preprocess, load_data, load_image_folder, load_npz, split, validate
+from cloakonnx.errors import CloakError
+
+
+def _npz(tmp_path, **arrays):
+    p = tmp_path / "d.npz"
+    np.savez(p, **arrays)
+    return p
+
+
+def test_npz_roundtrip(tmp_path):
+    x = np.random.default_rng(0).random((10, 1, 8, 8)).astype(np.float32)
+    ds = load_npz(_npz(tmp_path, x=x, y=np.arange(10) % 3))
+    assert ds.x.dtype == np.float32 and ds.y.dtype == np.int64 and len(ds) == 10
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(x=np.zeros((3, 4))), "missing y"),
+    (dict(x=np.zeros((3, 4)), y=np.array([0.5, 1, 2])), "integers"),
+    (dict(x=np.zeros((3, 4)), y=np.array(["a", "b", "c"])), "integers"),
+    (dict(x=np.zeros((3, 4)), y=np.array([0, 1])), "3 samples but 'y' has 2"),
+])
+def test_bad_npz(tmp_path, arrays, match):
+    with pytest.raises(CloakError, match=match):
+        load_npz(_npz(tmp_path, **arrays))
+
+
+def test_not_an_npz(tmp_path):
+    p = tmp_path / "d.npz"
+    p.write_bytes(b"not a zip")
+    with pytest.raises(CloakError, match="not a readable .npz"):
+        load_data(p)
+    with pytest.raises(CloakError, match="data not found"):
+        load_data(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda x, y: (x[:, :, :4], y), r"shape \(1, 4, 8\)"),
+    (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), y), "NaN or Inf"),
+    (lambda x, y: (x * 2, y), "outside --bounds"),
+    (lambda x, y: (x, y + 10), "10 classes"),
+    (lambda x, y: (x[:0], y[:0]), "empty"),
+])
+def test_validate_refuses_bad_data(digits, mutate, match):
+    from cloakonnx.data import Dataset
+
+    x, y = mutate(digits.x[:20] * 0.9 + 0.01, digits.y[:20].copy())
+    with pytest.raises(CloakError, match=match):
+        validate(Dataset(x.astype(np.float32), y), ["N", 1, 8, 8], (0.0, 1.0), 10)
+
+
+def test_split_is_disjoint_repeatable_and_checks_size(digits):
+    a_cal, a_val = split(digits, 0.2, seed=1)
+    b_cal, b_val = split(digits, 0.2, seed=1)
+    assert np.array_equal(a_val.y, b_val.y) and len(a_val) == round(0.2 * len(digits))
+    assert len(a_cal) + len(a_val) == len(digits)
+    small = digits.subset(np.arange(1))
+    with pytest.raises(CloakError, match="too few"):
+        split(small, 0.2)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.fromarray((rng.random((10, 12, 3)) * 255).astype(np.uint8)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "dog" / "broken.png").write_bytes(b"garbage")
+    ds = load_image_folder(tmp_path, size=(8, 8), channels=3)
+    assert ds.x.shape == (6, 3, 8, 8) and list(ds.y) == [0, 0, 0, 1, 1, 1]
+    assert 0 <= ds.x.min() and ds.x.max() <= 1
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(CloakError, match="no readable images"):
+        load_image_folder(tmp_path, None)
+    with pytest.raises(CloakError, match="no class sub-folders"):
+        load_image_folder(tmp_path / "a", None)
+
+
+def test_preprocess_normalises_per_channel():
+    p = Preprocess((0.0, 1.0), [0.5, 0.0], [0.5, 2.0])
+    x = np.ones((1, 2, 2, 2), np.float32)
+    out = p.to_model(x)
+    assert np.allclose(out[:, 0], 1.0) and np.allclose(out[:, 1], 0.5)
+    with pytest.raises(CloakError):
+        Preprocess((0.0, 1.0), [0.5], None)
+    with pytest.raises(CloakError):
+        Preprocess((1.0, 0.0))
