@@ -7,7 +7,11 @@ for line in Path("cloakonnx/__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
 
-GPU_PLATFORM = '(platform_system == "Linux" and platform_machine == "x86_64") or (platform_system == "Windows" and platform_machine == "AMD64")'
+# onnxruntime-gpu wheels exist for x86-64 Linux and Windows; elsewhere (macOS, ARM) the CPU package.
+GPU_PLATFORM = ('(platform_system == "Linux" and platform_machine == "x86_64") or '
+                '(platform_system == "Windows" and platform_machine == "AMD64")')
+CPU_PLATFORM = ('(platform_system != "Linux" or platform_machine != "x86_64") and '
+                '(platform_system != "Windows" or platform_machine != "AMD64")')
 
 setup(
     name="cloakonnx",
@@ -22,7 +26,7 @@ setup(
         "numpy>=1.24",
         "onnx>=1.16",
         f"onnxruntime-gpu>=1.20; {GPU_PLATFORM}",
-        f"onnxruntime>=1.20; not ({GPU_PLATFORM})",
+        f"onnxruntime>=1.20; {CPU_PLATFORM}",
         "onnx-graphsurgeon>=0.5",
         "onnxscript>=0.2",  # torch.onnx's exporter (used by the demo)
         "torch>=2.4",
