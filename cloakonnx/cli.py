@@ -177,7 +177,7 @@ def harden(model, data, output, attack, eps, norm, steps, step_size, restarts, n
 @main.command()
 @click.option("--out", "out", default="cloakonnx-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the trained model, its data, the hardened model and the report.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Training epochs for the digits CNN.")
+@click.option("--epochs", type=int, default=15, show_default=True, help="Training epochs for the digits CNN.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
 @report_option

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoOptions:
     out: Path = Path("cloakonnx-demo")
-    epochs: int = 30
+    epochs: int = 15
     seed: int = 0
     features: int = 256
 

@@ -265,3 +265,29 @@ def test_bad_folded_mask_record_is_an_error():
     helper.set_model_props(model, {FOLDED_MASK_KEY: "not json"})
     with pytest.raises(CloakError, match="folded_mask"):
         folded_mask(model)
+
+
+def test_latency_benchmark_runs_on_a_small_model(tmp_path):
+    """benchmarks/latency.py is a tested example: a tiny model, a few rounds, JSON out."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
+    spec = importlib.util.spec_from_file_location("cloakonnx_latency_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model_path, out = tmp_path / "tiny.onnx", tmp_path / "latency.json"
+    onnx.save(_tiny("gemm_t"), model_path)
+    assert bench.main(["--model", str(model_path), "--batches", "1,3", "--repeats", "5", "--warmup", "1",
+                       "--threads", "1", "--providers", "cpu", "--rotate", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["threads"] == 1 and result["config"]["masked"] == 1
+    assert result["config"]["nodes"]["folded"] == result["config"]["nodes"]["original"]
+    assert result["config"]["nodes"]["mul"] == result["config"]["nodes"]["original"] + 1
+    assert [(r["provider"], r["batch"]) for r in result["runs"]] == [("CPUExecutionProvider", 1),
+                                                                     ("CPUExecutionProvider", 3)]
+    for run in result["runs"]:
+        assert run["check"]["max_abs_diff_mul_vs_folded"] < 1e-5
+        assert {"p50_ms", "p90_ms", "p99_ms", "images_per_s"} <= set(run["variants"]["original"])
+        assert run["variants"]["mul"]["target"] == "<= 1.01" and "p50_ratio" in run["variants"]["folded"]

@@ -655,35 +655,39 @@ def test_float16_model_runs_in_float32():
 
 
 def test_intermediate_outputs_and_pruning():
+    w = r(3, 4)
     nodes = [
         helper.make_node("Relu", ["x"], ["feat"]),
         helper.make_node("Gemm", ["feat", "w"], ["logits"], transB=1),
         helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
     ]
-    inits = [numpy_helper.from_array(r(3, 4), "w")]
-    m = _model(nodes, [_vi("x", [2, 4])], [_vi("prob", [2, 3])], inits)
+    m = _model(nodes, [_vi("x", [2, 4])], [_vi("prob", [2, 3])], [numpy_helper.from_array(w, "w")])
     x = torch.from_numpy(r(2, 4))
     feat_only = OnnxTorchModule(m, outputs=["feat"])
-    assert len(feat_only._plan) == 1 and len(list(feat_only.buffers())) == 0  # head pruned
+    assert len(feat_only._plan) == 1 and len(list(feat_only.buffers())) == 0  # the head is pruned
     torch.testing.assert_close(feat_only(x), torch.relu(x))
-    both = OnnxTorchModule(m, outputs=["logits", "feat"])
-    logits, feat = both(x)
+    logits, feat = OnnxTorchModule(m, outputs=["logits", "feat"])(x)
     torch.testing.assert_close(feat, torch.relu(x))
-    torch.testing.assert_close(logits, torch.relu(x) @ torch.from_numpy(m.graph.initializer[0].float_data and r(3, 4)).t() * 0 + logits)
-    prob = OnnxTorchModule(m)(x)
-    torch.testing.assert_close(prob, torch.softmax(logits, 1))
+    torch.testing.assert_close(logits, torch.relu(x) @ torch.from_numpy(w).t())
+    torch.testing.assert_close(OnnxTorchModule(m)(x), torch.softmax(logits, 1))
     with pytest.raises(CloakError, match="no tensor named 'nope'"):
         OnnxTorchModule(m, outputs=["nope"])
 
 
 def test_intermediates_are_freed_after_last_use():
-    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]), helper.make_node("Exp", ["b"], ["y"])]
-    m = _model(nodes, [_vi("x", [3])], [_vi("y", [3])])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Neg", ["a"], ["b"]),
+        helper.make_node("Exp", ["b"], ["y"]),
+        helper.make_node("Add", ["y", "a"], ["z"]),
+    ]
+    m = _model(nodes, [_vi("x", [3])], [_vi("z", [3]), _vi("y", [3])])
     mod = OnnxTorchModule(m)
-    frees = [step.free for step in mod._plan]
-    slots = [step.outs[0] for step in mod._plan]
-    assert frees[1] == tuple(sorted((mod._input_slots[0], slots[0])))[1:] or slots[0] in frees[1]
-    assert slots[1] in frees[2] and slots[2] not in frees[2]  # the output survives
+    a, b, y, z = (step.outs[0] for step in mod._plan)
+    frees = [set(step.free) for step in mod._plan]
+    assert b in frees[2] and b not in frees[1]  # b dies at its only reader
+    assert a in frees[3] and a not in frees[1] | frees[2]  # a lives until Add reads it
+    assert y not in set().union(*frees) and z not in set().union(*frees)  # graph outputs survive
 
 
 def test_constant_subgraphs_are_folded_once():

@@ -1,0 +1,202 @@
+"""Square (gradient-free) and APGD (CE, DLR) on a small MLP trained on real digits in this module."""
+import numpy as np
+import pytest
+import torch
+
+from cloakonnx.attacks import AttackConfig
+from cloakonnx.attacks.apgd import APGD, APGDDLR, checkpoints, dlr_loss
+from cloakonnx.attacks.fgsm import FGSM
+from cloakonnx.attacks.square import Square, p_selection
+from cloakonnx.errors import CloakError
+
+EXTRA = {"square": Square, "apgd-ce": APGD, "apgd-dlr": APGDDLR}
+EPS = {"linf": 0.1, "l2": 1.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches: one intra-op thread is several times faster on a busy 2-core machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def digits_mlp(one_thread):
+    """A 64-128-10 MLP on sklearn's digits (x/16 in [0, 1], shape [N, 1, 8, 8]); ~97% held out, ~1 s."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images / 16.0).astype(np.float32)[:, None])
+    y = torch.from_numpy(d.target.astype(np.int64))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1200], perm[1200:]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[train]), y[train]).backward()
+        opt.step()
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x_t, y_t = x[test], y[test]
+    with torch.no_grad():
+        keep = net(x_t).argmax(1) == y_t  # attack correctly classified digits, as the papers do
+    assert keep.float().mean() > 0.93
+    return net, x_t[keep][:128], y_t[keep][:128]
+
+
+class ForwardOnly:
+    """An onnxruntime-like model: asserts every call is a no-grad forward pass; counts calls and samples."""
+
+    def __init__(self, net):
+        self.net, self.calls, self.samples = net, 0, 0
+
+    def __call__(self, x):
+        assert not torch.is_grad_enabled(), "a gradient-free attack ran the model with autograd on"
+        assert not x.requires_grad
+        self.calls += 1
+        self.samples += len(x)
+        return self.net(x).numpy()  # numpy, as an onnxruntime session would give
+
+
+def accuracy(net, x, y):
+    with torch.no_grad():
+        return (net(x).argmax(1) == y).float().mean().item()
+
+
+def run(cls, model, x, y, **cfg):
+    cfg.setdefault("steps", 20)
+    cfg.setdefault("queries", 300)
+    return cls(model, AttackConfig(**cfg))(x, y)
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_eps_ball_box_and_accuracy_drop(digits_mlp, name, norm):
+    net, x, y = digits_mlp
+    x, y = x[:64], y[:64]
+    eps = EPS[norm]
+    model = ForwardOnly(net) if name == "square" else net
+    adv = run(EXTRA[name], model, x, y, eps=eps, norm=norm, seed=0)
+    assert adv.shape == x.shape and adv.dtype == x.dtype
+    delta = (adv - x).flatten(1)
+    if norm == "linf":
+        assert delta.abs().max() <= eps + 1e-6
+    else:
+        assert delta.norm(dim=1).max() <= eps + 1e-5
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert accuracy(net, adv, y) < 0.5  # all 64 start correctly classified
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_other_box(digits_mlp, name):
+    """The box is [lo, hi], not always [0, 1]."""
+    net, x, y = digits_mlp
+    x, y = x[:32], y[:32]
+    shifted = lambda z: net(z + 1.0)  # noqa: E731 - the model takes inputs in [-1, 0]
+    model = ForwardOnly(shifted) if name == "square" else shifted
+    adv = EXTRA[name](model, AttackConfig(eps=0.1, steps=10, queries=100), bounds=(-1.0, 0.0))(x - 1.0, y)
+    assert adv.min() >= -1.0 and adv.max() <= 0.0
+    assert (adv - (x - 1.0)).abs().max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_repeatable_with_the_same_seed(digits_mlp, name):
+    net, x, y = digits_mlp
+    x, y = x[:32], y[:32]
+    a = run(EXTRA[name], net, x, y, eps=0.05, seed=7, queries=100, steps=10)
+    b = run(EXTRA[name], net, x, y, eps=0.05, seed=7, queries=100, steps=10)
+    c = run(EXTRA[name], net, x, y, eps=0.05, seed=8, queries=100, steps=10)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_square_is_forward_only_and_respects_the_query_budget(digits_mlp, norm):
+    net, x, y = digits_mlp
+    model = ForwardOnly(net)
+    budget = 50
+    attack = Square(model, AttackConfig(name="square", eps=EPS[norm] / 2, norm=norm, queries=budget, seed=0))
+    adv = attack(x, y)
+    assert Square.needs_gradients is False
+    assert model.calls == attack.model_calls <= budget
+    assert attack.queries_used.max().item() <= budget
+    assert model.samples == attack.queries_used.sum().item()
+    # per-sample early stop: fooled samples stop being queried, so fewer than n * budget forward passes
+    fooled = net(adv).argmax(1) != y
+    assert fooled.any() and model.samples < len(x) * budget
+    assert (attack.queries_used[fooled] < budget).any()
+    assert (attack.queries_used[~fooled] == budget).all()  # the unbroken ones used the whole budget
+
+
+def test_square_leaves_misclassified_samples_alone(digits_mlp):
+    net, x, y = digits_mlp
+    wrong = (y[:16] + 1) % 10
+    model = ForwardOnly(net)
+    attack = Square(model, AttackConfig(eps=0.1, queries=100))
+    assert torch.equal(attack(x[:16], wrong), x[:16])
+    assert model.calls == 1 and attack.queries_used.tolist() == [1] * 16
+
+
+def test_apgd_is_at_least_as_strong_as_fgsm(digits_mlp):
+    net, x, y = digits_mlp
+    eps = 0.1
+    fgsm = accuracy(net, FGSM(net, AttackConfig(eps=eps))(x, y), y)
+    ce = accuracy(net, run(APGD, net, x, y, eps=eps, steps=20), y)
+    dlr = accuracy(net, run(APGDDLR, net, x, y, eps=eps, steps=20), y)
+    assert ce <= fgsm and dlr <= fgsm
+
+
+def test_apgd_restarts_keep_the_worst_case(digits_mlp):
+    net, x, y = digits_mlp
+    one = accuracy(net, run(APGD, net, x, y, eps=0.05, steps=10, restarts=1, seed=1), y)
+    three = accuracy(net, run(APGD, net, x, y, eps=0.05, steps=10, restarts=3, seed=1), y)
+    assert three <= one
+
+
+def test_apgd_loss_and_class_checks(digits_mlp):
+    net, x, y = digits_mlp
+    two = lambda z: net(z)[:, :2]  # noqa: E731 - a binary classifier
+    with pytest.raises(CloakError, match="at least 3 classes"):
+        APGDDLR(two, AttackConfig(eps=0.1, steps=2))(x[:4], y[:4] % 2)
+    with pytest.raises(CloakError, match="loss"):
+        APGD(net, AttackConfig(), loss="hinge")
+    assert APGD(net, AttackConfig(), loss="dlr").loss == "dlr"
+    adv = APGD(two, AttackConfig(eps=0.1, steps=2))(x[:4], y[:4] % 2)  # CE is fine with 2 classes
+    assert adv.shape == x[:4].shape
+
+
+def test_dlr_loss_values():
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [1.0, 3.0, 0.0, -1.0]])
+    y = torch.tensor([0, 0])
+    # correct: -(3 - 1) / (3 - 0); wrong: -(1 - 3) / (3 - 0)
+    assert torch.allclose(dlr_loss(logits, y), torch.tensor([-2 / 3, 2 / 3]))
+    assert torch.allclose(dlr_loss(10 * logits, y), dlr_loss(logits, y))  # scale-invariant
+
+
+def test_schedules_follow_the_papers():
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(5) == [2, 3, 4, 5]
+    assert checkpoints(1) == [1]
+    # Square: p halves at 10, 50, 200, 500, 1000, ... of 10,000 queries, scaled to the budget
+    assert p_selection(0.05, 0, 1000) == 0.05 and p_selection(0.05, 1, 1000) == 0.05
+    assert p_selection(0.05, 2, 1000) == 0.025
+    assert p_selection(0.05, 100, 1000) == 0.05 / 16
+    assert p_selection(0.05, 999, 1000) == 0.05 / 512
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(queries=1), "--queries"), (dict(), "image inputs")])
+def test_square_errors(digits_mlp, kwargs, match):
+    net, x, y = digits_mlp
+    with pytest.raises(CloakError, match=match):
+        Square(lambda z: net(z.view(-1, 1, 8, 8)), AttackConfig(**kwargs))(x[:4].flatten(1), y[:4])
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_zero_eps_returns_the_input(digits_mlp, name):
+    net, x, y = digits_mlp
+    assert torch.equal(run(EXTRA[name], net, x[:8], y[:8], eps=0.0), x[:8])
