@@ -175,6 +175,64 @@ def harden(model, data, output, attack, eps, norm, steps, step_size, restarts, n
 
 
 @main.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", "data", required=True, type=click.Path(), help="Labelled held-out data (.npz or image folder).")
+@click.option("--reference", type=click.Path(), help="The original (unhardened) model: adds transfer attacks crafted on it.")
+@click.option("--attack", "attacks", default="fgsm,pgd,square", show_default=True,
+              help="Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, square.")
+@click.option("--preset", type=click.Choice(["standard"]), default=None,
+              help="A fixed, documented set (APGD-CE, APGD-DLR 100 steps; Square 5000 queries), worst case per sample.")
+@click.option("--eps", default="0.03137", show_default="8/255",
+              help="One or more budgets, comma-separated, e.g. 0.03,0.06,0.1.")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True, help="Iterations of gradient attacks.")
+@click.option("--restarts", type=int, default=1, show_default=True)
+@click.option("--queries", type=int, default=1000, show_default=True, help="Query budget of Square.")
+@click.option("--max-samples", type=int, default=None, help="Evaluate a random subset of this size.")
+@click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box the data lives in.")
+@click.option("--mean", default=None, help="Per-channel mean applied between the box and the model.")
+@click.option("--std", default=None, help="Per-channel std, with --mean.")
+@click.option("--size", default=None, metavar="H,W", help="Resize images from an image folder to H,W.")
+@click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several).")
+@click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu].")
+@click.option("--providers", default=None, help="Comma-separated onnxruntime providers.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of accuracy against eps.")
+@json_option
+@report_option
+@handles_errors
+def evaluate(model, data, reference, attacks, preset, eps, norm, steps, restarts, queries, max_samples, bounds, mean,
+             std, size, input_name, logits, seed, batch_size, device, providers, plot, as_json, report) -> None:
+    """Measure what MODEL resists: clean accuracy, and accuracy under adaptive (white-box, through
+    MODEL itself, mask included), transfer (crafted on --reference) and gradient-free attacks.
+
+    \b
+    Example:
+      cloakonnx evaluate model.cloaked.onnx --data test.npz --reference model.onnx --eps 0.05,0.1
+    """
+    from .data import Preprocess, parse_floats
+    from .evaluate import EvaluateConfig
+    from .evaluate import evaluate as run
+    from .report import format_evaluate, plot_evaluate
+
+    config = EvaluateConfig(
+        attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=tuple(parse_floats(eps, "--eps") or ()),
+        norm=norm, steps=steps, restarts=restarts, queries=queries, preset=preset,
+        reference=Path(reference) if reference else None,
+        preprocess=Preprocess(_pair(bounds, "--bounds"), parse_floats(mean, "--mean"), parse_floats(std, "--std")),
+        input_name=input_name, output_name=logits, image_size=_pair(size, "--size", int), max_samples=max_samples,
+        seed=seed, batch_size=batch_size, device=device,
+        providers=tuple(p for p in providers.split(",") if p) if providers else None,
+    )
+    result = run(model, data, config).to_dict()
+    if plot:
+        plot_evaluate(result, plot)
+    _emit(result, as_json, report, format_evaluate)
+
+
+@main.command()
 @click.option("--out", "out", default="cloakonnx-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the trained model, its data, the hardened model and the report.")
 @click.option("--epochs", type=int, default=15, show_default=True, help="Training epochs for the digits CNN.")

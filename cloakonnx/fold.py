@@ -216,7 +216,6 @@ def _zero_weight(graph: onnx.GraphProto, target: _Target, zero: np.ndarray, widt
     """Zero ``zero`` along the weight's feature axis, in place or, if the weight is shared, in a new tensor."""
     name = target.node.input[target.slot]
     init = next((t for t in graph.initializer if t.name == name), None)
-    maker = None
     if init is None:
         maker = next((n for n in graph.node if n.op_type == "Constant" and name in n.output), None)
         if maker is None:

@@ -5,7 +5,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +17,8 @@ from .attacks import AttackConfig, craft
 from .data import Dataset, Preprocess, load_data, split, validate
 from .errors import CloakError
 from .mask import count_for, score_features, select_mask
-from .model import Head, find_head, find_mask, load_model, save_model, select_input
+from .evaluate import Runner
+from .model import Head, find_head, find_mask, load_model, logits_output, save_model, select_input
 from .surgery import METADATA_PREFIX, apply_mask, history_entry
 
 log = logging.getLogger(__name__)
@@ -102,17 +103,12 @@ def resolve_target(model: onnx.ModelProto, feature_tensor: str | None, output: s
     if feature_tensor is None:
         head = find_head(model, output)
         return Target(head.feature, head.logits, head, head.mask)
+    logits = logits_output(model, output)
     try:
-        head = find_head(model, output)
-        logits = head.logits
-        if head.feature != feature_tensor:
-            head = None
+        head = find_head(model, logits)
+        head = head if head.feature == feature_tensor else None
     except CloakError:
         head = None
-        outputs = [o.name for o in model.graph.output]
-        if output is None and len(outputs) != 1:
-            raise CloakError(f"model has {len(outputs)} outputs; choose the logits with --logits NAME") from None
-        logits = output or outputs[0]
     found = find_mask(model, feature_tensor)
     known = {o for n in model.graph.node for o in n.output}
     if feature_tensor not in known:
@@ -138,26 +134,18 @@ def check_output_path(model_path: Path, out: Path) -> None:
         raise CloakError(f"output directory is not writable: {folder}")
 
 
-class Runner:
-    """The model as both a differentiable torch callable (for attacks) and an onnxruntime session."""
+def choose_attack(runner: Runner, wanted: AttackConfig) -> tuple[AttackConfig, str | None]:
+    """The attack to use: the one asked for, or Square through onnxruntime when the torch executor
+    cannot differentiate this graph (and then say why)."""
+    from .attacks import ATTACKS
 
-    def __init__(self, model: onnx.ModelProto, logits: str, extra: Sequence[str], config: HardenConfig, device: str):
-        from .runtime import make_session
-        from .stats import with_outputs
-        from .torch_exec import OnnxTorchModule
-
-        self.input = select_input(model, config.input_name)
-        self.preprocess = config.preprocess
-        self.session = make_session(with_outputs(model, list(extra)) if extra else model, config.providers)
-        self.logits = logits
-        np_type = np.dtype(self.input.dtype) if self.input.dtype != "unknown" else np.dtype(np.float32)
-        self.input_dtype = np_type
-        module = OnnxTorchModule(model, outputs=[logits]).to(device).eval()
-        self.torch_model = config.preprocess.torch_wrap(module, len(self.input.shape))
-        self.fixed_batch = next(iter([d for d in self.input.shape[:1] if isinstance(d, int) and d > 0]), None)
-
-    def feed(self, x: np.ndarray) -> np.ndarray:
-        return self.preprocess.to_model(x).astype(self.input_dtype, copy=False)
+    cls = ATTACKS.get(wanted.name)
+    if runner.torch_model is not None or cls is None or not cls.needs_gradients:
+        return wanted, None
+    reason = f"the torch executor lacks {', '.join(f'{o} (opset {v})' for o, v in runner.unsupported.ops)}"
+    log.warning("%s: crafting with the gradient-free Square attack through onnxruntime instead of %s",
+                reason, wanted.name)
+    return replace(wanted, name="square", norm="linf"), reason
 
 
 def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> HardenReport:
@@ -189,7 +177,8 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     else:
         channels = inp.shape[1] if len(inp.shape) == 4 and isinstance(inp.shape[1], int) else 3
         ds = load_data(data, config.image_size, channels, bounds)
-    runner = Runner(model, target.logits, [target.feature], config, device)
+    runner = Runner(model, target.logits, [target.feature], config.preprocess, config.input_name,
+                    config.providers, device)
     n_classes = _num_classes(runner, ds)
     validate(ds, inp.shape, bounds, n_classes)
     calib, val = split(ds, config.val_split, config.seed)
@@ -197,10 +186,11 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
              model_path.name, target.feature, f"{target.head.kind} head" if target.head else "custom tensor",
              len(calib), len(val), ", ".join(providers), device)
 
-    attack_bs = runner.fixed_batch or config.attack.batch_size
+    attack_cfg, fallback = choose_attack(runner, config.attack)
+    attack_bs = runner.fixed_batch or attack_cfg.batch_size
     t = time.perf_counter()
-    adv_calib = craft(runner.torch_model, config.attack, calib.x, calib.y, bounds, device, "attack calibration",
-                      attack_bs)
+    adv_calib = craft(runner.model_for(attack_cfg.name), attack_cfg, calib.x, calib.y, bounds, device,
+                      "attack calibration", attack_bs)
     stages["attack"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -217,7 +207,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
 
     t = time.perf_counter()
     record = {"version": __version__, "masked": masked, "fraction": config.fraction, "score": config.score,
-              "feature_tensor": target.feature, "attack": config.attack.to_dict(), "seed": config.seed}
+              "feature_tensor": target.feature, "attack": attack_cfg.to_dict(), "seed": config.seed}
     meta = {
         METADATA_PREFIX + "version": __version__,
         METADATA_PREFIX + "feature_tensor": target.feature,
@@ -225,7 +215,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         METADATA_PREFIX + "masked": str(masked),
         METADATA_PREFIX + "fraction": repr(config.fraction),
         METADATA_PREFIX + "score": config.score,
-        METADATA_PREFIX + "attack": json.dumps(config.attack.to_dict(), sort_keys=True),
+        METADATA_PREFIX + "attack": json.dumps(attack_cfg.to_dict(), sort_keys=True),
         METADATA_PREFIX + "form": "mul",
         METADATA_PREFIX + "history": history_entry(model, record),
     }
@@ -233,16 +223,18 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     stages["surgery"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    hard = Runner(hardened, target.logits, [], config, device)
+    hard = Runner(hardened, target.logits, [], config.preprocess, config.input_name, config.providers, device)
     feed = runner.feed
     clean_o = accuracy(runner.session, val.x, val.y, feed, target.logits, config.batch_size)
     clean_h = accuracy(hard.session, val.x, val.y, feed, target.logits, config.batch_size)
-    adv_val = craft(runner.torch_model, config.attack, val.x, val.y, bounds, device, "attack validation", attack_bs)
+    adv_val = craft(runner.model_for(attack_cfg.name), attack_cfg, val.x, val.y, bounds, device, "attack validation",
+                    attack_bs)
     adv_o = accuracy(runner.session, adv_val, val.y, feed, target.logits, config.batch_size)
     adv_transfer = accuracy(hard.session, adv_val, val.y, feed, target.logits, config.batch_size)
     adv_adaptive = None
     if config.adaptive:
-        adv_val_h = craft(hard.torch_model, config.attack, val.x, val.y, bounds, device, "attack hardened", attack_bs)
+        adv_val_h = craft(hard.model_for(attack_cfg.name), attack_cfg, val.x, val.y, bounds, device, "attack hardened",
+                          attack_bs)
         adv_adaptive = accuracy(hard.session, adv_val_h, val.y, feed, target.logits, config.batch_size)
     stages["evaluation"] = time.perf_counter() - t
 
@@ -256,7 +248,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     return HardenReport(
         model=str(model_path), output=str(out_path), feature_tensor=target.feature, features=stats.width,
         masked=masked, newly_masked=masked - previously, fraction=config.fraction, score=config.score,
-        attack=config.attack.to_dict(),
+        attack=dict(attack_cfg.to_dict(), fallback=fallback),
         clean_accuracy={"original": clean_o, "hardened": clean_h},
         adversarial_accuracy={"original": adv_o, "hardened_transfer": adv_transfer, "hardened_adaptive": adv_adaptive},
         calibration={"clean_accuracy": calib_clean, "adversarial_accuracy": calib_adv},

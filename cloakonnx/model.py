@@ -305,6 +305,21 @@ def find_head(model: onnx.ModelProto, output: str | None = None) -> Head:
     return (direct or heads)[0]
 
 
+def logits_output(model: onnx.ModelProto, output: str | None = None) -> str:
+    """The graph output carrying the logits: the head's, else the only output, else ``--logits``."""
+    outputs = [o.name for o in model.graph.output]
+    if output is not None:
+        if output not in outputs:
+            raise CloakError(f"model has no output named {output!r} (--logits); outputs: {', '.join(outputs)}")
+        return output
+    try:
+        return find_head(model).logits
+    except CloakError:
+        if len(outputs) != 1:
+            raise CloakError(f"model has {len(outputs)} outputs; choose the logits with --logits NAME") from None
+        return outputs[0]
+
+
 @dataclass
 class ModelInfo:
     path: str

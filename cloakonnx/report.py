@@ -119,3 +119,63 @@ def format_check(result: dict) -> str:
         lines.append("  note: the model is fp16; the executor computes in float32 for gradients")
     lines.append("  result: " + ("OK" if result.get("ok") else "FAILED"))
     return "\n".join(lines)
+
+
+def format_evaluate(report: dict) -> str:
+    eps = report["eps"]
+    head = (f"{report['model']}: {report['samples']} samples, {report['norm']} attacks"
+            + (f", transfer from {report['reference']}" if report.get("reference") else "") + "\n")
+    rows = [["clean", "", *[pct(report["clean_accuracy"])] * len(eps)]]
+    series: dict[tuple[str, str], dict] = {}
+    for r in report["results"]:
+        series.setdefault((r["attack"], r["threat"]), {})[r["eps"]] = r["accuracy"]
+    for (attack, threat), accs in series.items():
+        rows.append([attack, threat, *[pct(accs.get(e)) for e in eps]])
+    rows.append(["robust (worst case per sample)", "", *[pct(report["robust_accuracy"][repr(e)]) for e in eps]])
+    text = head + table(rows, ["accuracy", "threat", *[f"eps={e:g}" for e in eps]])
+    for c in report["checks"]:
+        text += f"\n{'ok  ' if c['ok'] else 'FAIL'}  {c['name']}: {c['detail']}"
+    for note in report.get("notes", []):
+        text += f"\nnote: {note}"
+    return text
+
+
+def plot_evaluate(report: dict, path: str | Path) -> None:
+    """Accuracy against eps, one line per attack and threat model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    eps = report["eps"]
+    series: dict[tuple[str, str], dict] = {}
+    for r in report["results"]:
+        series.setdefault((r["attack"], r["threat"]), {})[r["eps"]] = r["accuracy"]
+    for (attack, threat), accs in series.items():
+        xs = sorted(accs)
+        ax.plot(xs, [100 * accs[x] for x in xs], marker="o", label=f"{attack} ({threat})")
+    ax.plot(eps, [100 * report["robust_accuracy"][repr(e)] for e in eps], "k--", marker="s", label="robust (worst case)")
+    ax.axhline(100 * report["clean_accuracy"], color="grey", lw=0.8, ls=":", label="clean")
+    ax.set_xlabel(f"eps ({report['norm']})")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(Path(report["model"]).name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CloakError("plots need matplotlib: pip install 'cloakonnx[plot]'") from None
+    return plt
+
+
+def _save_figure(fig, path) -> None:
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise CloakError(f"plot directory does not exist: {p.parent}")
+    fig.savefig(p, dpi=120)
+    _pyplot().close(fig)
