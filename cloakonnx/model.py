@@ -44,6 +44,7 @@ class Head:
     bias: np.ndarray | None = field(repr=False)
     mask: np.ndarray | None = field(default=None, repr=False)  # an existing cloak mask, flattened
     mask_node: str | None = None
+    output: str = ""  # the tensor the head itself produces (before any Softmax etc.); identifies the head
 
     def apply(self, features: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """The head's logits for (optionally masked) features, in float64 numpy."""
@@ -232,7 +233,7 @@ def _head_at(model, consts, producers, tensor: str) -> Head | None:
                 return None
             bias = np.broadcast_to(c * attrs.get("beta", 1.0), (weight.shape[1],)).copy()
         return _with_mask(model, consts, producers, Head("Gemm", [node.name], node.input[0], logits,
-                                                         weight.shape[0], weight, bias))
+                                                         weight.shape[0], weight, bias, output=node.output[0]))
     bias, add = None, None
     if node.op_type == "Add":
         for i, j in ((0, 1), (1, 0)):
@@ -249,7 +250,9 @@ def _head_at(model, consts, producers, tensor: str) -> Head | None:
             return None
         kind = "MatMul+Add" if add is not None else "MatMul"
         names = [node.name] + ([add.name] if add is not None else [])
-        return _with_mask(model, consts, producers, Head(kind, names, node.input[0], logits, w.shape[0], w, bias))
+        out = (add if add is not None else node).output[0]
+        return _with_mask(model, consts, producers, Head(kind, names, node.input[0], logits, w.shape[0], w, bias,
+                                                         output=out))
     return None
 
 
@@ -294,14 +297,14 @@ def find_head(model: onnx.ModelProto, output: str | None = None) -> Head:
             "no linear classification head (a final Gemm, or MatMul+Add) produces the model's output; "
             "choose the tensor to mask with --feature-tensor NAME"
         )
-    distinct = {tuple(h.nodes) for h in heads}
+    distinct = {h.output for h in heads}
     if len(distinct) > 1:
         raise CloakError(
             f"several outputs end in different linear heads ({', '.join(h.logits for h in heads)}); "
             "choose the one that carries the logits with --logits NAME"
         )
     # Several outputs may share one head (logits and probabilities): prefer the raw logits.
-    direct = [h for h in heads if producers[h.logits].name in h.nodes]
+    direct = [h for h in heads if h.logits == h.output]
     return (direct or heads)[0]
 
 
