@@ -108,70 +108,123 @@ def inspect(model: str, logits: str | None, as_json: bool) -> None:
     _emit(inspect_model(model, logits).to_dict(), as_json, None, format_inspect)
 
 
-@main.command()
-@click.argument("model", type=click.Path())
-@click.option("--data", "data", required=True, type=click.Path(),
-              help="Labelled data: .npz with x (N x input shape, in --bounds) and y (int labels), "
-                   "or a folder of class sub-folders of images.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Hardened model path [default: MODEL.cloaked.onnx].")
-@click.option("--attack", type=click.Choice(["pgd", "fgsm"]), default="pgd", show_default=True,
-              help="Attack used to find the features adversarial noise moves.")
-@click.option("--eps", type=float, default=8 / 255, show_default="8/255",
-              help="Perturbation budget, in the units of --bounds.")
-@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
-@click.option("--steps", type=int, default=10, show_default=True, help="PGD iterations.")
-@click.option("--step-size", type=float, default=None, help="PGD step size [default: 2.5 * eps / steps].")
-@click.option("--restarts", type=int, default=1, show_default=True, help="PGD random restarts (worst case kept).")
-@click.option("--no-random-start", is_flag=True, help="Start PGD at the clean input.")
-@click.option("--fraction", type=float, default=0.01, show_default=True,
-              help="Share of features to zero, in [0, 1).")
-@click.option("--score", type=click.Choice(["absdiff", "normalised"]), default="absdiff", show_default=True,
-              help="absdiff: mean |f(x') - f(x)| (the paper's); normalised: absdiff / clean std of the feature.")
-@click.option("--val-split", type=float, default=0.2, show_default=True,
-              help="Share of the data held out for the report, never used for scoring.")
-@click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box the data lives in.")
-@click.option("--mean", default=None, help="Per-channel mean applied between the box and the model, e.g. 0.485,0.456,0.406.")
-@click.option("--std", default=None, help="Per-channel std, with --mean.")
-@click.option("--size", default=None, metavar="H,W", help="Resize images from an image folder to H,W.")
-@click.option("--feature-tensor", metavar="NAME", help="Mask this tensor instead of the head's input.")
-@click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several).")
-@click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits (if there are several).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Makes splits and attacks repeatable.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Batch size for attacks.")
-@click.option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu].")
-@click.option("--providers", default=None, help="Comma-separated onnxruntime providers [default: CUDA if it loads, else CPU].")
-@click.option("--no-adaptive", is_flag=True, help="Skip the adaptive attack on the hardened model (faster).")
-@json_option
-@report_option
-@handles_errors
-def harden(model, data, output, attack, eps, norm, steps, step_size, restarts, no_random_start, fraction, score,
-           val_split, bounds, mean, std, size, feature_tensor, input_name, logits, seed, batch_size, device,
-           providers, no_adaptive, as_json, report) -> None:
-    """Write a hardened copy of MODEL with a DeepCloak mask chosen on --data, and report what it buys.
+_HARDEN_OPTIONS = [
+    click.argument("model", type=click.Path()),
+    click.option("--data", "data", required=True, type=click.Path(),
+                 help="Labelled data: .npz with x (N x input shape, in --bounds) and y (int labels), "
+                      "or a folder of class sub-folders of images."),
+    click.option("--attack", type=click.Choice(["pgd", "fgsm", "apgd-ce", "apgd-dlr", "square"]), default="pgd",
+                 show_default=True, help="Attack used to find the features adversarial noise moves."),
+    click.option("--eps", type=float, default=8 / 255, show_default="8/255",
+                 help="Perturbation budget, in the units of --bounds."),
+    click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True),
+    click.option("--steps", type=int, default=10, show_default=True, help="Iterations of gradient attacks."),
+    click.option("--step-size", type=float, default=None, help="PGD step size [default: 2.5 * eps / steps]."),
+    click.option("--restarts", type=int, default=1, show_default=True, help="Random restarts (worst case kept)."),
+    click.option("--no-random-start", is_flag=True, help="Start PGD at the clean input."),
+    click.option("--queries", type=int, default=1000, show_default=True, help="Query budget of --attack square."),
+    click.option("--fraction", type=float, default=0.01, show_default=True,
+                 help="Share of features to zero, in [0, 1) (ignored with --max-clean-drop)."),
+    click.option("--max-clean-drop", type=float, default=None, metavar="PTS",
+                 help="Choose the share on the validation split: best adversarial accuracy with clean accuracy "
+                      "at most PTS percentage points below the original's. No gain, no mask."),
+    click.option("--score", type=click.Choice(["absdiff", "normalised", "margin"]), default="absdiff",
+                 show_default=True,
+                 help="absdiff: mean |f(x') - f(x)| (the paper's); normalised: absdiff / clean std; "
+                      "margin: push of the true-vs-adversarial logit margin through the head's weights."),
+    click.option("--val-split", type=float, default=0.2, show_default=True,
+                 help="Share of the data held out for choosing and reporting, never used for scoring."),
+    click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box the data lives in."),
+    click.option("--mean", default=None, help="Per-channel mean applied between the box and the model, e.g. 0.485,0.456,0.406."),
+    click.option("--std", default=None, help="Per-channel std, with --mean."),
+    click.option("--size", default=None, metavar="H,W", help="Resize images from an image folder to H,W."),
+    click.option("--feature-tensor", metavar="NAME", help="Mask this tensor instead of the head's input (4-D: per channel)."),
+    click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several)."),
+    click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits (if there are several)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Makes splits and attacks repeatable."),
+    click.option("--batch-size", type=int, default=128, show_default=True, help="Batch size for attacks."),
+    click.option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu]."),
+    click.option("--providers", default=None, help="Comma-separated onnxruntime providers [default: CUDA if it loads, else CPU]."),
+]
 
-    \b
-    Example:
-      cloakonnx harden model.onnx --data calib.npz -o model.cloaked.onnx \\
-          --attack pgd --eps 0.1 --fraction 0.05 --report report.json
-    """
+
+def harden_options(fn):
+    for option in reversed(_HARDEN_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _harden_config(kw: dict, **extra):
+    """HardenConfig from the shared options (consumes them from ``kw``)."""
     from .attacks import AttackConfig
     from .data import Preprocess, parse_floats
     from .harden import HardenConfig
+
+    return HardenConfig(
+        attack=AttackConfig(name=kw["attack"], eps=kw["eps"], norm=kw["norm"], steps=kw["steps"],
+                            step_size=kw["step_size"], random_start=not kw["no_random_start"],
+                            restarts=kw["restarts"], queries=kw["queries"], seed=kw["seed"],
+                            batch_size=kw["batch_size"]),
+        fraction=kw["fraction"], score=kw["score"], val_split=kw["val_split"], max_clean_drop=kw["max_clean_drop"],
+        preprocess=Preprocess(_pair(kw["bounds"], "--bounds"), parse_floats(kw["mean"], "--mean"),
+                              parse_floats(kw["std"], "--std")),
+        feature_tensor=kw["feature_tensor"], input_name=kw["input_name"], output_name=kw["logits"],
+        image_size=_pair(kw["size"], "--size", int), seed=kw["seed"], device=kw["device"],
+        providers=tuple(p for p in kw["providers"].split(",") if p) if kw["providers"] else None,
+        **extra,
+    )
+
+
+@main.command()
+@harden_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Hardened model path [default: MODEL.cloaked.onnx].")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Rounds of hardening: each attacks the model hardened so far and adds to the mask.")
+@click.option("--no-adaptive", is_flag=True, help="Skip the adaptive attack on the hardened model (faster).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the trade-off curve of this run.")
+@json_option
+@report_option
+@handles_errors
+def harden(output, rounds, no_adaptive, plot, as_json, report, **kw) -> None:
+    """Write a hardened copy of MODEL with a DeepCloak mask chosen on --data, and report what it buys.
+
+    \b
+    Examples:
+      cloakonnx harden model.onnx --data calib.npz -o model.cloaked.onnx \\
+          --attack pgd --eps 0.1 --fraction 0.05 --report report.json
+      cloakonnx harden model.onnx --data calib.npz --eps 0.1 --max-clean-drop 1 --plot curve.png
+    """
     from .harden import harden as run
     from .report import format_harden
 
-    config = HardenConfig(
-        output=Path(output) if output else None,
-        attack=AttackConfig(name=attack, eps=eps, norm=norm, steps=steps, step_size=step_size,
-                            random_start=not no_random_start, restarts=restarts, seed=seed, batch_size=batch_size),
-        fraction=fraction, score=score, val_split=val_split,
-        preprocess=Preprocess(_pair(bounds, "--bounds"), parse_floats(mean, "--mean"), parse_floats(std, "--std")),
-        feature_tensor=feature_tensor, input_name=input_name, output_name=logits,
-        image_size=_pair(size, "--size", int), seed=seed, device=device,
-        providers=tuple(p for p in providers.split(",") if p) if providers else None,
-        adaptive=not no_adaptive,
-    )
+    model, data = kw.pop("model"), kw.pop("data")
+    config = _harden_config(kw, output=Path(output) if output else None, rounds=rounds, adaptive=not no_adaptive,
+                            plot=Path(plot) if plot else None)
     _emit(run(model, data, config).to_dict(), as_json, report, format_harden)
+
+
+@main.command()
+@harden_options
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the curves and the score distribution.")
+@json_option
+@report_option
+@handles_errors
+def sweep(plot, as_json, report, **kw) -> None:
+    """Show the whole trade-off: clean and adversarial accuracy against the share of features masked,
+    for every score, on the validation split. Writes no model.
+
+    \b
+    Example:
+      cloakonnx sweep model.onnx --data calib.npz --eps 0.1 --max-clean-drop 1 --plot curve.png
+    """
+    from .report import format_sweep, plot_sweep
+    from .sweep import sweep as run
+
+    model, data = kw.pop("model"), kw.pop("data")
+    result = run(model, data, _harden_config(kw)).to_dict()
+    if plot:
+        plot_sweep(result, plot)
+    _emit(result, as_json, report, format_sweep)
 
 
 @main.command()

@@ -16,9 +16,10 @@ from . import __version__
 from .attacks import AttackConfig, craft
 from .data import Dataset, Preprocess, load_data, split, validate
 from .errors import CloakError
-from .mask import count_for, score_features, select_mask
+from .mask import count_for, mask_top, ranking, score_features
 from .evaluate import Runner
 from .model import Head, find_head, find_mask, load_model, logits_output, save_model, select_input
+from .sweep import DEFAULT_FRACTIONS
 from .surgery import METADATA_PREFIX, apply_mask, history_entry
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ class HardenConfig:
     device: str | None = None  # torch device for attacks; default cuda when available
     providers: Sequence[str] | None = None
     adaptive: bool = True  # also attack the hardened model itself
+    max_clean_drop: float | None = None  # percentage points; None: mask exactly ``fraction``
+    rounds: int = 1
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidates for --max-clean-drop
+    plot: Path | None = None
 
 
 @dataclass
@@ -77,6 +82,10 @@ class HardenReport:
     seed: int
     versions: dict
     inputs_sha256: dict
+    mask_added: bool = True
+    max_clean_drop: float | None = None
+    rounds: list[dict] = field(default_factory=list)
+    curve: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,30 +157,43 @@ def choose_attack(runner: Runner, wanted: AttackConfig) -> tuple[AttackConfig, s
     return replace(wanted, name="square", norm="linf"), reason
 
 
-def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> HardenReport:
-    """Harden ``model_path`` with a DeepCloak mask; write it atomically and return the report."""
+@dataclass
+class Prepared:
+    """What every command that attacks a model needs, loaded and checked once."""
+
+    model_path: Path
+    model: onnx.ModelProto
+    target: Target
+    runner: Runner
+    calib: Dataset
+    val: Dataset
+    attack: AttackConfig
+    fallback: str | None
+    attack_batch: int
+    device: str
+    providers: tuple[str, ...]
+
+
+def prepare(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> Prepared:
+    """Load and validate the model and data, split them, and choose the attack."""
     import torch
 
-    from .evaluate import accuracy
     from .runtime import resolve_providers
-    from .stats import stream_stats
 
-    t_start = time.perf_counter()
-    stages: dict[str, float] = {}
     model_path = Path(model_path)
-    out_path = Path(config.output) if config.output else default_output(model_path)
-    check_output_path(model_path, out_path)
     bounds = config.preprocess.bounds
     config.attack.validate(bounds)
     count_for(config.fraction, 1)  # validates the fraction before any work
-
+    if config.rounds < 1:
+        raise CloakError(f"--rounds must be at least 1, got {config.rounds}")
+    if config.max_clean_drop is not None and config.max_clean_drop < 0:
+        raise CloakError(f"--max-clean-drop must be non-negative, got {config.max_clean_drop:g}")
     model = load_model(model_path)
     target = resolve_target(model, config.feature_tensor, config.output_name)
     inp = select_input(model, config.input_name)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     providers = resolve_providers(config.providers)
     torch.manual_seed(config.seed)
-
     if isinstance(data, Dataset):
         ds = data
     else:
@@ -179,64 +201,144 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         ds = load_data(data, config.image_size, channels, bounds)
     runner = Runner(model, target.logits, [target.feature], config.preprocess, config.input_name,
                     config.providers, device)
-    n_classes = _num_classes(runner, ds)
-    validate(ds, inp.shape, bounds, n_classes)
+    validate(ds, inp.shape, bounds, _num_classes(runner, ds))
     calib, val = split(ds, config.val_split, config.seed)
     log.info("model %s: feature tensor %r, %s; %d calibration / %d validation samples; providers %s; torch on %s",
              model_path.name, target.feature, f"{target.head.kind} head" if target.head else "custom tensor",
              len(calib), len(val), ", ".join(providers), device)
+    attack, fallback = choose_attack(runner, config.attack)
+    return Prepared(model_path, model, target, runner, calib, val, attack, fallback,
+                    runner.fixed_batch or attack.batch_size, device, providers)
 
-    attack_cfg, fallback = choose_attack(runner, config.attack)
-    attack_bs = runner.fixed_batch or attack_cfg.batch_size
-    t = time.perf_counter()
-    adv_calib = craft(runner.model_for(attack_cfg.name), attack_cfg, calib.x, calib.y, bounds, device,
-                      "attack calibration", attack_bs)
-    stages["attack"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    stats, calib_clean, calib_adv = stream_stats(runner.session, target.feature, target.logits, calib.x, adv_calib,
-                                                 calib.y, runner.feed, config.batch_size)
-    stages["statistics"] = time.perf_counter() - t
+def _craft(p: Prepared, runner: Runner, ds: Dataset, desc: str) -> np.ndarray:
+    return craft(runner.model_for(p.attack.name), p.attack, ds.x, ds.y, p.runner.preprocess.bounds, p.device, desc,
+                 p.attack_batch)
 
-    t = time.perf_counter()
-    scores = score_features(stats, config.score)
-    mask = select_mask(scores, config.fraction, target.existing_mask)
-    previously = 0 if target.existing_mask is None else int((target.existing_mask == 0).sum())
-    masked = int((mask == 0).sum())
-    stages["selection"] = time.perf_counter() - t
+
+def _calibrate(p: Prepared, runner: Runner, config: HardenConfig, stages: dict, desc: str):
+    """Attack the calibration split through ``runner`` and stream the feature statistics."""
+    from .stats import stream_stats
 
     t = time.perf_counter()
-    record = {"version": __version__, "masked": masked, "fraction": config.fraction, "score": config.score,
-              "feature_tensor": target.feature, "attack": attack_cfg.to_dict(), "seed": config.seed}
-    meta = {
-        METADATA_PREFIX + "version": __version__,
-        METADATA_PREFIX + "feature_tensor": target.feature,
-        METADATA_PREFIX + "features": str(stats.width),
-        METADATA_PREFIX + "masked": str(masked),
-        METADATA_PREFIX + "fraction": repr(config.fraction),
-        METADATA_PREFIX + "score": config.score,
-        METADATA_PREFIX + "attack": json.dumps(attack_cfg.to_dict(), sort_keys=True),
-        METADATA_PREFIX + "form": "mul",
-        METADATA_PREFIX + "history": history_entry(model, record),
-    }
-    hardened = apply_mask(model, target.feature, mask, stats.ndim, meta)
-    stages["surgery"] = time.perf_counter() - t
+    adv = _craft(p, runner, p.calib, f"attack calibration{desc}")
+    stages["attack"] = stages.get("attack", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
+    weight = p.target.head.weight if p.target.head is not None else None
+    stats, clean, adv_acc = stream_stats(runner.session, p.target.feature, p.target.logits, p.calib.x, adv,
+                                         p.calib.y, runner.feed, config.batch_size, head_weight=weight)
+    stages["statistics"] = stages.get("statistics", 0.0) + time.perf_counter() - t
+    return stats, clean, adv_acc
+
+
+def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> HardenReport:
+    """Harden ``model_path`` with a DeepCloak mask; write it atomically and return the report.
+
+    With ``max_clean_drop`` the number of features is chosen on the validation split (the best
+    adversarial accuracy within the clean-accuracy budget); if nothing helps, the model is written
+    unchanged. With ``rounds`` > 1 each round attacks the model hardened so far and adds to the mask.
+    """
+    from .evaluate import accuracy
+    from .sweep import choose_point, collect_features, counts_for, mask_curve
+
+    t_start = time.perf_counter()
+    stages: dict[str, float] = {}
+    model_path = Path(model_path)
+    out_path = Path(config.output) if config.output else default_output(model_path)
+    check_output_path(model_path, out_path)
+    p = prepare(model_path, data, config)
+    target, runner, val = p.target, p.runner, p.val
+    if (config.max_clean_drop is not None or config.plot) and target.head is None:
+        raise CloakError("--max-clean-drop and --plot need the model's linear head after the feature tensor "
+                         "(they evaluate masks in numpy); use --fraction with a custom --feature-tensor")
+    feed, logits = runner.feed, target.logits
 
     t = time.perf_counter()
-    hard = Runner(hardened, target.logits, [], config.preprocess, config.input_name, config.providers, device)
-    feed = runner.feed
-    clean_o = accuracy(runner.session, val.x, val.y, feed, target.logits, config.batch_size)
-    clean_h = accuracy(hard.session, val.x, val.y, feed, target.logits, config.batch_size)
-    adv_val = craft(runner.model_for(attack_cfg.name), attack_cfg, val.x, val.y, bounds, device, "attack validation",
-                    attack_bs)
-    adv_o = accuracy(runner.session, adv_val, val.y, feed, target.logits, config.batch_size)
-    adv_transfer = accuracy(hard.session, adv_val, val.y, feed, target.logits, config.batch_size)
+    clean_o = accuracy(runner.session, val.x, val.y, feed, logits, config.batch_size)
+    adv_val0 = _craft(p, runner, val, " validation")  # crafted on the original: the transfer set
+    adv_o = accuracy(runner.session, adv_val0, val.y, feed, logits, config.batch_size)
+    stages["evaluation"] = time.perf_counter() - t
+
+    mask, current, cur_runner = target.existing_mask, p.model, runner
+    previously = 0 if mask is None else int((mask == 0).sum())
+    rounds: list[dict] = []
+    curve = None
+    f_val_clean = None
+    calib_figures: dict = {}
+    width = ndim = 0
+    for r in range(config.rounds):
+        stats, calib_clean, calib_adv = _calibrate(p, cur_runner, config, stages, f" (round {r + 1})")
+        width, ndim = stats.width, stats.ndim
+        if r == 0:
+            calib_figures = {"clean_accuracy": calib_clean, "adversarial_accuracy": calib_adv}
+        t = time.perf_counter()
+        order = ranking(score_features(stats, config.score), mask)
+        adv_val_r = adv_val0 if r == 0 else _craft(p, cur_runner, val, f" validation (round {r + 1})")
+        k = count_for(config.fraction, width)
+        if config.max_clean_drop is not None or (config.plot and r == 0):
+            if f_val_clean is None:
+                f_val_clean = collect_features(runner.session, target.feature, val.x, feed, config.batch_size)
+            f_val_adv = collect_features(runner.session, target.feature, adv_val_r, feed, config.batch_size)
+            already = 0 if mask is None else int((mask == 0).sum())
+            points = mask_curve(target.head, order, counts_for(config.fractions, width, already), f_val_clean,
+                                f_val_adv, val.y, mask)
+            if r == 0:
+                curve = points
+            if config.max_clean_drop is not None:
+                chosen = choose_point(points, clean_o, config.max_clean_drop)
+                k = 0 if chosen is None else chosen.added
+        stages["selection"] = stages.get("selection", 0.0) + time.perf_counter() - t
+        if k == 0:
+            log.info("round %d: no mask improves adversarial accuracy within the clean-accuracy budget", r + 1)
+            rounds.append({"round": r + 1, "added": 0, "masked": previously if mask is None else int((mask == 0).sum())})
+            break
+        t = time.perf_counter()
+        prev_runner = cur_runner
+        mask = mask_top(order, k, width, mask)
+        current = apply_mask(current, target.feature, mask, ndim)
+        stages["surgery"] = stages.get("surgery", 0.0) + time.perf_counter() - t
+        cur_runner = Runner(current, logits, [target.feature], config.preprocess, config.input_name,
+                            config.providers, p.device)
+        t = time.perf_counter()
+        rounds.append({
+            "round": r + 1, "added": k, "masked": int((mask == 0).sum()),
+            "clean_accuracy": accuracy(cur_runner.session, val.x, val.y, feed, logits, config.batch_size),
+            "adversarial_accuracy_before": accuracy(prev_runner.session, adv_val_r, val.y, feed, logits),
+            "adversarial_accuracy_after": accuracy(cur_runner.session, adv_val_r, val.y, feed, logits),
+        })
+        stages["evaluation"] += time.perf_counter() - t
+
+    masked = previously if mask is None else int((mask == 0).sum())
+    changed = masked > previously
+    t = time.perf_counter()
+    if changed:
+        record = {"version": __version__, "masked": masked, "fraction": masked / width, "score": config.score,
+                  "feature_tensor": target.feature, "attack": p.attack.to_dict(), "seed": config.seed,
+                  "rounds": len(rounds), "max_clean_drop": config.max_clean_drop}
+        hardened = apply_mask(p.model, target.feature, mask, ndim, {
+            METADATA_PREFIX + "version": __version__,
+            METADATA_PREFIX + "feature_tensor": target.feature,
+            METADATA_PREFIX + "features": str(width),
+            METADATA_PREFIX + "masked": str(masked),
+            METADATA_PREFIX + "fraction": repr(masked / width),
+            METADATA_PREFIX + "score": config.score,
+            METADATA_PREFIX + "attack": json.dumps(p.attack.to_dict(), sort_keys=True),
+            METADATA_PREFIX + "form": "mul",
+            METADATA_PREFIX + "history": history_entry(p.model, record),
+        })
+    else:
+        hardened = p.model  # nothing helps: the original graph, unchanged
+    stages["surgery"] = stages.get("surgery", 0.0) + time.perf_counter() - t
+
+    t = time.perf_counter()
+    hard = cur_runner if changed else runner
+    clean_h = accuracy(hard.session, val.x, val.y, feed, logits, config.batch_size)
+    adv_transfer = accuracy(hard.session, adv_val0, val.y, feed, logits, config.batch_size)
     adv_adaptive = None
     if config.adaptive:
-        adv_val_h = craft(hard.model_for(attack_cfg.name), attack_cfg, val.x, val.y, bounds, device, "attack hardened",
-                          attack_bs)
-        adv_adaptive = accuracy(hard.session, adv_val_h, val.y, feed, target.logits, config.batch_size)
-    stages["evaluation"] = time.perf_counter() - t
+        adv_h = _craft(p, hard, val, " hardened (adaptive)") if changed else adv_val0
+        adv_adaptive = accuracy(hard.session, adv_h, val.y, feed, logits, config.batch_size)
+    stages["evaluation"] += time.perf_counter() - t
 
     t = time.perf_counter()
     save_model(hardened, out_path)
@@ -245,17 +347,27 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     hashes = {"model": sha256_file(model_path)}
     if not isinstance(data, Dataset) and Path(data).is_file():
         hashes["data"] = sha256_file(data)
-    return HardenReport(
-        model=str(model_path), output=str(out_path), feature_tensor=target.feature, features=stats.width,
-        masked=masked, newly_masked=masked - previously, fraction=config.fraction, score=config.score,
-        attack=dict(attack_cfg.to_dict(), fallback=fallback),
+    report = HardenReport(
+        model=str(model_path), output=str(out_path), feature_tensor=target.feature, features=width,
+        masked=masked, newly_masked=masked - previously, fraction=masked / width if width else 0.0,
+        score=config.score, attack=dict(p.attack.to_dict(), fallback=p.fallback),
         clean_accuracy={"original": clean_o, "hardened": clean_h},
         adversarial_accuracy={"original": adv_o, "hardened_transfer": adv_transfer, "hardened_adaptive": adv_adaptive},
-        calibration={"clean_accuracy": calib_clean, "adversarial_accuracy": calib_adv},
-        samples={"calibration": len(calib), "validation": len(val)},
+        calibration=calib_figures, samples={"calibration": len(p.calib), "validation": len(val)},
         seconds=round(time.perf_counter() - t_start, 3), stages={k: round(v, 3) for k, v in stages.items()},
-        providers=list(providers), device=device, seed=config.seed, versions=versions(), inputs_sha256=hashes,
+        providers=list(p.providers), device=p.device, seed=config.seed, versions=versions(), inputs_sha256=hashes,
+        mask_added=changed, max_clean_drop=config.max_clean_drop, rounds=rounds,
+        curve=[c.to_dict() for c in curve] if curve else None,
     )
+    if config.plot:
+        from .report import plot_sweep
+
+        plot_sweep({"model": str(model_path), "curves": {config.score: report.curve},
+                    "scores": {config.score: score_features(stats, config.score).tolist()},
+                    "chosen": {config.score: {"masked": masked, "fraction": report.fraction,
+                                              "clean_accuracy": clean_h, "adversarial_accuracy": adv_transfer}},
+                    "best": {"score": config.score}}, config.plot)
+    return report
 
 
 def _num_classes(runner: Runner, ds: Dataset) -> int:

@@ -20,7 +20,15 @@ def _normalised(stats: FeatureStats) -> np.ndarray:
     return stats.mean_absdiff() / (stats.clean_std() + 1e-8 * max(float(stats.clean_std().max()), 1e-12))
 
 
-SCORES = {"absdiff": _absdiff, "normalised": _normalised}
+def _margin(stats: FeatureStats) -> np.ndarray:
+    """How much the feature's adversarial shift, weighted by the head, pushed the true class's margin
+    towards the adversarial class: mean of (f'_j - f_j) * (W[j, adv] - W[j, true])."""
+    if stats.sum_margin is None:
+        raise CloakError("the margin score needs a linear head after the feature tensor (not a custom --feature-tensor)")
+    return stats.sum_margin / max(stats.count, 1)
+
+
+SCORES = {"absdiff": _absdiff, "normalised": _normalised, "margin": _margin}
 
 
 def score_features(stats: FeatureStats, method: str = "absdiff") -> np.ndarray:
@@ -38,18 +46,32 @@ def count_for(fraction: float, width: int) -> int:
     return 0 if fraction == 0 else max(1, int(round(fraction * width)))
 
 
+def base_mask(width: int, existing: np.ndarray | None = None) -> np.ndarray:
+    """All ones, or the 0/1 version of an existing mask."""
+    keep = np.ones(width, np.float32) if existing is None else (np.asarray(existing).reshape(-1) != 0).astype(np.float32)
+    if len(keep) != width:
+        raise CloakError(f"existing mask has {len(keep)} entries but the feature tensor has {width}")
+    return keep
+
+
+def ranking(scores: np.ndarray, existing: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the features not yet masked, highest score first (ties: lower index first)."""
+    candidates = np.flatnonzero(base_mask(len(scores), existing))
+    return candidates[np.argsort(-scores[candidates], kind="stable")]
+
+
+def mask_top(order: np.ndarray, k: int, width: int, existing: np.ndarray | None = None) -> np.ndarray:
+    """The existing mask with the first ``k`` features of ``order`` zeroed as well."""
+    keep = base_mask(width, existing)
+    keep[order[:k]] = 0.0
+    return keep
+
+
 def select_mask(scores: np.ndarray, fraction: float, existing: np.ndarray | None = None) -> np.ndarray:
     """A 0/1 float32 mask zeroing the top ``fraction`` of features by score.
 
     Features an existing mask already zeroes stay zero and are not counted again: the result's zeros
     are the union of the old ones and the newly chosen ones.
     """
-    width = len(scores)
-    k = count_for(fraction, width)
-    keep = np.ones(width, np.float32) if existing is None else (np.asarray(existing).reshape(-1) != 0).astype(np.float32)
-    if len(keep) != width:
-        raise CloakError(f"existing mask has {len(keep)} entries but the feature tensor has {width}")
-    candidates = np.flatnonzero(keep)
-    order = candidates[np.argsort(-scores[candidates], kind="stable")]
-    keep[order[:k]] = 0.0
-    return keep
+    k = count_for(fraction, len(scores))
+    return mask_top(ranking(scores, existing), k, len(scores), existing)

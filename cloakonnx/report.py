@@ -179,3 +179,76 @@ def _save_figure(fig, path) -> None:
         raise CloakError(f"plot directory does not exist: {p.parent}")
     fig.savefig(p, dpi=120)
     _pyplot().close(fig)
+
+
+def plot_sweep(report: dict, path: str | Path) -> None:
+    """Left: clean and adversarial accuracy against the share of features masked, per score, with the
+    chosen point marked. Right: the distribution of feature scores, with the masking threshold."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (score, points) in enumerate(report["curves"].items()):
+        if not points:
+            continue
+        c = colors[i % len(colors)]
+        xs = [100 * p["fraction"] for p in points]
+        ax.plot(xs, [100 * p["adversarial_accuracy"] for p in points], "-o", color=c, ms=3, label=f"adversarial ({score})")
+        ax.plot(xs, [100 * p["clean_accuracy"] for p in points], "--", color=c, lw=1, label=f"clean ({score})")
+        chosen = report.get("chosen", {}).get(score)
+        if chosen:
+            ax.plot([100 * chosen["fraction"]], [100 * chosen["adversarial_accuracy"]], "*", color=c, ms=14,
+                    markeredgecolor="k", label=f"chosen ({score}): {chosen['masked']} masked")
+    ax.set_xlabel("features masked (%)")
+    ax.set_ylabel("accuracy on validation (%)")
+    lowest = min((p["adversarial_accuracy"] for pts in report["curves"].values() if pts for p in pts), default=0)
+    ax.set_ylim(max(0, 100 * lowest - 10), 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(Path(report["model"]).name)
+    best = report.get("best", {}).get("score") or next(iter(report["scores"]))
+    values = np.asarray(report["scores"][best])
+    hist.hist(values, bins=40, color="grey")
+    chosen = report.get("chosen", {}).get(best)
+    if chosen and chosen["masked"]:
+        threshold = np.sort(values)[::-1][chosen["masked"] - 1]
+        hist.axvline(threshold, color="red", lw=1, label=f"top {chosen['masked']} masked")
+        hist.legend(fontsize=8)
+    hist.set_xlabel(f"feature score ({best})")
+    hist.set_ylabel("features")
+    hist.set_yscale("log")
+    hist.set_title("distribution of feature scores")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def format_sweep(report: dict) -> str:
+    scores = list(report["curves"])
+    head = (f"{report['model']}: {report['features']} features of {report['feature_tensor']!r}; attack "
+            f"{report['attack']['name']} eps={report['attack']['eps']:g}; {report['samples']['validation']} validation "
+            f"samples; original clean {pct(report['clean_accuracy'])}, adversarial {pct(report['adversarial_accuracy'])}\n")
+    by_frac: dict[int, dict] = {}
+    for score in scores:
+        for p in report["curves"][score]:
+            by_frac.setdefault(p["masked"], {})[score] = p
+    rows = []
+    for masked in sorted(by_frac):
+        pts = by_frac[masked]
+        any_p = next(iter(pts.values()))
+        row = [f"{100 * any_p['fraction']:.1f}%", str(masked)]
+        for score in scores:
+            p = pts.get(score)
+            row += [pct(p["clean_accuracy"]) if p else "", pct(p["adversarial_accuracy"]) if p else ""]
+        rows.append(row)
+    header = ["masked", "n"] + [f"{h} ({s})" for s in scores for h in ("clean", "adv")]
+    text = head + table(rows, header)
+    text += f"\nwithin a clean-accuracy budget of {report['max_clean_drop']:g} points:"
+    for score in scores:
+        c = report["chosen"][score]
+        text += (f"\n  {score}: " + ("no fraction improves adversarial accuracy" if c is None else
+                 f"mask {c['masked']} ({100 * c['fraction']:.1f}%): clean {pct(c['clean_accuracy'])}, "
+                 f"adversarial {pct(c['adversarial_accuracy'])}"))
+    b = report["best"]
+    text += "\nbest: " + (f"{b['score']}" if b["score"] else "none: the mask buys nothing on this model and data")
+    return text

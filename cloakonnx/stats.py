@@ -26,14 +26,18 @@ class FeatureStats:
     sum_clean_sq: np.ndarray = field(default=None, repr=False)
     sum_adv: np.ndarray = field(default=None, repr=False)
     sum_adv_sq: np.ndarray = field(default=None, repr=False)
+    sum_margin: np.ndarray | None = field(default=None, repr=False)  # needs the head's weights
 
     def __post_init__(self) -> None:
         for name in ("sum_absdiff", "sum_clean", "sum_clean_sq", "sum_adv", "sum_adv_sq"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(self.width, np.float64))
 
-    def update(self, f_clean: np.ndarray, f_adv: np.ndarray) -> None:
+    def update(self, f_clean: np.ndarray, f_adv: np.ndarray, margin: np.ndarray | None = None) -> None:
+        """Add a batch. ``margin`` is the per-sample, per-feature margin contribution (see ``margin_terms``)."""
         c, a = per_feature(f_clean), per_feature(f_adv)
+        if margin is not None:
+            self.sum_margin = (0 if self.sum_margin is None else self.sum_margin) + margin.sum(0)
         if c.shape[1] != self.width:
             raise CloakError(f"feature tensor has {c.shape[1]} features, expected {self.width}")
         self.count += len(c)
@@ -65,6 +69,17 @@ def per_feature(f: np.ndarray) -> np.ndarray:
     return f.reshape(f.shape[0], -1)
 
 
+def margin_terms(f_clean: np.ndarray, f_adv: np.ndarray, adv_logits: np.ndarray, y: np.ndarray,
+                 weight: np.ndarray) -> np.ndarray:
+    """(f'_j - f_j) * (W[j, a] - W[j, y]) per sample: feature j's push of the logit margin from the
+    true class y towards the adversarial class a (the runner-up where the attack failed)."""
+    delta = per_feature(f_adv) - per_feature(f_clean)
+    logits = adv_logits.reshape(len(adv_logits), -1).astype(np.float64).copy()
+    logits[np.arange(len(y)), y] = -np.inf
+    a = logits.argmax(1)
+    return delta * (weight[:, a] - weight[:, y]).T
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also returns the named intermediate tensors."""
     known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
@@ -82,10 +97,12 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def stream_stats(session, feature: str, logits: str, x_clean: np.ndarray, x_adv: np.ndarray,
-                 y: np.ndarray, to_model, batch_size: int = 256, desc: str = "statistics"):
+                 y: np.ndarray, to_model, batch_size: int = 256, desc: str = "statistics",
+                 head_weight: np.ndarray | None = None):
     """Run clean and adversarial batches through ``session``; return FeatureStats and accuracies.
 
     ``to_model`` maps box-space inputs to the model's (normalisation). Only running sums are kept.
+    With the head's weights ([features, classes]) the margin score's sums are kept too.
     """
     from tqdm.auto import tqdm
 
@@ -101,7 +118,10 @@ def stream_stats(session, feature: str, logits: str, x_clean: np.ndarray, x_adv:
             f_a, l_a = run_batch(session, to_model(x_adv[sl]), [feature, logits])
             if stats is None:
                 stats = FeatureStats(per_feature(f_c).shape[1], ndim=np.ndim(f_c))
-            stats.update(f_c, f_a)
+            margin = None
+            if head_weight is not None and np.ndim(f_c) == 2 and f_c.shape[1] == head_weight.shape[0]:
+                margin = margin_terms(f_c, f_a, l_a, y[sl], head_weight)
+            stats.update(f_c, f_a, margin)
             correct_clean += int((l_c.reshape(len(l_c), -1).argmax(1) == y[sl]).sum())
             correct_adv += int((l_a.reshape(len(l_a), -1).argmax(1) == y[sl]).sum())
             bar.update(len(l_c))

@@ -1665,8 +1665,8 @@ class OnnxTorchModule(torch.nn.Module):
             outs = tuple(slot_of(o) if o else 1 for o in node.output)
             plan.append(_Step(entry.fn, ins, outs, attrs, ctx))
         self._output_slots = [slot_of(o) for o in self.output_names]
-        # Float inputs follow the float buffers' dtype: float32, or float64 after .double().
-        self._float_probe = next((n for n, b in self._buffers.items() if b.is_floating_point()), None)
+        # Float inputs follow the module's float dtype: float32, or float64 after .double().
+        self.register_buffer("float_dtype_probe", torch.empty(0), persistent=False)
 
         # Liveness: free each intermediate right after its last reader.
         keep = set(self._output_slots) | {s for s, _ in self._const_slots} | {0}
@@ -1702,7 +1702,7 @@ class OnnxTorchModule(torch.nn.Module):
         buffers = self._buffers
         for s, name in self._const_slots:
             env[s] = buffers[name]
-        float_dtype = buffers[self._float_probe].dtype if self._float_probe else torch.float32
+        float_dtype = buffers["float_dtype_probe"].dtype
         for s, x, is_float in zip(self._input_slots, inputs, self._input_is_float):
             if is_float and x.dtype != float_dtype:
                 x = x.to(float_dtype)

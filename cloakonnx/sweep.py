@@ -1,0 +1,134 @@
+"""The trade-off curve: clean and adversarial accuracy against the share of features masked.
+
+Validation features are computed once through onnxruntime; each candidate mask is then applied to
+them and the head is run in numpy, instead of re-running the whole model per fraction.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .mask import mask_top
+from .model import Head
+from .runtime import batch_size_for, run_batch
+
+DEFAULT_FRACTIONS = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.125, 0.15,
+                     0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+
+
+@dataclass
+class CurvePoint:
+    fraction: float  # of all features, zeroed in total (earlier masks included)
+    masked: int  # zeroed in total
+    added: int  # zeroed by this run
+    clean_accuracy: float
+    adversarial_accuracy: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def collect_features(session, feature: str, x: np.ndarray, feed, batch_size: int = 256) -> np.ndarray:
+    """The feature tensor for every sample of ``x`` (used for the validation split only)."""
+    bs = batch_size_for(session, batch_size)
+    parts = [run_batch(session, feed(x[s : s + bs]), [feature])[0] for s in range(0, len(x), bs)]
+    f = np.concatenate(parts)
+    return f.reshape(len(f), -1)
+
+
+def counts_for(fractions, width: int, already: int = 0) -> list[int]:
+    """Distinct numbers of new features to mask for the candidate fractions (of the whole width)."""
+    free = width - already
+    out = sorted({min(free, max(0, int(round(f * width)) - already)) for f in fractions} | {0})
+    return out
+
+
+def mask_curve(head: Head, order: np.ndarray, counts, f_clean: np.ndarray, f_adv: np.ndarray, y: np.ndarray,
+               existing: np.ndarray | None = None) -> list[CurvePoint]:
+    """Accuracy of the head on masked clean and adversarial features, for each count of new zeros."""
+    width = head.width
+    points = []
+    for k in counts:
+        mask = mask_top(order, k, width, existing)
+        masked = int((mask == 0).sum())
+        clean = float((head.apply(f_clean, mask).argmax(1) == y).mean())
+        adv = float((head.apply(f_adv, mask).argmax(1) == y).mean())
+        points.append(CurvePoint(masked / width, masked, k, clean, adv))
+    return points
+
+
+def choose_point(points: list[CurvePoint], reference_clean: float, max_clean_drop: float) -> CurvePoint | None:
+    """The point with the best adversarial accuracy whose clean accuracy is at most ``max_clean_drop``
+    percentage points below ``reference_clean``; None when nothing beats adding no mask."""
+    start = next(p for p in points if p.added == 0)
+    eligible = [p for p in points if 100 * (reference_clean - p.clean_accuracy) <= max_clean_drop + 1e-9]
+    if not eligible:
+        return None
+    best = max(eligible, key=lambda p: (p.adversarial_accuracy, -p.added))
+    return best if best.adversarial_accuracy > start.adversarial_accuracy else None
+
+
+@dataclass
+class SweepReport:
+    model: str
+    feature_tensor: str
+    features: int
+    attack: dict
+    samples: dict
+    clean_accuracy: float  # original model, validation split
+    adversarial_accuracy: float  # original model, validation split
+    max_clean_drop: float
+    curves: dict  # score -> [CurvePoint dict]
+    chosen: dict  # score -> CurvePoint dict or None
+    best: dict  # {"score", "point"} or {"score": None}
+    scores: dict  # score -> per-feature values (for the distribution plot)
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sweep(model_path, data, config, scores=("absdiff", "normalised", "margin")) -> SweepReport:
+    """The whole curve for every score, from one attack of each split: no model is written."""
+    import time
+
+    from .errors import CloakError
+    from .evaluate import accuracy
+    from .harden import _calibrate, _craft, prepare
+    from .mask import ranking, score_features
+
+    t0 = time.perf_counter()
+    p = prepare(model_path, data, config)
+    if p.target.head is None:
+        raise CloakError("sweep evaluates masks through the linear head in numpy; it needs the head's input as "
+                         "the feature tensor (not a custom --feature-tensor)")
+    runner, val, head = p.runner, p.val, p.target.head
+    stats, _, _ = _calibrate(p, runner, config, {}, "")
+    adv_val = _craft(p, runner, val, " validation")
+    feed = runner.feed
+    clean = accuracy(runner.session, val.x, val.y, feed, p.target.logits, config.batch_size)
+    adv = accuracy(runner.session, adv_val, val.y, feed, p.target.logits, config.batch_size)
+    f_clean = collect_features(runner.session, p.target.feature, val.x, feed, config.batch_size)
+    f_adv = collect_features(runner.session, p.target.feature, adv_val, feed, config.batch_size)
+    existing = p.target.existing_mask
+    already = 0 if existing is None else int((existing == 0).sum())
+    budget = 1.0 if config.max_clean_drop is None else config.max_clean_drop
+    curves, chosen, values = {}, {}, {}
+    for score in scores:
+        s = score_features(stats, score)
+        values[score] = s.tolist()
+        points = mask_curve(head, ranking(s, existing), counts_for(config.fractions, stats.width, already),
+                            f_clean, f_adv, val.y, existing)
+        curves[score] = [pt.to_dict() for pt in points]
+        best = choose_point(points, clean, budget)
+        chosen[score] = best.to_dict() if best else None
+    winners = [(c["adversarial_accuracy"], -c["added"], sc) for sc, c in chosen.items() if c]
+    best = {"score": max(winners)[2], "point": chosen[max(winners)[2]]} if winners else {"score": None, "point": None}
+    return SweepReport(
+        model=str(model_path), feature_tensor=p.target.feature, features=stats.width,
+        attack=dict(p.attack.to_dict(), fallback=p.fallback),
+        samples={"calibration": len(p.calib), "validation": len(val)}, clean_accuracy=clean, adversarial_accuracy=adv,
+        max_clean_drop=budget, curves=curves, chosen=chosen, best=best, scores=values,
+        seconds=round(time.perf_counter() - t0, 3),
+    )

@@ -1,0 +1,406 @@
+"""Property-based fuzzing (hypothesis): random small classifiers through ``harden``, malformed data files
+through the loaders. The contract under test: every input either succeeds with a correct result or
+raises :class:`CloakError`; any other exception is a bug.
+
+Function-scoped ``tmp_path`` is shared by every example of one hypothesis test, so each example makes
+its own ``tempfile.TemporaryDirectory``. Examples are kept few and small so the module runs in well
+under a minute on two cores.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from cloakonnx.data import Dataset, load_data, load_npz, validate
+from cloakonnx.errors import CloakError
+
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                derandomize=True)
+
+
+def fuzz(max_examples: int) -> settings:
+    return settings(FUZZ, max_examples=max_examples)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random small ONNX classifiers
+# ---------------------------------------------------------------------------------------------------
+
+
+class Builder:
+    """Collects nodes and initializers with unique names."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.k = 0
+
+    def name(self, base: str) -> str:
+        self.k += 1
+        return f"{base}_{self.k}"
+
+    def weight(self, shape, fan_in: int) -> str:
+        name = self.name("w")
+        value = (self.rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.name(op), **attrs))
+        return out
+
+    def dense(self, x: str, d_in: int, d_out: int, kind: str, trans_b: int, bias: bool,
+              alpha: float = 1.0, beta: float = 1.0) -> str:
+        """MatMul, MatMul+Add or Gemm from d_in to d_out features."""
+        if kind == "gemm":
+            shape = (d_out, d_in) if trans_b else (d_in, d_out)
+            inputs = [x, self.weight(shape, d_in)] + ([self.weight((d_out,), 1)] if bias else [])
+            attrs = {"transB": trans_b} if trans_b else {}
+            if alpha != 1.0:
+                attrs["alpha"] = alpha
+            if beta != 1.0 and bias:
+                attrs["beta"] = beta
+            return self.node("Gemm", inputs, **attrs)
+        y = self.node("MatMul", [x, self.weight((d_in, d_out), d_in)])
+        if kind == "matmul_add":
+            y = self.node("Add", [y, self.weight((d_out,), 1)])
+        return y
+
+
+@st.composite
+def dense_spec(draw):
+    return {
+        "kind": draw(st.sampled_from(["matmul", "matmul_add", "gemm"])),
+        "width": draw(st.integers(1, 8)),
+        "trans_b": draw(st.integers(0, 1)),
+        "bias": draw(st.booleans()),
+    }
+
+
+@st.composite
+def classifiers(draw):
+    """(ModelProto, description) of a random small float32 classifier, opset 17, IR 8."""
+    front = draw(st.sampled_from(["mlp", "conv"]))
+    batch_kind = draw(st.sampled_from(["dynamic", "one", "fixed"]))
+    batch = {"dynamic": "N", "one": 1, "fixed": draw(st.integers(2, 5))}[batch_kind]
+    classes = draw(st.integers(1, 5))
+    layers = draw(st.lists(dense_spec(), min_size=1 if front == "mlp" else 0, max_size=3 if front == "mlp" else 1))
+    head = draw(st.sampled_from(["gemm", "gemm_t", "matmul_add"]))
+    head_bias = True if head == "matmul_add" else draw(st.booleans())
+    alpha = draw(st.sampled_from([1.0, 0.5, 2.0]))
+    beta = draw(st.sampled_from([1.0, 0.5, 2.0]))
+    softmax = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    b = Builder(np.random.default_rng(seed))
+
+    if front == "mlp":
+        d_in = draw(st.integers(1, 8))
+        sample_shape: tuple[int, ...] = (d_in,)
+        t, width = "input", d_in
+    else:
+        cin, h, w = draw(st.integers(1, 3)), draw(st.integers(2, 5)), draw(st.integers(2, 5))
+        k = draw(st.integers(1, min(h, w, 3)))
+        pad = draw(st.integers(0, k - 1))
+        cout = draw(st.integers(1, 8))
+        sample_shape = (cin, h, w)
+        conv_in = ["input", b.weight((cout, cin, k, k), cin * k * k)]
+        if draw(st.booleans()):
+            conv_in.append(b.weight((cout,), 1))
+        t = b.node("Conv", conv_in, kernel_shape=[k, k], pads=[pad] * 4)
+        t = b.node("Relu", [t])
+        t = b.node("GlobalAveragePool", [t])
+        t = b.node("Flatten", [t])
+        width = cout
+    for spec in layers:
+        t = b.dense(t, width, spec["width"], spec["kind"], spec["trans_b"], spec["bias"])
+        t = b.node("Relu", [t])
+        width = spec["width"]
+    feature = t
+    if head == "matmul_add":
+        t = b.dense(t, width, classes, "matmul_add", 0, True)
+    else:
+        t = b.dense(t, width, classes, "gemm", int(head == "gemm_t"), head_bias, alpha, beta)
+    if softmax:
+        t = b.node("Softmax", [t], axis=1)
+    b.nodes.append(helper.make_node("Identity", [t], ["output"], name="out"))
+
+    graph = helper.make_graph(
+        b.nodes, "fuzz", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *sample_shape])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, classes])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    info = {"front": front, "batch": batch, "classes": classes, "layers": layers, "head": head,
+            "head_bias": head_bias, "softmax": softmax, "sample_shape": sample_shape, "feature": feature}
+    return model, info
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+    from cloakonnx.runtime import make_session, run_batched
+
+    return run_batched(make_session(model, ["CPUExecutionProvider"]), x, outputs, batch_size=7)
+
+
+@fuzz(30)
+@given(model_info=classifiers(), n=st.integers(1, 24), fraction=st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.9]),
+       data_seed=st.integers(0, 2**16), ort_batch=st.integers(1, 9), attack_batch=st.integers(1, 9))
+def test_harden_random_classifiers(model_info, n, fraction, data_seed, ort_batch, attack_batch):
+    from cloakonnx.attacks import AttackConfig
+    from cloakonnx.harden import HardenConfig, harden
+    from cloakonnx.model import find_head
+    from cloakonnx.stats import with_outputs
+
+    model, info = model_info
+    rng = np.random.default_rng(data_seed)
+    x = rng.random((n, *info["sample_shape"]), dtype=np.float32)
+    y = rng.integers(0, info["classes"], n).astype(np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_path, data_path, out_path = tmp / "m.onnx", tmp / "d.npz", tmp / "m.cloaked.onnx"
+        onnx.save(model, model_path)
+        np.savez(data_path, x=x, y=y)
+        config = HardenConfig(output=out_path, attack=AttackConfig(name="fgsm", eps=0.1, batch_size=attack_batch),
+                              fraction=fraction, val_split=0.5, adaptive=False, device="cpu",
+                              providers=["CPUExecutionProvider"], batch_size=ort_batch)
+        try:
+            report = harden(model_path, data_path, config)
+        except CloakError as exc:
+            event(f"CloakError: {str(exc)[:40]}")
+            assert not out_path.exists(), "a failed harden must not leave an output behind"
+            return
+        event("hardened")
+        onnx.checker.check_model(str(out_path), full_check=True)
+        hardened = onnx.load(str(out_path))
+        head, hard_head = find_head(model), find_head(hardened)
+        assert hard_head.feature == head.feature == info["feature"]
+        mask = hard_head.mask
+        assert mask is not None and mask.shape == (head.width,)
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        assert int((mask == 0).sum()) == report.masked == (0 if fraction == 0 else max(1, round(fraction * head.width)))
+        assert report.features == head.width
+
+        (features,) = _run(with_outputs(model, [head.feature]), x, [head.feature])
+        expected = head.apply(features, mask)
+        if info["softmax"]:
+            expected = _softmax(expected)
+        (got,) = _run(hardened, x, ["output"])
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        # the original model is untouched on disk
+        assert onnx.load(str(model_path)).SerializeToString() == model.SerializeToString()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Malformed data files
+# ---------------------------------------------------------------------------------------------------
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # allow_pickle is True when saving: object arrays are written pickled
+    return buf.getvalue()
+
+
+def _good_arrays(rng, n: int) -> dict:
+    return {"x": rng.random((n, 1, 3, 3), dtype=np.float32), "y": rng.integers(0, 3, n)}
+
+
+ODD_DTYPES = [np.float16, np.float64, np.int8, np.uint8, np.int64, np.uint64, np.bool_, np.complex64, "U3",
+              "S2", "datetime64[s]", "timedelta64[s]", [("a", "f4"), ("b", "i4")], "V4"]
+
+
+def _array_of(rng, dtype, shape) -> np.ndarray:
+    dt = np.dtype(dtype)
+    raw = rng.integers(-3, 300, size=shape)
+    if dt.kind == "V":
+        return np.zeros(shape, dt)
+    if dt.kind in "US":
+        return raw.astype(str).astype(dt)
+    if dt.kind in "mM":
+        return raw.astype(np.int64).astype(dt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return raw.astype(dt)
+
+
+@st.composite
+def malformed_npz(draw):
+    """(kind, file bytes) of a mostly-broken .npz file."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    n = draw(st.integers(0, 6))
+    kind = draw(st.sampled_from(["random_bytes", "zip_magic", "truncated", "missing_keys", "x_dtype", "y_dtype",
+                                 "object", "zero_d", "lengths", "nan_labels", "y_shape", "npy_not_npz",
+                                 "bad_member", "float_labels"]))
+    if kind == "random_bytes":
+        return kind, draw(st.binary(max_size=300))
+    if kind == "zip_magic":
+        return kind, b"PK\x03\x04" + draw(st.binary(max_size=200))
+    if kind == "truncated":
+        data = _npz_bytes(**_good_arrays(rng, max(n, 1)))
+        return kind, data[: draw(st.integers(0, len(data) - 1))]
+    if kind == "missing_keys":
+        arrays = _good_arrays(rng, n)
+        keys = draw(st.sets(st.sampled_from(["x", "y", "X", "labels"]), max_size=3))
+        chosen = {k: arrays.get(k.lower(), arrays["y"]) for k in keys}
+        assume(not {"x", "y"} <= set(chosen))
+        return kind, _npz_bytes(**chosen)
+    if kind in ("x_dtype", "y_dtype"):
+        arrays = _good_arrays(rng, n)
+        key = kind[0]
+        arrays[key] = _array_of(rng, draw(st.sampled_from(ODD_DTYPES)), arrays[key].shape)
+        return kind, _npz_bytes(**arrays)
+    if kind == "object":
+        arrays = _good_arrays(rng, n)
+        key = draw(st.sampled_from(["x", "y"]))
+        obj = np.empty(max(n, 1), dtype=object)
+        for i in range(len(obj)):
+            obj[i] = [i] if draw(st.booleans()) else {"a": i}
+        arrays[key] = obj
+        return kind, _npz_bytes(**arrays)
+    if kind == "zero_d":
+        arrays = _good_arrays(rng, n)
+        for key in draw(st.sets(st.sampled_from(["x", "y"]), min_size=1)):
+            arrays[key] = np.asarray(arrays[key].reshape(-1)[:1].sum() if arrays[key].size else 0,
+                                     dtype=arrays[key].dtype)
+        return kind, _npz_bytes(**arrays)
+    if kind == "lengths":
+        m = draw(st.integers(0, 6))
+        assume(m != n)
+        return kind, _npz_bytes(x=rng.random((n, 4), dtype=np.float32), y=rng.integers(0, 3, m))
+    if kind == "nan_labels":
+        y = rng.integers(0, 3, max(n, 1)).astype(draw(st.sampled_from([np.float32, np.float64, np.float16])))
+        y[draw(st.integers(0, len(y) - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.5]))
+        return kind, _npz_bytes(x=rng.random((len(y), 4), dtype=np.float32), y=y)
+    if kind == "float_labels":
+        y = rng.integers(-2, 5, n).astype(np.float64) * draw(st.sampled_from([1.0, 1e300, -1e20, 2.0**63]))
+        return kind, _npz_bytes(x=rng.random((n, 4), dtype=np.float32), y=y)
+    if kind == "y_shape":
+        shape = tuple(draw(st.lists(st.integers(0, 3), min_size=2, max_size=3)))
+        return kind, _npz_bytes(x=rng.random((shape[0], 2), dtype=np.float32), y=rng.integers(0, 3, shape))
+    if kind == "npy_not_npz":
+        buf = io.BytesIO()
+        np.save(buf, rng.random((n, 2)))
+        return kind, buf.getvalue()
+    # a zip whose members are named like arrays but are not .npy data
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("x.npy", draw(st.binary(max_size=80)))
+        zf.writestr("y.npy", b"\x93NUMPY" + draw(st.binary(max_size=40)))
+    return kind, buf.getvalue()
+
+
+def _zero_d(kind: str, data: bytes) -> bool:
+    """True for files whose 'x' or 'y' is a 0-d array: the known load_npz bug (see the xfail below)."""
+    if kind != "zero_d":
+        return False
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return any(npz[k].ndim == 0 for k in ("x", "y") if k in npz.files)
+
+
+@fuzz(150)
+@given(case=malformed_npz(), via=st.sampled_from(["load_npz", "load_data"]))
+def test_load_malformed_npz_raises_only_cloak_error(case, via):
+    kind, data = case
+    assume(not _zero_d(kind, data))  # reported bug, pinned by test_load_npz_zero_d_arrays below
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data.npz"
+        path.write_bytes(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # casts of complex/huge values warn; the contract is about exceptions
+            try:
+                ds = load_npz(path) if via == "load_npz" else load_data(path)
+            except CloakError:
+                event(f"{kind}: CloakError")
+                return
+        event(f"{kind}: loaded")
+        assert ds.x.dtype == np.float32 and ds.y.dtype == np.int64
+        assert ds.y.ndim == 1 and len(ds.x) == len(ds.y)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="bug: load_npz calls len() on 0-d 'x'/'y' arrays and raises TypeError "
+                          "'len() of unsized object' instead of CloakError")
+@pytest.mark.parametrize("which", ["x", "y", "both"])
+def test_load_npz_zero_d_arrays(tmp_path, which):
+    x = np.float32(0.5) if which in ("x", "both") else np.zeros((1, 4), np.float32)
+    y = np.int64(0) if which in ("y", "both") else np.zeros(1, np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(CloakError):
+        load_npz(tmp_path / "d.npz")
+
+
+@fuzz(30)
+@given(name=st.sampled_from(["d.npz", "d.NPZ", "d.npy", "d.txt", "d", "dir.npz", "missing.npz"]),
+       data=st.binary(max_size=64))
+def test_load_data_odd_paths(name, data):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        if name == "dir.npz":
+            path.mkdir()
+        elif name != "missing.npz":
+            path.write_bytes(data)
+        try:
+            load_data(path)
+        except CloakError:
+            return
+        pytest.fail(f"{name} with {data!r} loaded")  # none of these is a valid dataset
+
+
+# ---------------------------------------------------------------------------------------------------
+# validate() on random shapes
+# ---------------------------------------------------------------------------------------------------
+
+DIMS = st.one_of(st.integers(-1, 4), st.none(), st.sampled_from(["N", "batch", "H"]))
+
+
+@fuzz(200)
+@given(n=st.integers(0, 4), sample_shape=st.lists(st.integers(0, 4), max_size=3),
+       input_shape=st.lists(DIMS, max_size=4), num_classes=st.integers(1, 5),
+       lo=st.sampled_from([0.0, -1.0, 0.5]), spread=st.sampled_from([1.0, 2.0, 1e-3]),
+       fill=st.sampled_from(["inside", "outside", "nan", "inf"]), label_shift=st.integers(-2, 2),
+       seed=st.integers(0, 2**16))
+def test_validate_random_shapes(n, sample_shape, input_shape, num_classes, lo, spread, fill, label_shift, seed):
+    assume(not (n > 0 and 0 in sample_shape))  # reported bug, pinned by test_validate_zero_size_features
+    rng = np.random.default_rng(seed)
+    hi = lo + spread
+    x = (lo + rng.random((n, *sample_shape)) * spread).astype(np.float32)
+    if x.size and fill != "inside":
+        x.reshape(-1)[rng.integers(0, x.size)] = {"outside": hi + 1.0, "nan": np.nan, "inf": -np.inf}[fill]
+    y = rng.integers(0, num_classes, n) + label_shift
+    ds = Dataset(x, y.astype(np.int64), "fuzz")
+    try:
+        validate(ds, input_shape, (lo, hi), num_classes)
+    except CloakError:
+        event("CloakError")
+        return
+    event("valid")
+    assert n > 0
+    assert len(input_shape[1:]) == x.ndim - 1  # the batch dimension is not compared
+    assert all(not (isinstance(d, int) and d > 0) or d == g for d, g in zip(input_shape[1:], x.shape[1:]))
+    assert np.all(np.isfinite(x)) and y.min() >= 0 and y.max() < num_classes
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="bug: validate calls x.min() on a non-empty dataset whose samples have zero size "
+                          "(x shape (N, 0) against a symbolic or zero input dimension): ValueError "
+                          "'zero-size array to reduction operation minimum' instead of CloakError")
+def test_validate_zero_size_features():
+    ds = Dataset(np.zeros((3, 0), np.float32), np.zeros(3, np.int64), "fuzz")
+    with pytest.raises(CloakError):
+        validate(ds, ["N", "D"], (0.0, 1.0), 2)
