@@ -202,10 +202,10 @@ def tensor_from_proto(proto: onnx.TensorProto) -> torch.Tensor:
     arr = numpy_helper.to_array(proto)
     if proto.data_type in _FLOAT32_STANDINS:
         arr = arr.astype(np.float32)
-    arr = np.ascontiguousarray(arr)
+    arr = np.array(arr, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
     if dtype in (torch.uint16, torch.uint32, torch.uint64):
         return torch.from_numpy(arr.astype(np.int64)).to(dtype)
-    return torch.from_numpy(arr.copy()).to(dtype)
+    return torch.from_numpy(arr).to(dtype)
 
 
 def _sparse_to_dense(sp: onnx.SparseTensorProto) -> torch.Tensor:
@@ -478,7 +478,7 @@ def _cast_like(inputs, attrs, ctx):
 def _dropout(inputs, attrs, ctx):
     x = inputs[0]
     if ctx.wants(1):
-        return (x, torch.ones_like(x, dtype=torch.bool if ctx.since >= 10 else x.dtype))
+        return (x, torch.ones_like(x, dtype=torch.bool if ctx.opset >= 10 else x.dtype))
     return (x,)
 
 
@@ -584,8 +584,8 @@ def _conv_transpose(inputs, attrs, ctx):
         for f, op_, t in zip(full, out_pad, target):
             total = f + op_ - t
             small, large = total // 2, total - total // 2
-            # onnxruntime puts the larger half at the end for SAME_UPPER (and for explicit output_shape)
-            upper = auto_pad != "SAME_LOWER"
+            # as onnxruntime: the odd pixel is cropped at the end for SAME_UPPER, else at the start
+            upper = auto_pad == "SAME_UPPER"
             begins.append(small if upper else large)
             ends.append(large if upper else small)
     elif auto_pad == "VALID":
@@ -826,12 +826,15 @@ _REDUCERS = {
     "ReduceProd": _reduce_prod,
 }
 _AXES_BECAME_INPUT = {"ReduceSum": 13}  # the others moved axes to an input in opset 18
+# With empty axes and noop_with_empty_axes=1 the elementwise part still applies (as onnxruntime
+# and the ONNX reference implementation do): ReduceL2 gives |x|, ReduceSumSquare x*x, ...
+_NOOP = {"ReduceL1": torch.abs, "ReduceL2": torch.abs, "ReduceSumSquare": lambda x: x * x, "ReduceLogSum": torch.log}
 
 
 def _reduce(kind: str, x, axes, keep: bool, noop: bool):
     if not axes:
         if noop:
-            return x
+            return _NOOP.get(kind, lambda t: t)(x)
         dims = tuple(range(x.dim()))
     else:
         dims = tuple(_norm_axes(axes, x.dim()))
@@ -1376,10 +1379,8 @@ def _resize(x, scales, sizes, roi, attrs, ctx, opset10=False):
             outs = [int(math.floor(s * i + 0.5)) for i in in_sizes]
             scales = [s] * len(axes)
     else:
-        roi_span = [1.0] * len(axes)
-        if ctm == "tf_crop_and_resize" and roi is not None:
-            roi_span = [roi[len(axes) + i] - roi[i] for i in range(len(axes))]
-        outs = [int(math.floor(i * r * s)) for i, r, s in zip(in_sizes, roi_span, scales)]
+        # The spec scales by the roi span for tf_crop_and_resize; onnxruntime does not (followed here).
+        outs = [int(math.floor(i * s)) for i, s in zip(in_sizes, scales)]
     if mode != "nearest" and attrs.get("antialias", 0) and any(o < i for o, i in zip(outs, in_sizes)):
         raise CloakError(f"Resize node {ctx.name!r}: antialiased downscaling is not supported by the torch executor")
     extrapolation = attrs.get("extrapolation_value", 0.0)

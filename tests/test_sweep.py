@@ -1,0 +1,68 @@
+"""Choosing the mask: the budget holds, 'no gain' leaves the model unchanged, sweep agrees with harden."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from cloakonnx.attacks import AttackConfig
+from cloakonnx.harden import HardenConfig, harden
+from cloakonnx.sweep import CurvePoint, choose_point, sweep
+
+ATTACK = AttackConfig(name="pgd", eps=0.1, steps=3, seed=0)
+
+
+def test_budget_holds_on_validation(digits_files, tmp_path):
+    model, data = digits_files
+    report = harden(model, data, HardenConfig(output=tmp_path / "m.onnx", attack=ATTACK, max_clean_drop=1.0,
+                                              adaptive=False, plot=tmp_path / "curve.png"))
+    clean = report.clean_accuracy
+    assert 100 * (clean["original"] - clean["hardened"]) <= 1.0 + 1e-9
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
+    assert report.curve and report.curve[0]["added"] == 0
+    if report.mask_added:  # the chosen mask must beat no mask on the split it was chosen on
+        assert report.adversarial_accuracy["hardened_transfer"] > report.adversarial_accuracy["original"]
+
+
+def test_no_gain_writes_the_model_unchanged(digits_files, tmp_path):
+    """With eps = 0 adversarial inputs are the clean ones: no mask can help, so none is added."""
+    model, data = digits_files
+    out = tmp_path / "m.onnx"
+    report = harden(model, data, HardenConfig(output=out, attack=AttackConfig(name="fgsm", eps=0.0),
+                                              max_clean_drop=1.0, adaptive=False))
+    assert report.mask_added is False and report.masked == 0
+    assert onnx.load(str(out)).SerializeToString() == onnx.load(str(model)).SerializeToString()
+
+
+def test_sweep_agrees_with_harden_at_the_same_fraction(digits_files, tmp_path):
+    model, data = digits_files
+    config = HardenConfig(attack=ATTACK, fraction=0.05, adaptive=False)
+    curve = sweep(model, data, config, scores=("absdiff",)).to_dict()
+    point = next(p for p in curve["curves"]["absdiff"] if p["masked"] == round(0.05 * 64))
+    config.output = tmp_path / "m.onnx"
+    report = harden(model, data, config)
+    assert report.masked == point["masked"]
+    assert report.clean_accuracy["hardened"] == pytest.approx(point["clean_accuracy"], abs=1e-9)
+    assert report.adversarial_accuracy["hardened_transfer"] == pytest.approx(point["adversarial_accuracy"], abs=1e-9)
+    assert curve["clean_accuracy"] == pytest.approx(report.clean_accuracy["original"])
+
+
+def test_rounds_add_to_the_mask(digits_files, tmp_path):
+    model, data = digits_files
+    report = harden(model, data, HardenConfig(output=tmp_path / "m.onnx", attack=ATTACK, fraction=0.05, rounds=2,
+                                              adaptive=False))
+    assert [r["added"] for r in report.rounds] == [3, 3] and report.masked == 6
+    hardened = onnx.load(str(tmp_path / "m.onnx"))
+    assert sum(n.name.startswith("cloakonnx_mask") for n in hardened.graph.node) == 1
+    assert json.loads({p.key: p.value for p in hardened.metadata_props}["cloakonnx.history"])[-1]["rounds"] == 2
+
+
+def _pt(added, clean, adv):
+    return CurvePoint(added / 100, added, added, clean, adv)
+
+
+def test_choose_point_rules():
+    pts = [_pt(0, 0.99, 0.50), _pt(1, 0.99, 0.55), _pt(2, 0.985, 0.60), _pt(5, 0.97, 0.70)]
+    assert choose_point(pts, 0.99, 1.0).added == 2  # 0.97 is 2 points down: over budget
+    assert choose_point(pts, 0.99, 5.0).added == 5
+    assert choose_point([_pt(0, 0.99, 0.5), _pt(1, 0.99, 0.5), _pt(2, 0.95, 0.4)], 0.99, 1.0) is None
