@@ -82,23 +82,9 @@ def build_variants(model, fraction: float, seed: int):
 
 def _really_loads(provider: str) -> bool:
     """A tiny session on ``provider`` is created, quietly, and keeps it (no silent CPU fallback)."""
-    from cloakonnx import runtime
+    from cloakonnx.runtime import provider_really_loads
 
-    if provider == CPU:
-        return True
-    if provider == CUDA:
-        return runtime._cuda_really_loads()
-    ort = runtime._ort()
-    if provider not in ort.get_available_providers() or not runtime._has_nvidia_device():
-        return False
-    try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        with runtime._quiet_stderr():
-            sess = ort.InferenceSession(runtime._tiny_model_bytes(), opts, providers=[provider, CUDA, CPU])
-        return provider in sess.get_providers()
-    except Exception:  # noqa: BLE001 - any failure means "does not work here"
-        return False
+    return provider_really_loads(provider)
 
 
 def working_providers(requested: list[str] | None) -> list[str]:

@@ -182,10 +182,12 @@ def _harden_config(kw: dict, **extra):
               help="Rounds of hardening: each attacks the model hardened so far and adds to the mask.")
 @click.option("--no-adaptive", is_flag=True, help="Skip the adaptive attack on the hardened model (faster).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the trade-off curve of this run.")
+@click.option("--fold", is_flag=True,
+              help="Multiply the mask into the head's weights: same outputs, exactly the original's node count.")
 @json_option
 @report_option
 @handles_errors
-def harden(output, rounds, no_adaptive, plot, as_json, report, **kw) -> None:
+def harden(output, rounds, no_adaptive, plot, fold, as_json, report, **kw) -> None:
     """Write a hardened copy of MODEL with a DeepCloak mask chosen on --data, and report what it buys.
 
     \b
@@ -199,7 +201,7 @@ def harden(output, rounds, no_adaptive, plot, as_json, report, **kw) -> None:
 
     model, data = kw.pop("model"), kw.pop("data")
     config = _harden_config(kw, output=Path(output) if output else None, rounds=rounds, adaptive=not no_adaptive,
-                            plot=Path(plot) if plot else None)
+                            plot=Path(plot) if plot else None, fold=fold)
     _emit(run(model, data, config).to_dict(), as_json, report, format_harden)
 
 

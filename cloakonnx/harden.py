@@ -48,6 +48,7 @@ class HardenConfig:
     rounds: int = 1
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidates for --max-clean-drop
     plot: Path | None = None
+    fold: bool = False  # multiply the mask into the head's weights instead of adding a Mul node
 
 
 @dataclass
@@ -110,8 +111,10 @@ def versions() -> dict:
 def resolve_target(model: onnx.ModelProto, feature_tensor: str | None, output: str | None) -> Target:
     """The head's input by default; any float tensor with ``--feature-tensor``."""
     if feature_tensor is None:
+        from .fold import folded_mask
+
         head = find_head(model, output)
-        return Target(head.feature, head.logits, head, head.mask)
+        return Target(head.feature, head.logits, head, head.mask if head.mask is not None else folded_mask(model))
     logits = logits_output(model, output)
     try:
         head = find_head(model, logits)
@@ -248,6 +251,9 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     check_output_path(model_path, out_path)
     p = prepare(model_path, data, config)
     target, runner, val = p.target, p.runner, p.val
+    if config.fold and target.head is None:
+        raise CloakError("--fold multiplies the mask into the linear head's weights; it cannot be used with a "
+                         "custom --feature-tensor (use the Mul form)")
     if (config.max_clean_drop is not None or config.plot) and target.head is None:
         raise CloakError("--max-clean-drop and --plot need the model's linear head after the feature tensor "
                          "(they evaluate masks in numpy); use --fraction with a custom --feature-tensor")
@@ -314,8 +320,9 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     if changed:
         record = {"version": __version__, "masked": masked, "fraction": masked / width, "score": config.score,
                   "feature_tensor": target.feature, "attack": p.attack.to_dict(), "seed": config.seed,
-                  "rounds": len(rounds), "max_clean_drop": config.max_clean_drop}
-        hardened = apply_mask(p.model, target.feature, mask, ndim, {
+                  "rounds": len(rounds), "max_clean_drop": config.max_clean_drop,
+                  "form": "folded" if config.fold else "mul"}
+        meta = {
             METADATA_PREFIX + "version": __version__,
             METADATA_PREFIX + "feature_tensor": target.feature,
             METADATA_PREFIX + "features": str(width),
@@ -325,7 +332,13 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
             METADATA_PREFIX + "attack": json.dumps(p.attack.to_dict(), sort_keys=True),
             METADATA_PREFIX + "form": "mul",
             METADATA_PREFIX + "history": history_entry(p.model, record),
-        })
+        }
+        if config.fold:
+            from .fold import fold_mask
+
+            hardened = fold_mask(p.model, mask, meta)
+        else:
+            hardened = apply_mask(p.model, target.feature, mask, ndim, meta)
     else:
         hardened = p.model  # nothing helps: the original graph, unchanged
     stages["surgery"] = stages.get("surgery", 0.0) + time.perf_counter() - t

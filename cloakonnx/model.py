@@ -350,7 +350,7 @@ def describe_head(head: Head) -> dict:
         "features": head.width,
         "classes": int(head.weight.shape[1]),
         "logits": head.logits,
-        "mask": None if head.mask is None else {"node": head.mask_node, "masked": masked,
+        "mask": None if head.mask is None else {"form": "mul", "node": head.mask_node, "masked": masked,
                                                 "fraction": masked / head.width},
     }
 
@@ -361,7 +361,15 @@ def inspect_model(path: str | os.PathLike, output: str | None = None) -> ModelIn
     inputs = model_inputs(model)
     head, err = None, None
     try:
-        head = describe_head(find_head(model, output))
+        found = find_head(model, output)
+        head = describe_head(found)
+        if found.mask is None:
+            from .fold import folded_mask
+
+            folded = folded_mask(model)
+            if folded is not None:
+                masked = int((folded == 0).sum())
+                head["mask"] = {"form": "folded", "node": None, "masked": masked, "fraction": masked / found.width}
     except CloakError as exc:
         err = str(exc)
     dyn = bool(inputs) and bool(inputs[0].shape) and not isinstance(inputs[0].shape[0], int) or (

@@ -94,7 +94,8 @@ def format_inspect(info: dict) -> str:
         lines.append(f"  feature tensor: {head['feature_tensor']} ({head['features']} features)")
         m = head["mask"]
         lines.append("  cloak mask: none" if m is None else
-                     f"  cloak mask: {m['node']} zeroes {m['masked']} of {head['features']} features ({100 * m['fraction']:.1f}%)")
+                     f"  cloak mask ({'folded into the head weights' if m['form'] == 'folded' else 'Mul node ' + m['node']}): "
+                     f"zeroes {m['masked']} of {head['features']} features ({100 * m['fraction']:.1f}%)")
     else:
         lines.append(f"  head: not found: {info['head_error']}")
     meta = info["metadata"]

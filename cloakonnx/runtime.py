@@ -62,19 +62,26 @@ def _quiet_stderr():
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_really_loads() -> bool:
-    """True only when a CUDA session can be created and actually keeps the CUDA provider."""
+def provider_really_loads(provider: str) -> bool:
+    """True only when a session on ``provider`` can be created, quietly, and keeps that provider
+    (onnxruntime otherwise falls back to CPU silently after printing its errors)."""
+    if provider == CPU:
+        return True
     ort = _ort()
-    if CUDA not in ort.get_available_providers() or not _has_nvidia_device():
+    if provider not in ort.get_available_providers() or not _has_nvidia_device():
         return False
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         with _quiet_stderr():
-            sess = ort.InferenceSession(_tiny_model_bytes(), opts, providers=[CUDA, CPU])
-        return CUDA in sess.get_providers()
-    except Exception:  # noqa: BLE001 - any failure means "no usable CUDA"
+            sess = ort.InferenceSession(_tiny_model_bytes(), opts, providers=[provider, CPU])
+        return provider in sess.get_providers()
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
         return False
+
+
+def _cuda_really_loads() -> bool:
+    return provider_really_loads(CUDA)
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ def test_attacks_respect_eps_ball_and_box(digits_net, name, norm):
     net, held = digits_net
     x, y = held.x[:64], held.y[:64]
     eps = 0.1 if norm == "linf" else 1.0
-    cfg = AttackConfig(name=name, eps=eps, norm=norm, steps=5, seed=0)
+    cfg = AttackConfig(name=name, eps=eps, norm=norm, steps=5, queries=200, seed=0)
     adv = craft(net, cfg, x, y)
     delta = (adv - x).reshape(len(x), -1)
     if norm == "linf":

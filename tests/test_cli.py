@@ -152,3 +152,19 @@ def test_feature_tensor_on_a_conv_output(digits_files, tmp_path):
     hardened = onnx.load(str(tmp_path / "c.onnx"))
     const = [t for t in hardened.graph.initializer if t.name.startswith("cloakonnx_mask")][0]
     assert list(const.dims) == [1, 64, 1, 1]
+
+
+def test_fold_matches_mul_form_with_the_original_node_count(digits_files, digits, tmp_path):
+    import onnxruntime as ort
+
+    model, data = digits_files
+    for name, extra in (("mul.onnx", []), ("fold.onnx", ["--fold"])):
+        run("-q", "harden", model, "--data", data, "-o", tmp_path / name, *FAST, "--no-adaptive", *extra)
+    original, mul, fold = (onnx.load(str(p)) for p in (model, tmp_path / "mul.onnx", tmp_path / "fold.onnx"))
+    assert len(fold.graph.node) == len(original.graph.node) == len(mul.graph.node) - 1
+    assert [i.name for i in fold.graph.input] == [i.name for i in original.graph.input]
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": digits.x[:100]})[0]
+            for p in (tmp_path / "mul.onnx", tmp_path / "fold.onnx")]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    info = json.loads(run("inspect", tmp_path / "fold.onnx", "--json").output)
+    assert info["head"]["mask"]["form"] == "folded" and info["head"]["mask"]["masked"] == 3

@@ -1,14 +1,16 @@
-"""Adversarial attacks in PyTorch (FGSM, PGD) and the helper that crafts a whole dataset in batches."""
+"""Adversarial attacks in PyTorch (FGSM, PGD, APGD, Square) and the helper that crafts a whole dataset in batches."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import CloakError
+from .apgd import APGD, APGDDLR
 from .base import Attack, AttackConfig
 from .fgsm import FGSM
 from .pgd import PGD
+from .square import Square
 
-ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD}
+ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "square": Square}
 
 
 def make_attack(model, config: AttackConfig, bounds=(0.0, 1.0)) -> Attack:
@@ -41,4 +43,4 @@ def craft(model, config: AttackConfig, x: np.ndarray, y: np.ndarray, bounds=(0.0
     return out
 
 
-__all__ = ["Attack", "AttackConfig", "ATTACKS", "FGSM", "PGD", "craft", "make_attack"]
+__all__ = ["APGD", "APGDDLR", "Attack", "AttackConfig", "ATTACKS", "FGSM", "PGD", "Square", "craft", "make_attack"]
