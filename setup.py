@@ -37,7 +37,7 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.6"],
-        "dev": ["pytest>=7", "hypothesis>=6", "torchvision", "matplotlib>=3.6"],
+        "dev": ["pytest>=7", "hypothesis>=6", "torchvision", "matplotlib>=3.6", "torchattacks>=3.5"],
     },
     entry_points={"console_scripts": ["cloakonnx=cloakonnx.cli:main"]},
     classifiers=[
