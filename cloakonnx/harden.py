@@ -18,7 +18,8 @@ from .data import Dataset, Preprocess, load_data, split, validate
 from .errors import CloakError
 from .mask import count_for, mask_top, ranking, score_features
 from .evaluate import Runner
-from .model import Head, find_head, find_mask, load_model, logits_output, save_model, select_input
+from .model import (Head, find_head, find_mask, load_model, logits_output, save_model, select_input,
+                    uses_external_data)
 from .sweep import DEFAULT_FRACTIONS
 from .surgery import METADATA_PREFIX, apply_mask, history_entry
 
@@ -354,7 +355,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     stages["evaluation"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    save_model(hardened, out_path)
+    save_model(hardened, out_path, external=uses_external_data(model_path))
     stages["write"] = time.perf_counter() - t
 
     hashes = {"model": sha256_file(model_path)}

@@ -77,7 +77,15 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+def uses_external_data(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` keeps its weights in external data files (checked without loading them)."""
+    try:
+        return _uses_external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - load_model reports unreadable files
+        return False
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False) -> None:
     """Write atomically: a temporary file in the target directory, checked, then renamed.
 
     Models over 2 GB, or whose original used external data, keep their weights in a
@@ -89,7 +97,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         raise CloakError(f"output directory does not exist: {folder}")
     if not os.access(folder, os.W_OK):
         raise CloakError(f"output directory is not writable: {folder}")
-    external = model.ByteSize() >= TWO_GB or _uses_external_data(model)
+    external = external or _uses_external_data(model) or model.ByteSize() >= TWO_GB
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     data_name = out.name + ".data"

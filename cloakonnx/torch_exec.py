@@ -1083,7 +1083,8 @@ def _scatter_nd(inputs, attrs, ctx):
     strides = [int(np.prod(lead[i + 1 :])) for i in range(k)]
     flat = sum(i * s for i, s in zip(index, strides)).reshape(-1)
     src = updates.reshape((-1,) + tuple(data.shape[k:]))
-    out = data.reshape((-1,) + tuple(data.shape[k:])).index_reduce(0, flat, src, _SCATTER_REDUCE[reduction])
+    index = flat.reshape((-1,) + (1,) * (src.dim() - 1)).expand_as(src)
+    out = data.reshape((-1,) + tuple(data.shape[k:])).scatter_reduce(0, index, src, _SCATTER_REDUCE[reduction])
     return (out.reshape(data.shape),)
 
 

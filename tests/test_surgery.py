@@ -97,3 +97,43 @@ def test_fp16_feature_gets_fp16_mask():
     x = np.random.default_rng(1).random((2, 4)).astype(np.float16)
     y = make_session(out).run(None, {"x": x})[0]
     assert y.dtype == np.float16
+
+
+def test_external_data_model_is_written_with_external_data(digits_files, tmp_path):
+    """A model saved with external data is hardened into a model with its own .data file next to it."""
+    from cloakonnx.attacks import AttackConfig
+    from cloakonnx.harden import HardenConfig, harden
+
+    src = tmp_path / "src"
+    src.mkdir()
+    model = onnx.load(str(digits_files[0]))
+    onnx.save_model(model, str(src / "m.onnx"), save_as_external_data=True, location="m.weights", size_threshold=0)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    harden(src / "m.onnx", digits_files[1], HardenConfig(output=out_dir / "h.onnx", adaptive=False,
+                                                         attack=AttackConfig(name="fgsm", eps=0.1)))
+    assert sorted(p.name for p in out_dir.iterdir()) == ["h.onnx", "h.onnx.data"]
+    written = onnx.load(str(out_dir / "h.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
+    loaded = onnx.load(str(out_dir / "h.onnx"))
+    x = np.random.default_rng(0).random((4, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(loaded, x), make_session(str(out_dir / "h.onnx")).run(None, {"input": x})[0])
+    assert find_head(loaded).mask is not None
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is None, reason="TensorRT is not installed")
+def test_tensorrt_parser_accepts_both_forms(digits_files, tmp_path):
+    import tensorrt as trt
+
+    from cloakonnx.fold import fold_mask
+
+    model = load_model(digits_files[0])
+    head = find_head(model)
+    mask = np.ones(head.width, np.float32)
+    mask[:5] = 0
+    for form in (apply_mask(model, head.feature, mask), fold_mask(model, mask)):
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        assert parser.parse(form.SerializeToString()), [parser.get_error(i) for i in range(parser.num_errors)]

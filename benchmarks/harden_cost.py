@@ -1,0 +1,587 @@
+#!/usr/bin/env python
+"""What does ``harden`` cost beyond the work it cannot avoid, and does its statistics stage stay flat in N?
+
+(a) Time. A small CNN is trained on scikit-learn's real digits (a few epochs), exported with the demo's
+torch.onnx exporter, and hardened as the demo does (PGD, eps 0.1, 10 steps, 5% of features, half the
+held-out digits for validation, adaptive attack on). Each repeat also runs the *unavoidable work* in the
+same process: the same number of native torch forward+backward passes (input gradient only, same batch
+sizes) on the nn.Module the ONNX file was exported from, as the attacks make (PGD steps x restarts x
+batches x crafted sets: calibration, validation, adaptive), plus the same number of plain onnxruntime
+forward passes (same batch sizes) as the statistics and evaluation stages make. The numbers of passes are
+counted from the attack settings and checked against an instrumented warm-up run of ``harden``.
+Pipeline and baseline alternate (P B, B P, ...), medians over ``--repeats`` are reported, and the
+overhead ratio is pipeline total / baseline total (target: at most 1.20).
+
+(b) Memory. ``stats.stream_stats`` runs in a fresh subprocess per N (1k and 20k digits, the 20k repeated
+and jittered inside the [0, 1] box), with the clean, adversarial and label arrays memory-mapped from .npy
+files (``np.load(mmap_mode="r")``). Measured per run, after a warm-up pass that sizes onnxruntime's arena:
+
+* tracemalloc peak growth: every numpy and Python allocation (numpy registers its buffers with
+  tracemalloc); a memory-mapped input is not an allocation, so the input does not count. Primary number.
+* peak anonymous RSS growth (RssAnon from /proc/self/status, sampled every millisecond by a thread):
+  also covers onnxruntime's native allocations, and still excludes the input, whose mapped pages are
+  file-backed (RssFile).
+* peak RSS growth (VmHWM, the counter ru_maxrss reports, reset with /proc/self/clear_refs before the
+  run): shown for reference only, because the mapped input pages that are read become resident and count
+  there. ru_maxrss itself is not used: after fork/exec it can carry the parent's high-water mark.
+
+A control run keeps every feature batch in memory (what onnxruntime's own calibrator did): its ratio shows
+that the measurement would see growth in N if there were any.
+
+    python benchmarks/harden_cost.py                       # ~2-4 min on 2 CPU cores
+    python benchmarks/harden_cost.py --repeats 5 --json --out harden_cost.json
+    python benchmarks/harden_cost.py --skip-memory --attack fgsm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from cloakonnx import __version__  # noqa: E402
+from cloakonnx.errors import CloakError  # noqa: E402
+
+log = logging.getLogger("cloakonnx.benchmarks.harden_cost")
+
+STAGES = ("attack", "statistics", "selection", "surgery", "evaluation", "write")
+TARGET_RATIO = 1.20
+
+
+# --- the model and data ----------------------------------------------------------------------------------
+
+
+def build_demo(folder: Path, features: int, epochs: int, seed: int):
+    """Train the demo's digits CNN briefly, export it, write the held-out digits as .npz."""
+    import torch
+
+    from cloakonnx.data import digits_dataset, split
+    from cloakonnx.demo import build_digits_cnn, export_onnx, train_classifier
+
+    torch.manual_seed(seed)
+    train, held_out = split(digits_dataset(), 0.4, seed)  # as the demo: the model never sees held_out
+    t = time.perf_counter()
+    net = train_classifier(build_digits_cnn(features), train, epochs, seed)
+    train_s = time.perf_counter() - t
+    with torch.no_grad():
+        acc = float((net(torch.from_numpy(held_out.x)).argmax(1).numpy() == held_out.y).mean())
+    model_path, data_path = folder / "digits_cnn.onnx", folder / "digits.npz"
+    export_onnx(net, torch.from_numpy(held_out.x[:2]), model_path)
+    np.savez(data_path, x=held_out.x, y=held_out.y)
+    log.info("trained a %d-feature CNN for %d epochs in %.1f s (held-out accuracy %.1f%%)", features, epochs,
+             train_s, 100 * acc)
+    for p in net.parameters():  # the attacks need input gradients only, as for the ONNX graph's constants
+        p.requires_grad_(False)
+    return net.eval(), held_out, model_path, data_path, {"train_seconds": train_s, "held_out_accuracy": acc}
+
+
+# --- counting the work harden does ------------------------------------------------------------------------
+
+
+class Recorder:
+    """Instrument one harden run: torch input-gradient passes and onnxruntime runs, with their batch sizes."""
+
+    def __init__(self, feature: str):
+        self.feature = feature
+        self.grad_passes: list[int] = []  # batch size of each forward+backward
+        self.forward_only: list[int] = []  # torch forwards without gradients (e.g. PGD's final check)
+        self.ort_runs: list[tuple[str, int]] = []  # ("statistics" | "evaluation", batch size)
+
+    def __enter__(self):
+        import torch
+        from onnxruntime.capi import onnxruntime_inference_collection as ort_coll
+
+        from cloakonnx.attacks.base import Attack
+        from cloakonnx.torch_exec import OnnxTorchModule
+
+        rec = self
+        self._saved = [(Attack, "input_grad", Attack.input_grad), (OnnxTorchModule, "forward", OnnxTorchModule.forward),
+                       (ort_coll.Session, "run", ort_coll.Session.run)]
+        input_grad, forward, run = (s[2] for s in self._saved)
+
+        def counted_input_grad(self, x_adv, y):
+            rec.grad_passes.append(len(x_adv))
+            return input_grad(self, x_adv, y)
+
+        def counted_forward(self, *xs):
+            if not torch.is_grad_enabled():
+                rec.forward_only.append(len(xs[0]))
+            return forward(self, *xs)
+
+        def counted_run(self, output_names, input_feed, run_options=None):
+            batch = len(next(iter(input_feed.values())))
+            stage = "statistics" if output_names and rec.feature in output_names else "evaluation"
+            rec.ort_runs.append((stage, batch))
+            return run(self, output_names, input_feed, run_options)
+
+        Attack.input_grad = counted_input_grad
+        OnnxTorchModule.forward = counted_forward
+        ort_coll.Session.run = counted_run
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+
+
+def batch_sizes(n: int, bs: int) -> list[int]:
+    return [min(bs, n - s) for s in range(0, n, bs)]
+
+
+def expected_grad_passes(attack, n_calib: int, n_val: int, adaptive: bool) -> dict[str, list[int]]:
+    """Forward+backward passes the attacks make, from the settings: per crafted set, steps x restarts per batch."""
+    per_batch = 1 if attack.name == "fgsm" else attack.steps * max(1, attack.restarts)
+    sets = {"attack": [n_calib], "evaluation": [n_val] + ([n_val] if adaptive else [])}
+    return {stage: [b for n in ns for b in batch_sizes(n, attack.batch_size) for _ in range(per_batch)]
+            for stage, ns in sets.items()}
+
+
+# --- the baseline: the unavoidable work, natively --------------------------------------------------------
+
+
+def native_grad_passes(net, x: np.ndarray, y: np.ndarray, sizes: list[int]) -> float:
+    """Seconds for one native forward+backward (gradient w.r.t. the input only) per entry of ``sizes``."""
+    import torch
+    import torch.nn.functional as F
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    t = time.perf_counter()
+    start = 0
+    for b in sizes:
+        if start + b > len(xt):
+            start = 0
+        xb = xt[start : start + b].clone().requires_grad_(True)
+        loss = F.cross_entropy(net(xb), yt[start : start + b])
+        torch.autograd.grad(loss, xb)
+        start += b
+    return time.perf_counter() - t
+
+
+def plain_ort_passes(session, name: str, x: np.ndarray, sizes: list[int]) -> float:
+    """Seconds for one plain onnxruntime forward (the model's own outputs) per entry of ``sizes``."""
+    t = time.perf_counter()
+    start = 0
+    for b in sizes:
+        if start + b > len(x):
+            start = 0
+        session.run(None, {name: x[start : start + b]})
+        start += b
+    return time.perf_counter() - t
+
+
+# --- (a) timing -------------------------------------------------------------------------------------------
+
+
+def harden_config(args, out: Path):
+    from cloakonnx.attacks import AttackConfig
+    from cloakonnx.harden import HardenConfig
+
+    return HardenConfig(output=out, attack=AttackConfig(name=args.attack, eps=args.eps, steps=args.steps, seed=args.seed),
+                        fraction=args.fraction, val_split=0.5, seed=args.seed, device="cpu",
+                        providers=["CPUExecutionProvider"], adaptive=True)
+
+
+def time_pipeline(args, model_path: Path, data_path: Path, out: Path) -> tuple[float, dict, object]:
+    from cloakonnx.harden import harden
+
+    t = time.perf_counter()
+    report = harden(model_path, data_path, harden_config(args, out))
+    return time.perf_counter() - t, dict(report.stages), report
+
+
+def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: Path) -> dict:
+    import onnxruntime as ort
+
+    from cloakonnx.model import find_head, load_model
+
+    feature = find_head(load_model(model_path)).feature
+    out = folder / "digits_cnn.cloaked.onnx"
+
+    # Warm-up, instrumented: count what harden really does (and let torch/onnxruntime initialise).
+    log.info("warm-up harden run (instrumented)")
+    with Recorder(feature) as rec:
+        _, _, report = time_pipeline(args, model_path, data_path, out)
+    cfg = harden_config(args, out)
+    n_calib, n_val = report.samples["calibration"], report.samples["validation"]
+    adaptive = report.adversarial_accuracy.get("hardened_adaptive") is not None and report.mask_added
+    expected = expected_grad_passes(cfg.attack, n_calib, n_val, adaptive)
+    counted_ok = sorted(expected["attack"] + expected["evaluation"]) == sorted(rec.grad_passes)
+    if not counted_ok:
+        log.warning("forward+backward passes counted from the settings (%d) differ from the instrumented run (%d): "
+                    "replaying the instrumented ones, all under evaluation",
+                    len(expected["attack"]) + len(expected["evaluation"]), len(rec.grad_passes))
+        expected = {"attack": [], "evaluation": list(rec.grad_passes)}
+    ort_sizes = {s: [b for st, b in rec.ort_runs if st == s] for s in ("statistics", "evaluation")}
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    in_name = session.get_inputs()[0].name
+    x, y = held_out.x, held_out.y
+
+    def baseline() -> dict:
+        return {
+            "attack": native_grad_passes(net, x, y, expected["attack"]),
+            "statistics": plain_ort_passes(session, in_name, x, ort_sizes["statistics"]),
+            "evaluation": native_grad_passes(net, x, y, expected["evaluation"])
+            + plain_ort_passes(session, in_name, x, ort_sizes["evaluation"]),
+        }
+
+    for _ in range(args.warmup):
+        baseline()
+    runs = []
+    for r in range(args.repeats):
+        order = ("pipeline", "baseline") if r % 2 == 0 else ("baseline", "pipeline")
+        row: dict = {"order": list(order)}
+        for which in order:
+            if which == "pipeline":
+                total, stages, _ = time_pipeline(args, model_path, data_path, out)
+                row["pipeline"] = dict(stages, setup=max(total - sum(stages.values()), 0.0), total=total)
+            else:
+                b = baseline()
+                row["baseline"] = dict(b, total=sum(b.values()))
+        row["ratio"] = row["pipeline"]["total"] / row["baseline"]["total"]
+        log.info("repeat %d/%d: pipeline %.2f s, baseline %.2f s, ratio %.3f", r + 1, args.repeats,
+                 row["pipeline"]["total"], row["baseline"]["total"], row["ratio"])
+        runs.append(row)
+
+    def med(side: str, key: str) -> float:
+        return float(np.median([run[side].get(key, 0.0) for run in runs]))
+
+    rows = {k: {"pipeline_s": med("pipeline", k), "baseline_s": med("baseline", k) if k in runs[0]["baseline"] else 0.0}
+            for k in (*STAGES, "setup", "total")}
+    for v in rows.values():
+        v["ratio"] = v["pipeline_s"] / v["baseline_s"] if v["baseline_s"] > 0 else None
+    ratios = [run["ratio"] for run in runs]
+    ratio = rows["total"]["ratio"]
+    return {
+        "feature_tensor": feature,
+        "samples": {"calibration": n_calib, "validation": n_val},
+        "attack": cfg.attack.to_dict(),
+        "work": {
+            "torch_forward_backward": {s: {"passes": len(v), "images": int(sum(v))} for s, v in expected.items()},
+            "torch_forward_backward_counted_from_settings_match_instrumented": counted_ok,
+            "torch_forward_only_in_harden_not_in_baseline": {"passes": len(rec.forward_only),
+                                                              "images": int(sum(rec.forward_only))},
+            "onnxruntime_forward": {s: {"passes": len(v), "images": int(sum(v))} for s, v in ort_sizes.items()},
+            "onnxruntime_batch_size": cfg.batch_size,
+            "attack_batch_size": cfg.attack.batch_size,
+        },
+        "stages": rows,
+        "ratio_of_medians": ratio,
+        "ratio_per_repeat": {"median": float(np.median(ratios)), "min": float(min(ratios)), "max": float(max(ratios))},
+        "target": TARGET_RATIO,
+        "verdict": "ok" if ratio <= TARGET_RATIO else "MISS",
+        "hardened": {"masked": report.masked, "features": report.features,
+                     "clean_accuracy": report.clean_accuracy, "adversarial_accuracy": report.adversarial_accuracy},
+        "repeats": runs,
+    }
+
+
+# --- (b) memory of the statistics stage -------------------------------------------------------------------
+
+
+def _status() -> dict[str, int]:
+    """Memory counters of this process from /proc/self/status, in bytes."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+class AnonPeak:
+    """Peak RssAnon, sampled from /proc/self/status every ``interval`` seconds by a thread."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status()["RssAnon"])
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = _status()["RssAnon"]
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status()["RssAnon"])
+
+
+def stats_child(argv: list[str]) -> int:
+    """In a fresh process: stream_stats over memory-mapped inputs; print the memory figures as JSON."""
+    import gc
+    import tracemalloc
+
+    import onnx
+
+    from cloakonnx.data import Preprocess
+    from cloakonnx.model import find_head
+    from cloakonnx.runtime import make_session
+    from cloakonnx.stats import per_feature, stream_stats, with_outputs
+
+    model_path, folder, n, batch, mode = argv[0], Path(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    model = onnx.load(model_path)
+    head = find_head(model)
+    session = make_session(with_outputs(model, [head.feature]), ["CPUExecutionProvider"])
+    xc = np.load(folder / f"x_clean_{n}.npy", mmap_mode="r")
+    xa = np.load(folder / f"x_adv_{n}.npy", mmap_mode="r")
+    y = np.load(folder / f"y_{n}.npy", mmap_mode="r")
+    assert isinstance(xc, np.memmap) and isinstance(xa, np.memmap)
+    pre = Preprocess()
+    in_name = session.get_inputs()[0].name
+
+    def feed(a):  # what Runner.feed does for a float32 model without normalisation
+        return pre.to_model(a).astype(np.float32, copy=False)
+
+    def keep_everything(x_clean, x_adv):
+        """The control: collect every feature batch, then reduce (onnxruntime's calibrator's way)."""
+        cs, advs = [], []
+        for s in range(0, len(x_clean), batch):
+            cs.append(session.run([head.feature], {in_name: feed(x_clean[s : s + batch])})[0])
+            advs.append(session.run([head.feature], {in_name: feed(x_adv[s : s + batch])})[0])
+        c, a = per_feature(np.concatenate(cs)), per_feature(np.concatenate(advs))
+        return np.abs(a - c).mean(0)
+
+    def work(k):
+        if mode == "stream":
+            return stream_stats(session, head.feature, head.logits, xc[:k], xa[:k], y[:k], feed, batch,
+                                head_weight=head.weight)
+        return keep_everything(xc[:k], xa[:k])
+
+    work(min(n, 2 * batch))  # warm-up: onnxruntime's arena, lazy imports, tqdm
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM (the counter ru_maxrss reports) to VmRSS
+        fh.write("5")
+    before = _status()
+    tracemalloc.start()
+    t = time.perf_counter()
+    with AnonPeak() as anon:
+        result = work(n)
+    seconds = time.perf_counter() - t
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    after = _status()
+    del result
+    print(json.dumps({
+        "n": n, "mode": mode, "seconds": seconds,
+        "tracemalloc_peak": peak, "tracemalloc_retained": current,
+        "rss_anon_peak_growth": anon.peak - before["RssAnon"],
+        "rss_peak_growth": after["VmHWM"] - before["VmRSS"],
+        "rss_file_growth": after["RssFile"] - before["RssFile"],
+        "input_bytes": int(xc.nbytes + xa.nbytes + y.nbytes),
+    }))
+    return 0
+
+
+def synthesise(held_out, n: int, eps: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` digits: the held-out ones repeated, jittered by +-0.05 and clipped to the box; 'adversarial'
+    copies at +-eps (the statistics stage's cost does not depend on how they were crafted)."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(n) % len(held_out)
+    x = np.clip(held_out.x[idx] + rng.uniform(-0.05, 0.05, held_out.x[idx].shape), 0, 1).astype(np.float32)
+    adv = np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape), 0, 1).astype(np.float32)
+    return x, adv, held_out.y[idx].astype(np.int64)
+
+
+def run_memory(args, held_out, model_path: Path, folder: Path) -> dict:
+    for n in args.sizes:
+        x, adv, y = synthesise(held_out, n, args.eps, args.seed)
+        np.save(folder / f"x_clean_{n}.npy", x)
+        np.save(folder / f"x_adv_{n}.npy", adv)
+        np.save(folder / f"y_{n}.npy", y)
+    runs = {}
+    for mode in ("stream", "keep_everything"):
+        for n in args.sizes:
+            log.info("statistics memory: %s, N=%d (fresh subprocess)", mode, n)
+            proc = subprocess.run([sys.executable, __file__, "--_stats-child", str(model_path), str(folder), str(n),
+                                   str(args.batch_size), mode], capture_output=True, text=True, cwd=REPO)
+            if proc.returncode != 0:
+                raise RuntimeError(f"statistics subprocess failed (N={n}, {mode}):\n{proc.stderr[-3000:]}")
+            runs[f"{mode}_{n}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    lo, hi = min(args.sizes), max(args.sizes)
+
+    def ratio(mode, key):
+        a, b = runs[f"{mode}_{lo}"][key], runs[f"{mode}_{hi}"][key]
+        return b / a if a > 0 else None
+
+    keys = ("tracemalloc_peak", "rss_anon_peak_growth", "rss_peak_growth")
+    return {"sizes": list(args.sizes), "batch_size": args.batch_size, "runs": runs,
+            "ratios": {mode: {k: ratio(mode, k) for k in keys} for mode in ("stream", "keep_everything")}}
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:8.2f}"
+
+
+def table(result: dict) -> str:
+    env, lines = result["environment"], []
+    lines.append(f"cloakonnx {env['cloakonnx']}  torch {env['torch']} ({env['torch_threads']} threads)  onnxruntime "
+                 f"{env['onnxruntime']}  {env['cpus']} CPUs, load average at start {env['load_average']}")
+    m = result["model"]
+    lines.append(f"model: digits CNN, {m['features']} features, {m['epochs']} epochs, held-out accuracy "
+                 f"{100 * m['held_out_accuracy']:.1f}%")
+    t = result.get("timing")
+    if t:
+        w, a = t["work"], t["attack"]
+        fb = w["torch_forward_backward"]
+        lines += [
+            "",
+            f"(a) harden, {a['name']} eps={a['eps']:g} steps={a['steps']} restarts={a['restarts']}, "
+            f"{t['samples']['calibration']} calibration / {t['samples']['validation']} validation digits; "
+            f"medians of {len(t['repeats'])} interleaved repeats",
+            f"    baseline work: native torch forward+backward: attack {fb['attack']['passes']} passes "
+            f"({fb['attack']['images']} images), evaluation {fb['evaluation']['passes']} passes "
+            f"({fb['evaluation']['images']} images), batch {w['attack_batch_size']}"
+            f"{'' if w['torch_forward_backward_counted_from_settings_match_instrumented'] else ' (INSTRUMENTED COUNT)'}",
+            f"    plain onnxruntime forward: statistics {w['onnxruntime_forward']['statistics']['passes']} passes "
+            f"({w['onnxruntime_forward']['statistics']['images']} images), evaluation "
+            f"{w['onnxruntime_forward']['evaluation']['passes']} passes "
+            f"({w['onnxruntime_forward']['evaluation']['images']} images)",
+            f"    not in the baseline: {w['torch_forward_only_in_harden_not_in_baseline']['passes']} torch forward-only "
+            f"passes ({w['torch_forward_only_in_harden_not_in_baseline']['images']} images) that harden also makes",
+            "",
+            f"    {'stage':<12} {'harden s':>9} {'baseline s':>11} {'ratio':>7}",
+            "    " + "-" * 42,
+        ]
+        for k, v in t["stages"].items():
+            if k == "total":
+                lines.append("    " + "-" * 42)
+            r = f"{v['ratio']:.3f}" if v["ratio"] is not None else "-"
+            label = "setup*" if k == "setup" else k
+            lines.append(f"    {label:<12} {v['pipeline_s']:>9.3f} {v['baseline_s']:>11.3f} {r:>7}")
+        pr = t["ratio_per_repeat"]
+        lines += [
+            "    * setup: harden's time outside its stages (loading, checks, split, Runner/torch-executor builds, hashing)",
+            f"    overhead ratio (median pipeline total / median baseline total): {t['ratio_of_medians']:.3f}  "
+            f"target <= {t['target']:.2f}: {t['verdict']}   per-repeat ratios: median {pr['median']:.3f}, "
+            f"range {pr['min']:.3f}-{pr['max']:.3f}",
+        ]
+    mem = result.get("memory")
+    if mem:
+        lo, hi = min(mem["sizes"]), max(mem["sizes"])
+        lines += [
+            "",
+            f"(b) statistics stage (stream_stats), inputs memory-mapped from .npy, batch {mem['batch_size']}, "
+            "one fresh subprocess per row; MiB",
+            f"    {'mode':<16} {'N':>6} {'input':>8} {'tracemalloc':>11} {'RssAnon':>8} {'VmHWM':>8} "
+            f"{'RssFile':>8} {'seconds':>8}",
+            f"    {'':<16} {'':>6} {'(mapped)':>8} {'peak':>11} {'peak+':>8} {'peak+':>8} {'+':>8}",
+        ]
+        for key, r in mem["runs"].items():
+            lines.append(f"    {r['mode']:<16} {r['n']:>6} {_mb(r['input_bytes'])} {_mb(r['tracemalloc_peak']):>11} "
+                         f"{_mb(r['rss_anon_peak_growth'])} {_mb(r['rss_peak_growth'])} {_mb(r['rss_file_growth'])} "
+                         f"{r['seconds']:>8.2f}")
+        for mode in ("stream", "keep_everything"):
+            rs = mem["ratios"][mode]
+            fmt = {k: (f"{v:.2f}" if v is not None else "-") for k, v in rs.items()}
+            lines.append(f"    peak{hi // 1000}k/peak{lo // 1000}k, {mode:<16}: tracemalloc {fmt['tracemalloc_peak']}, "
+                         f"RssAnon {fmt['rss_anon_peak_growth']}, VmHWM {fmt['rss_peak_growth']}"
+                         + ("   (expect ~1)" if mode == "stream" else "   (control: grows with N)"))
+        lines.append("    tracemalloc: numpy + Python allocations (primary); RssAnon: all anonymous memory incl. "
+                     "onnxruntime's, sampled every 1 ms; VmHWM (= ru_maxrss) also counts the mapped input pages "
+                     "read (RssFile +), so it grows with N by about the input size")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="timed pipeline+baseline pairs (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed baseline runs after the warm-up harden (default 1)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs for the digits CNN (default 3)")
+    p.add_argument("--features", type=int, default=256, help="width of the CNN's feature tensor (default 256)")
+    p.add_argument("--attack", choices=("pgd", "fgsm"), default="pgd")
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--fraction", type=float, default=0.05)
+    p.add_argument("--sizes", default="1000,20000", help="N for the memory runs (default 1000,20000)")
+    p.add_argument("--batch-size", type=int, default=256, help="onnxruntime batch in the memory runs (harden's default)")
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    args = p.parse_args(argv)
+    try:
+        args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    except ValueError:
+        p.error("--sizes takes integers, e.g. 1000,20000")
+    if len(args.sizes) < 2 or args.sizes[0] < 1:
+        p.error("--sizes needs at least two positive sizes")
+    if args.repeats < 1 or args.warmup < 0 or args.epochs < 1 or args.steps < 1:
+        p.error("--repeats, --epochs and --steps must be at least 1, --warmup at least 0")
+    return args
+
+
+def cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def run(args) -> dict:
+    import onnxruntime
+    import torch
+
+    result: dict = {
+        "environment": {"cloakonnx": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                        "numpy": np.__version__, "python": platform.python_version(), "cpus": cpus(),
+                        "torch_threads": torch.get_num_threads(),
+                        "load_average": [round(v, 2) for v in os.getloadavg()]},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    with tempfile.TemporaryDirectory(prefix="cloakonnx-harden-cost-") as tmp:
+        folder = Path(tmp)
+        net, held_out, model_path, data_path, info = build_demo(folder, args.features, args.epochs, args.seed)
+        result["model"] = dict(info, features=args.features, epochs=args.epochs, held_out_samples=len(held_out))
+        if not args.skip_timing:
+            result["timing"] = run_timing(args, net, held_out, model_path, data_path, folder)
+        if not args.skip_memory:
+            result["memory"] = run_memory(args, held_out, model_path, folder)
+    return result
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--_stats-child":
+        return stats_child(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("cloakonnx").setLevel(logging.WARNING)  # harden's own progress lines
+    log.setLevel(logging.INFO)
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except CloakError as exc:
+        print(f"harden_cost: error: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
