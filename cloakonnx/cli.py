@@ -304,10 +304,13 @@ def demo(out, epochs, seed, as_json, report) -> None:
     from .report import format_harden
 
     result = run_demo(DemoOptions(out=Path(out), epochs=epochs, seed=seed))
-    data = dict(result.report, demo={"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds,
-                                     "data": str(result.data)})
+    data = dict(result.report, demo={"held_out_accuracy": result.test_accuracy, "train_seconds": result.train_seconds,
+                                     "data": str(result.data), "test_data": str(result.test_data)})
     report_path = report or str(Path(out) / "report.json")
     _emit(data, as_json, report_path, format_harden)
+    if not as_json:
+        click.echo(f"next: cloakonnx evaluate {result.report['output']} --data {result.test_data} "
+                   f"--reference {result.model} --eps 0.05,0.1")
 
 
 @main.command()

@@ -80,6 +80,7 @@ def export_onnx(model, example, path: Path, dynamic_batch: bool = True) -> None:
 class DemoResult:
     model: Path
     data: Path
+    test_data: Path
     test_accuracy: float
     train_seconds: float
     report: dict
@@ -99,7 +100,9 @@ def run_demo(options: DemoOptions):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
     digits = digits_dataset()
-    train, held_out = split(digits, 0.4, options.seed)  # the model never sees the hardening data
+    # Three disjoint parts: training, hardening (calibration + validation) and a test set for `evaluate`.
+    train, held_out = split(digits, 0.5, options.seed)
+    harden_data, test = split(held_out, 0.5, options.seed)
     t = time.perf_counter()
     log.info("training a %d-feature CNN on %d real digits (scikit-learn) for %d epochs", options.features,
              len(train), options.epochs)
@@ -107,15 +110,16 @@ def run_demo(options: DemoOptions):
     train_seconds = time.perf_counter() - t
     with torch.no_grad():
         acc = float((net(torch.from_numpy(held_out.x)).argmax(1).numpy() == held_out.y).mean())
-    model_path, data_path = out / "digits_cnn.onnx", out / "digits.npz"
+    model_path, data_path, test_path = out / "digits_cnn.onnx", out / "digits.npz", out / "test.npz"
     export_onnx(net, torch.from_numpy(held_out.x[:2]), model_path)
-    np.savez(data_path, x=held_out.x, y=held_out.y)
-    log.info("trained in %.1f s, held-out accuracy %.2f%%; wrote %s and %s", train_seconds, 100 * acc,
-             model_path, data_path)
+    np.savez(data_path, x=harden_data.x, y=harden_data.y)
+    np.savez(test_path, x=test.x, y=test.y)
+    log.info("trained in %.1f s, held-out accuracy %.2f%%; wrote %s, %s (for harden) and %s (for evaluate)",
+             train_seconds, 100 * acc, model_path, data_path, test_path)
     config = HardenConfig(
         output=out / "digits_cnn.cloaked.onnx",
         attack=AttackConfig(name="pgd", eps=0.1, steps=10, seed=options.seed),
-        fraction=0.05, val_split=0.5, seed=options.seed,
+        fraction=0.05, val_split=0.3, seed=options.seed,
     )
     report = harden(model_path, data_path, config)
-    return DemoResult(model_path, data_path, acc, train_seconds, report.to_dict())
+    return DemoResult(model_path, data_path, test_path, acc, train_seconds, report.to_dict())
