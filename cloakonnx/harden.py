@@ -259,6 +259,10 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         raise CloakError("--max-clean-drop and --plot need the model's linear head after the feature tensor "
                          "(they evaluate masks in numpy); use --fraction with a custom --feature-tensor")
     feed, logits = runner.feed, target.logits
+    if config.max_clean_drop is not None and 100.0 / len(val) > config.max_clean_drop / 2:
+        log.warning("the validation split has %d samples (one sample = %.2f points), coarse for a %g-point budget: "
+                    "the budget holds on this split but may not on new data; use more data or a larger --val-split",
+                    len(val), 100.0 / len(val), config.max_clean_drop)
 
     t = time.perf_counter()
     clean_o = accuracy(runner.session, val.x, val.y, feed, logits, config.batch_size)

@@ -188,7 +188,7 @@ def plot_sweep(report: dict, path: str | Path) -> None:
     import numpy as np
 
     plt = _pyplot()
-    fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 5.2), gridspec_kw={"width_ratios": [1.6, 1]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (score, points) in enumerate(report["curves"].items()):
         if not points:
@@ -206,7 +206,7 @@ def plot_sweep(report: dict, path: str | Path) -> None:
     lowest = min((p["adversarial_accuracy"] for pts in report["curves"].values() if pts for p in pts), default=0)
     ax.set_ylim(max(0, 100 * lowest - 10), 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     ax.set_title(Path(report["model"]).name)
     best = report.get("best", {}).get("score") or next(iter(report["scores"]))
     values = np.asarray(report["scores"][best])
