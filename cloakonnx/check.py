@@ -133,6 +133,12 @@ def _random_input(rng: np.random.Generator, elem_type: int, shape: list[int], bo
     return rng.integers(int(math.floor(lo)), int(math.floor(hi)) + 1, shape).astype(np_type)
 
 
+def _has_half_precision(graph: onnx.GraphProto) -> bool:
+    types = [vi.type.tensor_type.elem_type for vi in list(graph.input) + list(graph.output)]
+    types += [t.data_type for t in graph.initializer]
+    return any(t in _HALF for t in types)
+
+
 def _compare(name: str, got: np.ndarray, ref: np.ndarray, rtol: float) -> OutputDiff:
     if got.shape != ref.shape:
         return OutputDiff(name, math.inf, math.inf, 0.0, False)
@@ -167,7 +173,7 @@ def check_model(
     import torch
 
     from . import runtime
-    from .torch_exec import OnnxTorchModule, UnsupportedOpsError, unsupported_ops, _uses_wide_or_narrow_floats
+    from .torch_exec import OnnxTorchModule, UnsupportedOpsError, _uses_wide_or_narrow_floats
 
     start = time.perf_counter()
     name = model if isinstance(model, str) else (model.graph.name or "<model>")
@@ -183,9 +189,10 @@ def check_model(
     shapes, used_batch = _input_shapes(graph, inputs, batch, input_shapes)
     result = CheckResult(model=name, batch=used_batch, computes_in_float32=_uses_wide_or_narrow_floats(model))
 
-    bad = unsupported_ops(model)
-    if bad:
-        result.unsupported = bad
+    try:
+        module = OnnxTorchModule(model)
+    except UnsupportedOpsError as exc:
+        result.unsupported = exc.ops
         result.seconds = time.perf_counter() - start
         return result
 
@@ -194,17 +201,8 @@ def check_model(
     session = runtime.make_session(model, providers)
     out_names = [o.name for o in session.get_outputs()]
     refs = session.run(out_names, feeds)
-
-    try:
-        module = OnnxTorchModule(model)
-    except UnsupportedOpsError as exc:  # unsupported settings found while building
-        result.unsupported = exc.ops
-        result.seconds = time.perf_counter() - start
-        return result
     result.computes_in_float32 = module.computes_in_float32
-    rtol = RTOL_HALF if any(
-        t in _HALF for t in [vi.type.tensor_type.elem_type for vi in list(graph.input) + list(graph.output)] + [i.data_type for i in graph.initializer]
-    ) else RTOL_FLOAT32
+    rtol = RTOL_HALF if _has_half_precision(graph) else RTOL_FLOAT32
 
     args = []
     for vi in inputs:

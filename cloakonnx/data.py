@@ -112,6 +112,8 @@ def load_npz(path: str | os.PathLike) -> Dataset:
         raise
     except Exception as exc:  # zipfile / pickle / format errors
         raise CloakError(f"{p} is not a readable .npz file: {exc}") from exc
+    if x.ndim == 0 or y.ndim == 0:
+        raise CloakError(f"{p}: 'x' and 'y' must be arrays with one entry per sample, got scalars")
     if not np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_:
         raise CloakError(f"{p}: 'x' must be numeric, got dtype {x.dtype}")
     if y.ndim != 1:
@@ -198,8 +200,9 @@ def load_data(path: str | os.PathLike, size: tuple[int, int] | None = None, chan
     raise CloakError(f"unsupported data {p}: give an .npz file with 'x' and 'y', or a folder of class sub-folders")
 
 
-def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], num_classes: int) -> None:
-    """Refuse data that would silently give a wrong mask: wrong shape, NaN, out of box, bad labels."""
+def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], num_classes: int | None) -> None:
+    """Refuse data that would silently give a wrong mask: wrong shape, NaN, out of box, bad labels
+    (labels are checked when ``num_classes`` is given)."""
     if len(ds) == 0:
         raise CloakError(f"the dataset {ds.source} is empty")
     want = [d if isinstance(d, int) and d > 0 else None for d in list(input_shape)[1:]]
@@ -210,6 +213,8 @@ def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], nu
             f"data samples have shape {tuple(got)} (x is {tuple(ds.x.shape)}) but the model input is "
             f"[{', '.join(map(str, shown))}]"
         )
+    if ds.x[0].size == 0:
+        raise CloakError(f"data samples have shape {tuple(ds.x.shape[1:])}: they hold no values")
     if not np.all(np.isfinite(ds.x)):
         bad = int((~np.isfinite(ds.x)).reshape(len(ds), -1).any(1).sum())
         raise CloakError(f"the data has NaN or Inf values in {bad} sample(s)")
@@ -221,6 +226,8 @@ def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], nu
             f"the data lies in [{xmin:.4g}, {xmax:.4g}], outside --bounds {lo:g},{hi:g}; "
             "give the box your inputs live in (normalise with --mean/--std, not in the data)"
         )
+    if num_classes is None:
+        return
     ymin, ymax = int(ds.y.min()), int(ds.y.max())
     if ymin < 0 or ymax >= num_classes:
         raise CloakError(f"labels range over [{ymin}, {ymax}] but the model has {num_classes} classes (0..{num_classes - 1})")

@@ -205,9 +205,9 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
         shape = runner.input.shape
         channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else 3
         ds = load_data(data, config.image_size, channels, bounds)
-    n_classes = int(run_batch(runner.session, runner.feed(ds.x[:1]), [logits])[0].reshape(1, -1).shape[1]) \
-        if len(ds) and ds.x.ndim == len(runner.input.shape) else 0
-    validate(ds, runner.input.shape, bounds, max(n_classes, 1))
+    validate(ds, runner.input.shape, bounds, None)
+    n_classes = int(run_batch(runner.session, runner.feed(ds.x[:1]), [logits])[0].reshape(1, -1).shape[1])
+    validate(ds, runner.input.shape, bounds, n_classes)
     if config.max_samples is not None and len(ds) > config.max_samples:
         ds = ds.subset(np.sort(np.random.default_rng(config.seed).permutation(len(ds))[: config.max_samples]))
     notes: list[str] = []

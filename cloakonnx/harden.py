@@ -205,6 +205,7 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: HardenCo
         ds = load_data(data, config.image_size, channels, bounds)
     runner = Runner(model, target.logits, [target.feature], config.preprocess, config.input_name,
                     config.providers, device)
+    validate(ds, inp.shape, bounds, None)
     validate(ds, inp.shape, bounds, _num_classes(runner, ds))
     calib, val = split(ds, config.val_split, config.seed)
     log.info("model %s: feature tensor %r, %s; %d calibration / %d validation samples; providers %s; torch on %s",
@@ -392,12 +393,5 @@ def _num_classes(runner: Runner, ds: Dataset) -> int:
     """Width of the logits, read from one real forward pass (works for any head)."""
     from .runtime import run_batch
 
-    if len(ds) == 0:
-        raise CloakError(f"the dataset {ds.source} is empty")
-    sample = ds.x[:1]
-    want = [d for d in runner.input.shape[1:]]
-    if sample.shape[1:] != tuple(d if isinstance(d, int) and d > 0 else s for d, s in zip(want, sample.shape[1:])) \
-            or len(want) != sample.ndim - 1:
-        validate(ds, runner.input.shape, runner.preprocess.bounds, 1 << 30)  # raises the shape error
-    (logits,) = run_batch(runner.session, runner.feed(sample), [runner.logits])
+    (logits,) = run_batch(runner.session, runner.feed(ds.x[:1]), [runner.logits])
     return int(np.prod(logits.shape[1:]))

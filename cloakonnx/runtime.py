@@ -120,7 +120,7 @@ def make_session(model, providers: Sequence[str] | None = None):
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # run-time failures become CloakErrors; no raw log lines on stderr
     try:
         return ort.InferenceSession(model, opts, providers=list(resolve_providers(providers)))
     except Exception as exc:  # onnxruntime raises its own types for invalid graphs
@@ -140,7 +140,12 @@ def run_batch(session, xb: np.ndarray, outputs: Sequence[str] | None = None,
     fb, n = fixed_batch(session), len(xb)
     if fb and n < fb:
         xb = np.concatenate([xb, np.repeat(xb[-1:], fb - n, axis=0)])
-    return [r[:n] for r in session.run(outputs, {input_name: xb})]
+    try:
+        results = session.run(outputs, {input_name: xb})
+    except Exception as exc:  # onnxruntime's own error types: shapes or values the graph cannot take
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CloakError(f"onnxruntime could not run the model on input of shape {tuple(xb.shape)}: {first}") from exc
+    return [r[:n] for r in results]
 
 
 def batch_size_for(session, wanted: int) -> int:

@@ -1460,6 +1460,26 @@ for _entry in _OPS["Constant"]:
     _entry.check = _check_constant
 
 
+# Input positions that handlers only turn into Python numbers (shapes, axes, pads, sizes, k).
+_HOST_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,),
+    "Split": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Trilu": (1,),
+    "TopK": (1,),
+    "CumSum": (1,),
+    "OneHot": (1,),
+    "Pad": (1, 2, 3),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    **{name: (1,) for name in _REDUCERS},
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Model analysis
 # --------------------------------------------------------------------------------------------
@@ -1651,9 +1671,26 @@ class OnnxTorchModule(torch.nn.Module):
             return slot[name]
 
         self._input_slots = [slot_of(n) for n in self.input_names]
+        # Constant shape/axes/pads/sizes inputs are only ever read as Python numbers: they get a
+        # CPU copy in a slot of their own, so reading them never waits on a GPU.
+        host: dict[int, torch.Tensor] = {}
+        plan = []
+        for node, entry, attrs, ctx in kept:
+            host_positions = _HOST_INPUTS.get(node.op_type, ())
+            ins = []
+            for j, name in enumerate(node.input):
+                if j in host_positions and name in consts:
+                    s = slot_of("host:" + name)
+                    host[s] = consts[name]
+                    ins.append(s)
+                else:
+                    ins.append(slot_of(name))
+            outs = tuple(slot_of(o) if o else 1 for o in node.output)
+            plan.append(_Step(entry.fn, tuple(ins), outs, attrs, ctx))
+        device_consts = {n for n in consts if n in slot} | (set(self.output_names) & set(consts))
         self._const_slots: list[tuple[int, str]] = []
         buffer_of: dict[int, str] = {}
-        for name in sorted(needed & set(consts)):
+        for name in sorted(device_consts):
             tensor = consts[name]
             bname = buffer_of.get(id(tensor))
             if bname is None:  # one buffer per distinct tensor (Identity of a weight shares it)
@@ -1661,17 +1698,12 @@ class OnnxTorchModule(torch.nn.Module):
                 buffer_of[id(tensor)] = bname
                 self.register_buffer(bname, tensor)
             self._const_slots.append((slot_of(name), bname))
-        plan = []
-        for node, entry, attrs, ctx in kept:
-            ins = tuple(slot_of(i) for i in node.input)
-            outs = tuple(slot_of(o) if o else 1 for o in node.output)
-            plan.append(_Step(entry.fn, ins, outs, attrs, ctx))
         self._output_slots = [slot_of(o) for o in self.output_names]
         # Float inputs follow the module's float dtype: float32, or float64 after .double().
         self.register_buffer("float_dtype_probe", torch.empty(0), persistent=False)
 
         # Liveness: free each intermediate right after its last reader.
-        keep = set(self._output_slots) | {s for s, _ in self._const_slots} | {0}
+        keep = set(self._output_slots) | {s for s, _ in self._const_slots} | set(host) | {0}
         last: dict[int, int] = {}
         for k, step in enumerate(plan):
             for s in step.ins:
@@ -1681,7 +1713,7 @@ class OnnxTorchModule(torch.nn.Module):
         for k, step in enumerate(plan):
             step.free = tuple(sorted({s for s in step.ins + step.outs if last.get(s) == k and s not in keep}))
         self._plan = plan
-        self._n_slots = len(slot) + 2
+        self._env_template = [host.get(i) for i in range(len(slot) + 2)]
 
     @staticmethod
     def _try_fold(entry, node, attrs, ctx, consts):
@@ -1700,7 +1732,7 @@ class OnnxTorchModule(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor):
         if len(inputs) != len(self._input_slots):
             raise CloakError(f"the model takes {len(self._input_slots)} input(s) ({', '.join(self.input_names)}), got {len(inputs)}")
-        env: list = [None] * self._n_slots
+        env = list(self._env_template)
         buffers = self._buffers
         for s, name in self._const_slots:
             env[s] = buffers[name]
