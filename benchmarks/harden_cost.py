@@ -10,7 +10,16 @@ batches x crafted sets: calibration, validation, adaptive), plus the same number
 forward passes (same batch sizes) as the statistics and evaluation stages make. The numbers of passes are
 counted from the attack settings and checked against an instrumented warm-up run of ``harden``.
 Pipeline and baseline alternate (P B, B P, ...), medians over ``--repeats`` are reported, and the
-overhead ratio is pipeline total / baseline total (target: at most 1.20).
+overhead ratio is pipeline total / baseline total (target: at most 1.20). A second, stricter baseline
+runs the same passes on a copy of the module with BatchNorm folded into the convolutions, which is the
+arithmetic the exported graph (and so harden's torch executor) actually does.
+
+Clocks: on a shared machine with few cores, wall-clock times of identical work were seen to vary 3-5x
+between repeats (other tenants steal cores; a multi-threaded torch op stalls whenever one of its threads
+is descheduled). So by default torch runs one thread (harden and baseline alike, ``--threads``) and the
+stage table and verdict use the CPU time of this process (``--clock cpu``; harden's own stage timers are
+made to read ``time.process_time`` for the run); wall-clock totals are shown beside them. On an idle
+machine the two agree for a single thread; ``--clock wall --threads 0`` measures what a user waits for.
 
 (b) Memory. ``stats.stream_stats`` runs in a fresh subprocess per N (1k and 20k digits, the 20k repeated
 and jittered inside the [0, 1] box), with the clean, adversarial and label arrays memory-mapped from .npy
@@ -23,12 +32,13 @@ files (``np.load(mmap_mode="r")``). Measured per run, after a warm-up pass that 
   file-backed (RssFile).
 * peak RSS growth (VmHWM, the counter ru_maxrss reports, reset with /proc/self/clear_refs before the
   run): shown for reference only, because the mapped input pages that are read become resident and count
-  there. ru_maxrss itself is not used: after fork/exec it can carry the parent's high-water mark.
+  there. ru_maxrss itself is not used: a process started by fork/exec inherits its parent's high-water
+  mark there (a child of a 330 MiB parent reports ru_maxrss 332 MiB before doing anything, VmHWM 11 MiB).
 
 A control run keeps every feature batch in memory (what onnxruntime's own calibrator did): its ratio shows
 that the measurement would see growth in N if there were any.
 
-    python benchmarks/harden_cost.py                       # ~2-4 min on 2 CPU cores
+    python benchmarks/harden_cost.py                       # ~6-9 min on 2 busy CPU cores
     python benchmarks/harden_cost.py --repeats 5 --json --out harden_cost.json
     python benchmarks/harden_cost.py --skip-memory --attack fgsm
 """
@@ -151,34 +161,45 @@ def expected_grad_passes(attack, n_calib: int, n_val: int, adaptive: bool) -> di
 # --- the baseline: the unavoidable work, natively --------------------------------------------------------
 
 
-def native_grad_passes(net, x: np.ndarray, y: np.ndarray, sizes: list[int]) -> float:
-    """Seconds for one native forward+backward (gradient w.r.t. the input only) per entry of ``sizes``."""
+class Clock:
+    """Wall and CPU seconds (this process, all threads) of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def native_grad_passes(net, x: np.ndarray, y: np.ndarray, sizes: list[int]) -> Clock:
+    """One native forward+backward (gradient w.r.t. the input only) per entry of ``sizes``."""
     import torch
     import torch.nn.functional as F
 
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    t = time.perf_counter()
     start = 0
-    for b in sizes:
-        if start + b > len(xt):
-            start = 0
-        xb = xt[start : start + b].clone().requires_grad_(True)
-        loss = F.cross_entropy(net(xb), yt[start : start + b])
-        torch.autograd.grad(loss, xb)
-        start += b
-    return time.perf_counter() - t
+    with Clock() as c:
+        for b in sizes:
+            if start + b > len(xt):
+                start = 0
+            xb = xt[start : start + b].clone().requires_grad_(True)
+            loss = F.cross_entropy(net(xb), yt[start : start + b])
+            torch.autograd.grad(loss, xb)
+            start += b
+    return c
 
 
-def plain_ort_passes(session, name: str, x: np.ndarray, sizes: list[int]) -> float:
-    """Seconds for one plain onnxruntime forward (the model's own outputs) per entry of ``sizes``."""
-    t = time.perf_counter()
+def plain_ort_passes(session, name: str, x: np.ndarray, sizes: list[int]) -> Clock:
+    """One plain onnxruntime forward (the model's own outputs) per entry of ``sizes``."""
     start = 0
-    for b in sizes:
-        if start + b > len(x):
-            start = 0
-        session.run(None, {name: x[start : start + b]})
-        start += b
-    return time.perf_counter() - t
+    with Clock() as c:
+        for b in sizes:
+            if start + b > len(x):
+                start = 0
+            session.run(None, {name: x[start : start + b]})
+            start += b
+    return c
 
 
 def fold_batchnorm(net):
@@ -206,12 +227,37 @@ def harden_config(args, out: Path):
                         providers=["CPUExecutionProvider"], adaptive=True)
 
 
-def time_pipeline(args, model_path: Path, data_path: Path, out: Path) -> tuple[float, dict, object]:
+class StageClock:
+    """Make harden's own per-stage timers read CPU time: its module's ``time`` becomes a copy of the time
+    module whose perf_counter is process_time. Nothing else in the process is touched."""
+
+    def __init__(self, cpu: bool):
+        self.cpu = cpu
+
+    def __enter__(self):
+        import types
+
+        import cloakonnx.harden as h
+
+        self.module, self.saved = h, getattr(h, "time", None)
+        if self.cpu and self.saved is time:
+            shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
+            shim.perf_counter = time.process_time
+            h.time = shim
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.module.time = self.saved
+
+
+def time_pipeline(args, model_path: Path, data_path: Path, out: Path):
+    """(Clock of the whole call, harden's stages in the chosen clock, report)."""
     from cloakonnx.harden import harden
 
-    t = time.perf_counter()
-    report = harden(model_path, data_path, harden_config(args, out))
-    return time.perf_counter() - t, dict(report.stages), report
+    with StageClock(args.clock == "cpu"), Clock() as c:
+        report = harden(model_path, data_path, harden_config(args, out))
+    return c, dict(report.stages), report
 
 
 def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: Path) -> dict:
@@ -221,6 +267,7 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
 
     feature = find_head(load_model(model_path)).feature
     out = folder / "digits_cnn.cloaked.onnx"
+    clock = args.clock
 
     # Warm-up, instrumented: count what harden really does (and let torch/onnxruntime initialise).
     log.info("warm-up harden run (instrumented)")
@@ -241,20 +288,25 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     in_name = session.get_inputs()[0].name
     x, y = held_out.x, held_out.y
-
     fused = fold_batchnorm(net)
 
     def baseline() -> dict:
-        parts = {
+        c = {
             "torch_attack": native_grad_passes(net, x, y, expected["attack"]),
             "torch_evaluation": native_grad_passes(net, x, y, expected["evaluation"]),
-            "torch_attack_bn_folded": native_grad_passes(fused, x, y, expected["attack"]),
-            "torch_evaluation_bn_folded": native_grad_passes(fused, x, y, expected["evaluation"]),
             "ort_statistics": plain_ort_passes(session, in_name, x, ort_sizes["statistics"]),
             "ort_evaluation": plain_ort_passes(session, in_name, x, ort_sizes["evaluation"]),
+            "torch_attack_bn_folded": native_grad_passes(fused, x, y, expected["attack"]),
+            "torch_evaluation_bn_folded": native_grad_passes(fused, x, y, expected["evaluation"]),
         }
+        parts = {k: getattr(v, clock) for k, v in c.items()}
+        main = ("torch_attack", "torch_evaluation", "ort_statistics", "ort_evaluation")
         return dict(parts, attack=parts["torch_attack"], statistics=parts["ort_statistics"],
-                    evaluation=parts["torch_evaluation"] + parts["ort_evaluation"])
+                    evaluation=parts["torch_evaluation"] + parts["ort_evaluation"],
+                    total=sum(parts[k] for k in main),
+                    total_bn_folded=parts["torch_attack_bn_folded"] + parts["torch_evaluation_bn_folded"]
+                    + parts["ort_statistics"] + parts["ort_evaluation"],
+                    total_wall=sum(c[k].wall for k in main), total_cpu=sum(c[k].cpu for k in main))
 
     for _ in range(args.warmup):
         baseline()
@@ -264,17 +316,18 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
         row: dict = {"order": list(order)}
         for which in order:
             if which == "pipeline":
-                total, stages, _ = time_pipeline(args, model_path, data_path, out)
-                row["pipeline"] = dict(stages, setup=max(total - sum(stages.values()), 0.0), total=total)
+                c, stages, _ = time_pipeline(args, model_path, data_path, out)
+                total = getattr(c, clock)
+                row["pipeline"] = dict(stages, setup=max(total - sum(stages.values()), 0.0), total=total,
+                                       total_wall=c.wall, total_cpu=c.cpu)
             else:
-                b = baseline()
-                row["baseline"] = dict(b, total=b["attack"] + b["statistics"] + b["evaluation"],
-                                       total_bn_folded=b["torch_attack_bn_folded"] + b["torch_evaluation_bn_folded"]
-                                       + b["ort_statistics"] + b["ort_evaluation"])
-        row["ratio"] = row["pipeline"]["total"] / row["baseline"]["total"]
+                row["baseline"] = baseline()
+        for k in ("", "_wall", "_cpu"):
+            row["ratio" + k] = row["pipeline"]["total" + k] / row["baseline"]["total" + k]
         row["ratio_bn_folded"] = row["pipeline"]["total"] / row["baseline"]["total_bn_folded"]
-        log.info("repeat %d/%d: pipeline %.2f s, baseline %.2f s, ratio %.3f", r + 1, args.repeats,
-                 row["pipeline"]["total"], row["baseline"]["total"], row["ratio"])
+        log.info("repeat %d/%d: harden %.2f s wall / %.2f s CPU, baseline %.2f s wall / %.2f s CPU; ratio %.3f wall, "
+                 "%.3f CPU", r + 1, args.repeats, row["pipeline"]["total_wall"], row["pipeline"]["total_cpu"],
+                 row["baseline"]["total_wall"], row["baseline"]["total_cpu"], row["ratio_wall"], row["ratio_cpu"])
         runs.append(row)
 
     def med(side: str, key: str) -> float:
@@ -284,11 +337,16 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
             for k in (*STAGES, "setup", "total")}
     for v in rows.values():
         v["ratio"] = v["pipeline_s"] / v["baseline_s"] if v["baseline_s"] > 0 else None
-    ratios = [run["ratio"] for run in runs]
     ratio = rows["total"]["ratio"]
+    other = "wall" if clock == "cpu" else "cpu"
     parts = {k: med("baseline", k) for k in runs[0]["baseline"] if k.startswith(("torch_", "ort_"))}
     folded_total = med("baseline", "total_bn_folded")
+    per_repeat = {k: {"median": float(np.median(v)), "min": float(min(v)), "max": float(max(v))}
+                  for k, v in (("ratio", [run["ratio"] for run in runs]),
+                               (f"ratio_{other}", [run[f"ratio_{other}"] for run in runs]))}
     return {
+        "clock": clock,
+        "torch_threads": args.threads,
         "feature_tensor": feature,
         "samples": {"calibration": n_calib, "validation": n_val},
         "attack": cfg.attack.to_dict(),
@@ -303,7 +361,9 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
         },
         "stages": rows,
         "ratio_of_medians": ratio,
-        "ratio_per_repeat": {"median": float(np.median(ratios)), "min": float(min(ratios)), "max": float(max(ratios))},
+        f"{other}_totals": {"pipeline_s": med("pipeline", f"total_{other}"), "baseline_s": med("baseline", f"total_{other}"),
+                            "ratio": med("pipeline", f"total_{other}") / med("baseline", f"total_{other}")},
+        "ratio_per_repeat": per_repeat,
         "baseline_parts": parts,
         "baseline_total_bn_folded": folded_total,
         "ratio_bn_folded": rows["total"]["pipeline_s"] / folded_total,
@@ -411,6 +471,7 @@ def stats_child(argv: list[str]) -> int:
         "n": n, "mode": mode, "seconds": seconds,
         "tracemalloc_peak": peak, "tracemalloc_retained": current,
         "rss_anon_peak_growth": anon.peak - before["RssAnon"],
+        "rss_anon_peak": anon.peak, "rss_anon_before": before["RssAnon"],
         "rss_peak_growth": after["VmHWM"] - before["VmRSS"],
         "rss_file_growth": after["RssFile"] - before["RssFile"],
         "input_bytes": int(xc.nbytes + xa.nbytes + y.nbytes),
@@ -449,9 +510,14 @@ def run_memory(args, held_out, model_path: Path, folder: Path) -> dict:
         a, b = runs[f"{mode}_{lo}"][key], runs[f"{mode}_{hi}"][key]
         return b / a if a > 0 else None
 
-    keys = ("tracemalloc_peak", "rss_anon_peak_growth", "rss_peak_growth")
+    def growth(mode, key):
+        return runs[f"{mode}_{hi}"][key] - runs[f"{mode}_{lo}"][key]
+
+    keys = ("tracemalloc_peak", "rss_anon_peak_growth", "rss_peak_growth", "rss_file_growth")
+    modes = ("stream", "keep_everything")
     return {"sizes": list(args.sizes), "batch_size": args.batch_size, "runs": runs,
-            "ratios": {mode: {k: ratio(mode, k) for k in keys} for mode in ("stream", "keep_everything")}}
+            "ratios": {m: {k: ratio(m, k) for k in ("tracemalloc_peak", "rss_anon_peak")} for m in modes},
+            "growth_bytes": {m: {k: growth(m, k) for k in keys} for m in modes}}
 
 
 # --- report -----------------------------------------------------------------------------------------------
@@ -472,11 +538,15 @@ def table(result: dict) -> str:
     if t:
         w, a = t["work"], t["attack"]
         fb = w["torch_forward_backward"]
+        clock = "CPU time of this process, all threads" if t["clock"] == "cpu" else "wall-clock time"
+        other = "wall" if t["clock"] == "cpu" else "cpu"
+        ot, pr = t[f"{other}_totals"], t["ratio_per_repeat"]
         lines += [
             "",
             f"(a) harden, {a['name']} eps={a['eps']:g} steps={a['steps']} restarts={a['restarts']}, "
             f"{t['samples']['calibration']} calibration / {t['samples']['validation']} validation digits; "
             f"medians of {len(t['repeats'])} interleaved repeats",
+            f"    clock: {clock}; torch threads: {t['torch_threads'] or 'default'}",
             f"    baseline work: native torch forward+backward: attack {fb['attack']['passes']} passes "
             f"({fb['attack']['images']} images), evaluation {fb['evaluation']['passes']} passes "
             f"({fb['evaluation']['images']} images), batch {w['attack_batch_size']}"
@@ -497,12 +567,15 @@ def table(result: dict) -> str:
             r = f"{v['ratio']:.3f}" if v["ratio"] is not None else "-"
             label = "setup*" if k == "setup" else k
             lines.append(f"    {label:<12} {v['pipeline_s']:>9.3f} {v['baseline_s']:>11.3f} {r:>7}")
-        pr = t["ratio_per_repeat"]
         lines += [
+            f"    {other + ' total':<12} {ot['pipeline_s']:>9.3f} {ot['baseline_s']:>11.3f} {ot['ratio']:>7.3f}",
             "    * setup: harden's time outside its stages (loading, checks, split, Runner/torch-executor builds, hashing)",
-            f"    overhead ratio (median pipeline total / median baseline total): {t['ratio_of_medians']:.3f}  "
-            f"target <= {t['target']:.2f}: {t['verdict']}",
-            f"    per-repeat ratios: median {pr['median']:.3f}, range {pr['min']:.3f}-{pr['max']:.3f}",
+            f"    overhead ratio (median harden total / median baseline total, {t['clock']}): "
+            f"{t['ratio_of_medians']:.3f}   target <= {t['target']:.2f}: {t['verdict']}",
+            f"    per-repeat ratios: {t['clock']} median {pr['ratio']['median']:.3f} "
+            f"(range {pr['ratio']['min']:.3f}-{pr['ratio']['max']:.3f}); {other} median "
+            f"{pr['ratio_' + other]['median']:.3f} (range {pr['ratio_' + other]['min']:.3f}-"
+            f"{pr['ratio_' + other]['max']:.3f})",
             f"    stricter baseline, BatchNorm folded into the convs as in the exported graph: "
             f"{t['baseline_total_bn_folded']:.3f} s, ratio {t['ratio_bn_folded']:.3f}",
             "    baseline parts (medians, s): " + ", ".join(f"{k} {v:.3f}" for k, v in t["baseline_parts"].items()),
@@ -522,15 +595,21 @@ def table(result: dict) -> str:
             lines.append(f"    {r['mode']:<16} {r['n']:>6} {_mb(r['input_bytes'])} {_mb(r['tracemalloc_peak']):>11} "
                          f"{_mb(r['rss_anon_peak_growth'])} {_mb(r['rss_peak_growth'])} {_mb(r['rss_file_growth'])} "
                          f"{r['seconds']:>8.2f}")
+        lines.append(f"    from N={lo} to N={hi}:")
         for mode in ("stream", "keep_everything"):
-            rs = mem["ratios"][mode]
+            rs, g = mem["ratios"][mode], mem["growth_bytes"][mode]
             fmt = {k: (f"{v:.2f}" if v is not None else "-") for k, v in rs.items()}
-            lines.append(f"    peak(N={hi})/peak(N={lo}), {mode:<15}: tracemalloc {fmt['tracemalloc_peak']}, "
-                         f"RssAnon {fmt['rss_anon_peak_growth']}, VmHWM {fmt['rss_peak_growth']}"
-                         + ("   (expect ~1)" if mode == "stream" else "   (control: grows with N)"))
-        lines.append("    tracemalloc: numpy + Python allocations (primary); RssAnon: all anonymous memory incl. "
-                     "onnxruntime's, sampled every 1 ms; VmHWM (= ru_maxrss) also counts the mapped input pages "
-                     "read (RssFile +), so it grows with N by about the input size")
+            lines.append(f"      {mode:<15} peak ratio: tracemalloc {fmt['tracemalloc_peak']}, process RssAnon "
+                         f"{fmt['rss_anon_peak']}"
+                         + ("  (expect ~1)" if mode == "stream" else "  (control: grows with N)"))
+            lines.append(f"      {'':<15} growth MiB: tracemalloc {g['tracemalloc_peak'] / 2**20:+.2f}, RssAnon "
+                         f"{g['rss_anon_peak_growth'] / 2**20:+.2f}, VmHWM {g['rss_peak_growth'] / 2**20:+.2f} "
+                         f"(of which mapped input pages, RssFile: {g['rss_file_growth'] / 2**20:+.2f})")
+        lines += [
+            "    tracemalloc: numpy + Python allocations, the mapped input excluded (primary); RssAnon: all anonymous",
+            "    memory incl. onnxruntime's, sampled every 1 ms; VmHWM (what ru_maxrss reports) also counts the mapped",
+            "    input pages that were read (RssFile), so it grows with N by about the input size for any implementation",
+        ]
     return "\n".join(lines)
 
 
@@ -545,6 +624,12 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--fraction", type=float, default=0.05)
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="what the stage table and the verdict use: CPU time of this process (default; robust to other "
+                        "tenants of a shared machine) or wall-clock time; the other is shown beside it")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for harden and the baseline alike (default 1: on a busy machine, multi-threaded "
+                        "ops stall whenever one thread is descheduled); 0 keeps torch's default")
     p.add_argument("--sizes", default="1000,20000", help="N for the memory runs (default 1000,20000)")
     p.add_argument("--batch-size", type=int, default=256, help="onnxruntime batch in the memory runs (harden's default)")
     p.add_argument("--skip-timing", action="store_true")
@@ -559,8 +644,8 @@ def parse_args(argv=None):
         p.error("--sizes takes integers, e.g. 1000,20000")
     if len(args.sizes) < 2 or args.sizes[0] < 1:
         p.error("--sizes needs at least two positive sizes")
-    if args.repeats < 1 or args.warmup < 0 or args.epochs < 1 or args.steps < 1:
-        p.error("--repeats, --epochs and --steps must be at least 1, --warmup at least 0")
+    if args.repeats < 1 or args.warmup < 0 or args.epochs < 1 or args.steps < 1 or args.threads < 0:
+        p.error("--repeats, --epochs and --steps must be at least 1, --warmup and --threads at least 0")
     return args
 
 
@@ -586,6 +671,9 @@ def run(args) -> dict:
         folder = Path(tmp)
         net, held_out, model_path, data_path, info = build_demo(folder, args.features, args.epochs, args.seed)
         result["model"] = dict(info, features=args.features, epochs=args.epochs, held_out_samples=len(held_out))
+        if args.threads:
+            torch.set_num_threads(args.threads)  # after training, which runs at torch's default
+        result["environment"]["torch_threads"] = torch.get_num_threads()
         if not args.skip_timing:
             result["timing"] = run_timing(args, net, held_out, model_path, data_path, folder)
         if not args.skip_memory:

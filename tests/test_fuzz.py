@@ -95,11 +95,12 @@ def dense_spec(draw):
 
 
 @st.composite
-def classifiers(draw, front: str, batch_kind: str):
+def classifiers(draw, front: str, batch_kind: str, symbolic: bool = False):
     """(ModelProto, description) of a random small float32 classifier, opset 17, IR 8.
 
     ``front``: "mlp" (1-3 dense+Relu layers) or "conv" (Conv+Relu+GlobalAveragePool+Flatten, then 0-1
-    dense+Relu layers); ``batch_kind``: "dynamic", "one" (fixed batch 1) or "fixed" (fixed 2..5).
+    dense+Relu layers); ``batch_kind``: "dynamic", "one" (fixed batch 1) or "fixed" (fixed 2..5);
+    ``symbolic``: the input's non-batch dimensions are declared symbolic (as exports with dynamic axes do).
     """
     batch = {"dynamic": "N", "one": 1, "fixed": draw(st.integers(2, 5))}[batch_kind]
     classes = draw(st.integers(1, 5))
@@ -116,12 +117,14 @@ def classifiers(draw, front: str, batch_kind: str):
         d_in = draw(st.integers(1, 8))
         sample_shape: tuple[int, ...] = (d_in,)
         t, width = "input", d_in
+        conv = None
     else:
         cin, h, w = draw(st.integers(1, 3)), draw(st.integers(2, 5)), draw(st.integers(2, 5))
         k = draw(st.integers(1, min(h, w, 3)))
         pad = draw(st.integers(0, k - 1))
         cout = draw(st.integers(1, 8))
         sample_shape = (cin, h, w)
+        conv = {"kernel": k, "pad": pad}
         conv_in = ["input", b.weight((cout, cin, k, k), cin * k * k)]
         if draw(st.booleans()):
             conv_in.append(b.weight((cout,), 1))
@@ -144,12 +147,14 @@ def classifiers(draw, front: str, batch_kind: str):
     b.nodes.append(helper.make_node("Identity", [t], ["output"], name="out"))
 
     graph = helper.make_graph(
-        b.nodes, "fuzz", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *sample_shape])],
+        b.nodes, "fuzz", [helper.make_tensor_value_info(
+            "input", TensorProto.FLOAT, [batch, *([f"d{i}" for i in range(len(sample_shape))] if symbolic else sample_shape)])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, classes])], b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model, full_check=True)
     info = {"front": front, "batch": batch, "classes": classes, "layers": layers, "head": head,
-            "head_bias": head_bias, "softmax": softmax, "sample_shape": sample_shape, "feature": feature}
+            "head_bias": head_bias, "softmax": softmax, "sample_shape": sample_shape, "feature": feature,
+            "conv": conv, "symbolic": symbolic}
     return model, info
 
 
@@ -165,22 +170,23 @@ def _run(model: onnx.ModelProto, x: np.ndarray, outputs: list[str]) -> list[np.n
     return run_batched(make_session(model, ["CPUExecutionProvider"]), x, outputs, batch_size=7)
 
 
-@pytest.mark.parametrize("batch_kind", ["dynamic", "one", "fixed"])
-@pytest.mark.parametrize("front", ["mlp", "conv"])
-@fuzz(8)
-@given(data=st.data(), n=st.integers(2, 24), fraction=st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.9]),
-       data_seed=st.integers(0, 2**16), ort_batch=st.integers(1, 9), attack_batch=st.integers(1, 9))
-def test_harden_random_classifiers(front, batch_kind, data, n, fraction, data_seed, ort_batch, attack_batch):
+def _event(text: str) -> None:
+    """hypothesis.event, also callable from the plain regression tests that share the helper below."""
+    from hypothesis.control import currently_in_test_context
+
+    if currently_in_test_context():
+        event(text)
+
+
+def harden_and_check(model: onnx.ModelProto, info: dict, x: np.ndarray, y: np.ndarray, fraction: float,
+                     ort_batch: int = 256, attack_batch: int = 128) -> bool:
+    """Harden with FGSM; on success check the written model, and return True; on CloakError return False.
+    Any other exception propagates: that is a bug."""
     from cloakonnx.attacks import AttackConfig
     from cloakonnx.harden import HardenConfig, harden
     from cloakonnx.model import find_head
     from cloakonnx.stats import with_outputs
 
-    model, info = data.draw(classifiers(front, batch_kind), label="model")
-    event(f"head {info['head']}{' + Softmax' if info['softmax'] else ''}")
-    rng = np.random.default_rng(data_seed)
-    x = rng.random((n, *info["sample_shape"]), dtype=np.float32)
-    y = rng.integers(0, info["classes"], n).astype(np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_path, data_path, out_path = tmp / "m.onnx", tmp / "d.npz", tmp / "m.cloaked.onnx"
@@ -192,10 +198,10 @@ def test_harden_random_classifiers(front, batch_kind, data, n, fraction, data_se
         try:
             report = harden(model_path, data_path, config)
         except CloakError as exc:
-            event(f"CloakError: {str(exc)[:40]}")
+            _event(f"CloakError: {str(exc)[:40]}")
             assert not out_path.exists(), "a failed harden must not leave an output behind"
-            return
-        event("hardened")
+            return False
+        _event("hardened")
         onnx.checker.check_model(str(out_path), full_check=True)
         hardened = onnx.load(str(out_path))
         head, hard_head = find_head(model), find_head(hardened)
@@ -219,6 +225,71 @@ def test_harden_random_classifiers(front, batch_kind, data, n, fraction, data_se
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
         # the original model is untouched on disk
         assert onnx.load(str(model_path)).SerializeToString() == model.SerializeToString()
+        return True
+
+
+@pytest.mark.parametrize("batch_kind", ["dynamic", "one", "fixed"])
+@pytest.mark.parametrize("front", ["mlp", "conv"])
+@fuzz(8)
+@given(data=st.data(), n=st.integers(2, 24), fraction=st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.9]),
+       data_seed=st.integers(0, 2**16), ort_batch=st.integers(1, 9), attack_batch=st.integers(1, 9))
+def test_harden_random_classifiers(front, batch_kind, data, n, fraction, data_seed, ort_batch, attack_batch):
+    model, info = data.draw(classifiers(front, batch_kind), label="model")
+    event(f"head {info['head']}{' + Softmax' if info['softmax'] else ''}")
+    rng = np.random.default_rng(data_seed)
+    x = rng.random((n, *info["sample_shape"]), dtype=np.float32)
+    y = rng.integers(0, info["classes"], n).astype(np.int64)
+    harden_and_check(model, info, x, y, fraction, ort_batch, attack_batch)
+
+
+def _runnable(info: dict, shape: tuple[int, ...]) -> bool:
+    """Whether the graph itself can run samples of ``shape`` (its weights fix some dimensions)."""
+    want = info["sample_shape"]
+    if info["conv"] is None:
+        return shape == want
+    k, pad = info["conv"]["kernel"], info["conv"]["pad"]
+    return len(shape) == 3 and shape[0] == want[0] and min(shape[1:]) + 2 * pad >= k
+
+
+@pytest.mark.parametrize("front", ["mlp", "conv"])
+@fuzz(10)
+@given(data=st.data(), symbolic=st.booleans(), deltas=st.lists(st.sampled_from([0, 0, -1, 1, 3]), min_size=3,
+                                                               max_size=3),
+       rank=st.sampled_from(["same", "same", "more", "less"]), seed=st.integers(0, 2**16))
+def test_harden_data_shape_against_model_input(front, data, symbolic, deltas, rank, seed):
+    """Data whose samples do not fit the model's input: refused with a CloakError, or (where the input's
+    dimensions are symbolic and the graph can run them) hardened correctly."""
+    model, info = data.draw(classifiers(front, "dynamic", symbolic), label="model")
+    shape = tuple(max(0, d + e) for d, e in zip(info["sample_shape"], deltas))
+    shape = {"same": shape, "more": shape + (2,), "less": shape[:-1]}[rank]
+    fits = len(shape) == len(info["sample_shape"]) and (symbolic or shape == info["sample_shape"])
+    runs = fits and 0 not in shape and _runnable(info, shape)
+    event(f"symbolic={symbolic} fits={fits} runs={runs}")
+    rng = np.random.default_rng(seed)
+    x = rng.random((6, *shape), dtype=np.float32)
+    y = rng.integers(0, info["classes"], 6).astype(np.int64)
+    hardened = harden_and_check(model, info, x, y, 0.2)
+    assert hardened == runs
+
+
+@pytest.mark.parametrize("case", ["mlp width 5 for 4", "conv 2 channels for 1"])
+def test_harden_symbolic_input_with_data_the_graph_cannot_run(case):
+    """Regression (found by the fuzz test above): onnxruntime's InvalidArgument/Fail escaped from harden."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    if case.startswith("mlp"):
+        nodes, inputs, x = [helper.make_node("Relu", ["input"], ["f"])], ["N", "D"], np.zeros((6, 5), np.float32)
+    else:
+        k = numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "K")
+        nodes = [helper.make_node("Conv", ["input", "K"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+                 helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["f"])]
+        inputs, x = ["N", "C", "H", "W"], np.zeros((6, 2, 5, 5), np.float32)
+    graph = helper.make_graph(nodes + [helper.make_node("Gemm", ["f", "W"], ["output"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, inputs)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
+                              [w] + ([] if case.startswith("mlp") else [k]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    info = {"feature": "f", "softmax": False}
+    assert harden_and_check(model, info, x, np.zeros(6, np.int64), 0.2) is False  # a CloakError, nothing written
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,13 +391,7 @@ def malformed_npz(draw, kind: str):
     return kind, buf.getvalue()
 
 
-ZERO_D_BUG = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="bug: load_npz calls len() on 0-d 'x'/'y' arrays and raises TypeError 'len() of unsized object' "
-           "instead of CloakError")
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=ZERO_D_BUG) if k == "zero_d" else k for k in MALFORMED])
+@pytest.mark.parametrize("kind", MALFORMED)
 @fuzz(15)
 @given(data=st.data(), via=st.sampled_from(["load_npz", "load_data"]))
 def test_load_malformed_npz_raises_only_cloak_error(kind, data, via):
@@ -346,9 +411,9 @@ def test_load_malformed_npz_raises_only_cloak_error(kind, data, via):
         assert ds.y.ndim == 1 and len(ds.x) == len(ds.y)
 
 
-@ZERO_D_BUG
 @pytest.mark.parametrize("which", ["x", "y", "both"])
 def test_load_npz_zero_d_arrays(tmp_path, which):
+    """Regression (found by fuzzing): 0-d arrays raised TypeError 'len() of unsized object'."""
     x = np.float32(0.5) if which in ("x", "both") else np.zeros((1, 4), np.float32)
     y = np.int64(0) if which in ("y", "both") else np.zeros(1, np.int64)
     np.savez(tmp_path / "d.npz", x=x, y=y)
@@ -387,7 +452,6 @@ DIMS = st.one_of(st.integers(-1, 4), st.none(), st.sampled_from(["N", "batch", "
        fill=st.sampled_from(["inside", "outside", "nan", "inf"]), label_shift=st.integers(-2, 2),
        seed=st.integers(0, 2**16))
 def test_validate_random_shapes(n, sample_shape, input_shape, num_classes, lo, spread, fill, label_shift, seed):
-    assume(not (n > 0 and 0 in sample_shape))  # reported bug, pinned by test_validate_zero_size_features
     rng = np.random.default_rng(seed)
     hi = lo + spread
     x = (lo + rng.random((n, *sample_shape)) * spread).astype(np.float32)
@@ -401,17 +465,14 @@ def test_validate_random_shapes(n, sample_shape, input_shape, num_classes, lo, s
         event("CloakError")
         return
     event("valid")
-    assert n > 0
+    assert n > 0 and x[0].size > 0
     assert len(input_shape[1:]) == x.ndim - 1  # the batch dimension is not compared
     assert all(not (isinstance(d, int) and d > 0) or d == g for d, g in zip(input_shape[1:], x.shape[1:]))
     assert np.all(np.isfinite(x)) and y.min() >= 0 and y.max() < num_classes
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug: validate calls x.min() on a non-empty dataset whose samples have zero size "
-                          "(x shape (N, 0) against a symbolic or zero input dimension): ValueError "
-                          "'zero-size array to reduction operation minimum' instead of CloakError")
 def test_validate_zero_size_features():
+    """Regression (found by fuzzing): x.min() on zero-size samples raised ValueError."""
     ds = Dataset(np.zeros((3, 0), np.float32), np.zeros(3, np.int64), "fuzz")
     with pytest.raises(CloakError):
         validate(ds, ["N", "D"], (0.0, 1.0), 2)
