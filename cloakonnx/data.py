@@ -114,7 +114,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
         raise CloakError(f"{p} is not a readable .npz file: {exc}") from exc
     if x.ndim == 0 or y.ndim == 0:
         raise CloakError(f"{p}: 'x' and 'y' must be arrays with one entry per sample, got scalars")
-    if not np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_:
+    if not np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_ or np.iscomplexobj(x):
         raise CloakError(f"{p}: 'x' must be numeric, got dtype {x.dtype}")
     if y.ndim != 1:
         y = y.reshape(-1) if y.size == len(y) else y

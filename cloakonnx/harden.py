@@ -312,12 +312,12 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         cur_runner = Runner(current, logits, [target.feature], config.preprocess, config.input_name,
                             config.providers, p.device)
         t = time.perf_counter()
-        rounds.append({
-            "round": r + 1, "added": k, "masked": int((mask == 0).sum()),
-            "clean_accuracy": accuracy(cur_runner.session, val.x, val.y, feed, logits, config.batch_size),
-            "adversarial_accuracy_before": accuracy(prev_runner.session, adv_val_r, val.y, feed, logits),
-            "adversarial_accuracy_after": accuracy(cur_runner.session, adv_val_r, val.y, feed, logits),
-        })
+        rounds.append({"round": r + 1, "added": k, "masked": int((mask == 0).sum())})
+        if config.rounds > 1:  # with one round these are the final figures, computed below
+            rounds[-1].update(
+                clean_accuracy=accuracy(cur_runner.session, val.x, val.y, feed, logits, config.batch_size),
+                adversarial_accuracy_before=accuracy(prev_runner.session, adv_val_r, val.y, feed, logits),
+                adversarial_accuracy_after=accuracy(cur_runner.session, adv_val_r, val.y, feed, logits))
         stages["evaluation"] += time.perf_counter() - t
 
     masked = previously if mask is None else int((mask == 0).sum())
@@ -358,6 +358,9 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         adv_h = _craft(p, hard, val, " hardened (adaptive)") if changed else adv_val0
         adv_adaptive = accuracy(hard.session, adv_h, val.y, feed, logits, config.batch_size)
     stages["evaluation"] += time.perf_counter() - t
+    if config.rounds == 1 and rounds and rounds[0]["added"]:
+        rounds[0].update(clean_accuracy=clean_h, adversarial_accuracy_before=adv_o,
+                         adversarial_accuracy_after=adv_transfer)
 
     t = time.perf_counter()
     save_model(hardened, out_path, external=uses_external_data(model_path))

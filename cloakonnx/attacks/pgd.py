@@ -22,9 +22,11 @@ class PGD(Attack):
                 x_adv = self.project(x + cfg.eps * noise, x)
             for _ in range(cfg.steps):
                 x_adv = self.project(x_adv + self.step(self.input_grad(x_adv, y), cfg.alpha), x).detach()
+            if cfg.restarts <= 1:
+                return x_adv.detach()
             with torch.no_grad():
                 now = self.model(x_adv).argmax(1) != y
-            take = now & ~fooled if cfg.restarts > 1 else torch.ones_like(now)
+            take = now & ~fooled
             best[take] = x_adv[take]
             fooled |= now
         return best.detach()
