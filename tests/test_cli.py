@@ -168,3 +168,25 @@ def test_fold_matches_mul_form_with_the_original_node_count(digits_files, digits
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     info = json.loads(run("inspect", tmp_path / "fold.onnx", "--json").output)
     assert info["head"]["mask"]["form"] == "folded" and info["head"]["mask"]["masked"] == 3
+
+
+def test_unsupported_op_falls_back_to_square(digits_files, tmp_path):
+    """A graph with an op the torch executor lacks (LRN) is still hardened, gradient-free, and says so."""
+    model = onnx.load(str(digits_files[0]))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    lrn_out = relu.output[0] + "_lrn"
+    for node in model.graph.node:
+        node.input[:] = [lrn_out if i == relu.output[0] else i for i in node.input]
+    index = list(model.graph.node).index(relu) + 1
+    model.graph.node.insert(index, onnx.helper.make_node("LRN", [relu.output[0]], [lrn_out], size=1, bias=1.0,
+                                                         alpha=1e-4, beta=0.75))
+    path = tmp_path / "lrn.onnx"
+    onnx.save(model, str(path))
+    check = CliRunner().invoke(main, ["check", str(path), "--json"])
+    assert check.exit_code == 1 and ["LRN", 17] in json.loads(check.output)["unsupported"]
+    report = json.loads(run("-q", "harden", path, "--data", digits_files[1], "-o", tmp_path / "h.onnx", "--eps", "0.1",
+                            "--queries", "30", "--fraction", "0.05", "--json").output)
+    assert report["attack"]["name"] == "square" and "LRN" in report["attack"]["fallback"]
+    assert report["adversarial_accuracy"]["original"] < report["clean_accuracy"]["original"]
+    assert report["adversarial_accuracy"]["hardened_adaptive"] is not None
+    onnx.checker.check_model(onnx.load(str(tmp_path / "h.onnx")))
