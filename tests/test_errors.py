@@ -86,13 +86,28 @@ def test_inputs_untouched_even_on_failure(digits_files, tmp_path):
     assert (sha256(model), sha256(data)) == before and not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
-def test_output_dir_not_writable(digits_files, tmp_path):
+def test_output_dir_not_writable(digits_files, tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
+    real_access = os.access
+    # root ignores permission bits, so ask the same question a normal user's process would get answered
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) and mode == os.W_OK
+                        else real_access(p, mode))
     with pytest.raises(CloakError, match="not writable"):
         harden(digits_files[0], digits_files[1], HardenConfig(output=ro / "m.onnx"))
+    assert list(ro.iterdir()) == []
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from cloakonnx.cli import main
+
+    plain = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing.onnx")])
+    assert plain.exit_code == 1 and plain.exception.__class__ is SystemExit
+    debug = CliRunner().invoke(main, ["--debug", "inspect", str(tmp_path / "missing.onnx")])
+    assert isinstance(debug.exception, CloakError)
 
 
 def test_ctrl_c_leaves_no_output(digits_files, tmp_path):
