@@ -48,8 +48,10 @@ def train_classifier(model, data: Dataset, epochs: int, seed: int, lr: float = 3
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     gen = torch.Generator().manual_seed(seed)
+    from tqdm.auto import tqdm
+
     model.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="training", unit="epoch", leave=False, disable=None):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
             idx = perm[i : i + batch_size]

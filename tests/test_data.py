@@ -93,3 +93,39 @@ def test_preprocess_normalises_per_channel():
         Preprocess((0.0, 1.0), [0.5], None)
     with pytest.raises(CloakError):
         Preprocess((1.0, 0.0))
+
+
+def test_torch_wrap_normalises_like_to_model():
+    import torch
+
+    p = Preprocess((0.0, 1.0), [0.2, 0.5, 0.7], [0.3, 0.25, 0.1])
+    x = np.random.default_rng(0).random((2, 3, 4, 4)).astype(np.float32)
+    wrapped = p.torch_wrap(torch.nn.Identity(), 4)
+    np.testing.assert_allclose(wrapped(torch.from_numpy(x)).numpy(), p.to_model(x), rtol=1e-6)
+    assert Preprocess().torch_wrap(torch.nn.Identity(), 4).__class__ is torch.nn.Identity
+
+
+def test_harden_with_mean_std(digits_files, tmp_path):
+    """A model that expects normalised input: wrap the digits model so it undoes (x - 0.5) / 0.25."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from cloakonnx.attacks import AttackConfig
+    from cloakonnx.harden import HardenConfig, harden
+
+    model = onnx.load(str(digits_files[0]))
+    first = model.graph.node[0]
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(0.25, np.float32), "s"),
+                                    numpy_helper.from_array(np.array(0.5, np.float32), "m")])
+    model.graph.node.insert(0, helper.make_node("Mul", ["input", "s"], ["scaled"]))
+    model.graph.node.insert(1, helper.make_node("Add", ["scaled", "m"], ["unnormalised"]))
+    first.input[0] = "unnormalised"
+    path = tmp_path / "norm.onnx"
+    onnx.save(model, str(path))
+    cfg = dict(attack=AttackConfig(name="fgsm", eps=0.1), fraction=0.05, adaptive=False)
+    plain = harden(digits_files[0], digits_files[1], HardenConfig(output=tmp_path / "a.onnx", **cfg))
+    normed = harden(path, digits_files[1], HardenConfig(output=tmp_path / "b.onnx", preprocess=Preprocess(
+        (0.0, 1.0), [0.5], [0.25]), **cfg))
+    assert normed.clean_accuracy == pytest.approx(plain.clean_accuracy, abs=1e-9)
+    assert normed.adversarial_accuracy["original"] == pytest.approx(plain.adversarial_accuracy["original"], abs=0.01)
+    assert normed.masked == plain.masked
