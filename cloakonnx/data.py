@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -247,7 +247,3 @@ def split(ds: Dataset, val_split: float, seed: int = 0, min_each: int = 1) -> tu
     perm = np.random.default_rng(seed).permutation(n)
     return ds.subset(np.sort(perm[n_val:])), ds.subset(np.sort(perm[:n_val]))
 
-
-def batches(n: int, batch_size: int) -> Iterator[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))

@@ -18,7 +18,7 @@ from .data import Dataset, Preprocess, load_data, split, validate
 from .errors import CloakError
 from .mask import count_for, mask_top, ranking, score_features
 from .evaluate import Runner
-from .model import (Head, find_head, find_mask, load_model, logits_output, save_model, select_input,
+from .model import (Head, check_writable_dir, find_head, find_mask, load_model, logits_output, save_model, select_input,
                     uses_external_data)
 from .sweep import DEFAULT_FRACTIONS
 from .surgery import METADATA_PREFIX, apply_mask, history_entry
@@ -136,15 +136,9 @@ def default_output(model_path: Path) -> Path:
 
 def check_output_path(model_path: Path, out: Path) -> None:
     """Fail before any work is done if the result could not be written."""
-    import os
-
     if out.resolve() == model_path.resolve():
         raise CloakError(f"the output path is the input model {model_path}; choose another with -o PATH")
-    folder = out.parent
-    if not folder.is_dir():
-        raise CloakError(f"output directory does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise CloakError(f"output directory is not writable: {folder}")
+    check_writable_dir(out.parent)
 
 
 def choose_attack(runner: Runner, wanted: AttackConfig) -> tuple[AttackConfig, str | None]:

@@ -85,6 +85,14 @@ def uses_external_data(path: str | os.PathLike) -> bool:
         return False
 
 
+def check_writable_dir(folder: Path) -> None:
+    """Fail with a clear message before anything is written to ``folder``."""
+    if not folder.is_dir():
+        raise CloakError(f"output directory does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise CloakError(f"output directory is not writable: {folder}")
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False) -> None:
     """Write atomically: a temporary file in the target directory, checked, then renamed.
 
@@ -93,10 +101,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
     """
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise CloakError(f"output directory does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise CloakError(f"output directory is not writable: {folder}")
+    check_writable_dir(folder)
     external = external or _uses_external_data(model) or model.ByteSize() >= TWO_GB
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     os.close(fd)

@@ -80,14 +80,10 @@ def provider_really_loads(provider: str) -> bool:
         return False
 
 
-def _cuda_really_loads() -> bool:
-    return provider_really_loads(CUDA)
-
-
 @functools.lru_cache(maxsize=None)
 def default_providers() -> tuple[str, ...]:
     """CUDA when it really loads, else CPU. Chosen once per process and logged once."""
-    providers = (CUDA, CPU) if _cuda_really_loads() else (CPU,)
+    providers = (CUDA, CPU) if provider_really_loads(CUDA) else (CPU,)
     log.info("onnxruntime providers: %s", ", ".join(providers))
     return providers
 
@@ -106,7 +102,7 @@ def resolve_providers(requested: Sequence[str] | None = None) -> tuple[str, ...]
             raise CloakError(
                 f"onnxruntime provider {name!r} is not available here; available: {', '.join(available)}"
             )
-        if full == CUDA and not _cuda_really_loads():
+        if full == CUDA and not provider_really_loads(CUDA):
             raise CloakError("the CUDA provider is installed but does not load (no GPU, or CUDA/cuDNN missing)")
         out.append(full)
     return tuple(out)
