@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,28 @@ from . import __version__
 from .errors import CloakError
 
 log = logging.getLogger("cloakonnx")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, so click's test runner and redirections see it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _configure_logging(quiet: bool) -> None:
+    """Show cloakonnx's own INFO lines on stderr; leave other libraries' loggers (torch's) alone."""
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("cloakonnx: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def _fail(message: str, code: int = 1):
@@ -38,7 +61,13 @@ def handles_errors(fn):
         except KeyboardInterrupt:
             if debug:
                 raise
-            _fail("interrupted; nothing was written", 130)
+            # The finally blocks that remove partial files have already run. Leave at once: a normal
+            # exit runs interpreter shutdown, where CPython restores the default SIGINT action and a
+            # late or repeated Ctrl-C would kill the process with -SIGINT instead of exit 130.
+            click.echo("cloakonnx: error: interrupted; nothing was written", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
     return wrapper
 
@@ -87,11 +116,8 @@ def main(debug: bool, quiet: bool) -> None:
     Your model:   cloakonnx inspect model.onnx
                   cloakonnx harden model.onnx --data calib.npz -o model.cloaked.onnx
     """
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="cloakonnx: %(message)s",
-                        stream=sys.stderr)
+    _configure_logging(quiet)
     if quiet:
-        import os
-
         os.environ["TQDM_DISABLE"] = "1"
 
 

@@ -29,7 +29,7 @@ def hardened(digits_files, tmp_path_factory):
     before = sha256(model), sha256(data)
     result = run("-q", "harden", model, "--data", data, "-o", out, "--attack", "pgd", "--steps", "3", "--eps", "0.1",
                  "--fraction", "0.05", "--json")
-    return json.loads(result.output), out, before
+    return json.loads(result.stdout), out, before
 
 
 def test_help_is_fast_and_lists_commands():
@@ -42,7 +42,7 @@ def test_help_is_fast_and_lists_commands():
 
 
 def test_inspect_json(digits_files):
-    info = json.loads(run("inspect", digits_files[0], "--json").output)
+    info = json.loads(run("inspect", digits_files[0], "--json").stdout)
     assert info["head"]["features"] == 64 and info["head"]["kind"] == "Gemm"
     text = run("inspect", digits_files[0]).output
     assert "feature tensor" in text and "cloak mask: none" in text
@@ -63,7 +63,7 @@ def test_harden_report_and_model(hardened, digits_files):
     # the inputs were not modified
     assert (sha256(digits_files[0]), sha256(digits_files[1])) == before
     # inspect shows the mask
-    info = json.loads(run("inspect", out, "--json").output)
+    info = json.loads(run("inspect", out, "--json").stdout)
     assert info["head"]["mask"]["masked"] == report["masked"]
 
 
@@ -85,7 +85,7 @@ def test_reharden_unions_masks_and_keeps_history(hardened, digits_files, tmp_pat
     report, out, _ = hardened
     twice = tmp_path / "twice.onnx"
     r2 = json.loads(run("-q", "harden", out, "--data", digits_files[1], "-o", twice, *FAST, "--json",
-                        "--no-adaptive").output)
+                        "--no-adaptive").stdout)
     model = onnx.load(str(twice))
     assert sum(n.name.startswith("cloakonnx_mask") for n in model.graph.node) == 1
     assert r2["masked"] == report["masked"] + r2["newly_masked"] and r2["newly_masked"] == 3
@@ -147,7 +147,7 @@ def test_feature_tensor_on_a_conv_output(digits_files, tmp_path):
     model = onnx.load(str(model_path))
     conv_out = [n for n in model.graph.node if n.op_type == "Relu"][-1].output[0]
     report = json.loads(run("-q", "harden", model_path, "--data", data, "-o", tmp_path / "c.onnx", *FAST,
-                            "--no-adaptive", "--feature-tensor", conv_out, "--json").output)
+                            "--no-adaptive", "--feature-tensor", conv_out, "--json").stdout)
     assert report["feature_tensor"] == conv_out and report["features"] == 64
     hardened = onnx.load(str(tmp_path / "c.onnx"))
     const = [t for t in hardened.graph.initializer if t.name.startswith("cloakonnx_mask")][0]
@@ -166,7 +166,7 @@ def test_fold_matches_mul_form_with_the_original_node_count(digits_files, digits
     outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": digits.x[:100]})[0]
             for p in (tmp_path / "mul.onnx", tmp_path / "fold.onnx")]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    info = json.loads(run("inspect", tmp_path / "fold.onnx", "--json").output)
+    info = json.loads(run("inspect", tmp_path / "fold.onnx", "--json").stdout)
     assert info["head"]["mask"]["form"] == "folded" and info["head"]["mask"]["masked"] == 3
 
 
@@ -183,9 +183,9 @@ def test_unsupported_op_falls_back_to_square(digits_files, tmp_path):
     path = tmp_path / "lrn.onnx"
     onnx.save(model, str(path))
     check = CliRunner().invoke(main, ["check", str(path), "--json"])
-    assert check.exit_code == 1 and ["LRN", 17] in json.loads(check.output)["unsupported"]
+    assert check.exit_code == 1 and ["LRN", 17] in json.loads(check.stdout)["unsupported"]
     report = json.loads(run("-q", "harden", path, "--data", digits_files[1], "-o", tmp_path / "h.onnx", "--eps", "0.1",
-                            "--queries", "30", "--fraction", "0.05", "--json").output)
+                            "--queries", "30", "--fraction", "0.05", "--json").stdout)
     assert report["attack"]["name"] == "square" and "LRN" in report["attack"]["fallback"]
     assert report["adversarial_accuracy"]["original"] < report["clean_accuracy"]["original"]
     assert report["adversarial_accuracy"]["hardened_adaptive"] is not None

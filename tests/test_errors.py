@@ -113,11 +113,20 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_ctrl_c_leaves_no_output(digits_files, tmp_path):
     model, data = digits_files
     out = tmp_path / "m.onnx"
+    # Enough attack steps that the run cannot finish before the signal lands (a fixed sleep raced a
+    # fast CI machine: the run ended first and SIGINT hit interpreter shutdown). Interrupt once the
+    # pipeline has announced itself, i.e. mid-attack.
     proc = subprocess.Popen([sys.executable, "-m", "cloakonnx.cli", "harden", str(model), "--data", str(data),
-                             "-o", str(out), "--steps", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)
+                             "-o", str(out), "--steps", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "calibration /" in line:
+            break
+    time.sleep(1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and [p for p in tmp_path.iterdir()] == []

@@ -80,7 +80,7 @@ def test_cli_evaluate_json_and_preset_validation(digits_files, tmp_path):
                                   "--attack", "fgsm", "--eps", "0.02,0.1", "--max-samples", "64", "--json",
                                   "--report", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert data["eps"] == [0.02, 0.1] and json.loads((tmp_path / "r.json").read_text())["samples"] == 64
     r = CliRunner().invoke(main, ["evaluate", str(digits_files[0]), "--data", str(digits_files[1]), "--attack", "nope"])
     assert r.exit_code == 1 and "unknown attack" in r.output
