@@ -38,7 +38,6 @@ def _configure_logging(quiet: bool) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("cloakonnx: %(message)s"))
         log.addHandler(handler)
-        log.propagate = False
 
 
 def _fail(message: str, code: int = 1):
@@ -97,6 +96,9 @@ def _pair(text: str | None, what: str, cast=float):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of the table.")
+batch_size_option = click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None,
+    help="Samples per attack batch [default: sized to the device's free memory; at most 128 on CPU, 1024 on CUDA].")
 report_option = click.option("--report", type=click.Path(dir_okay=False), help="Also write the JSON report to PATH.")
 
 
@@ -168,7 +170,7 @@ _HARDEN_OPTIONS = [
     click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several)."),
     click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits (if there are several)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Makes splits and attacks repeatable."),
-    click.option("--batch-size", type=int, default=128, show_default=True, help="Batch size for attacks."),
+    batch_size_option,
     click.option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu]."),
     click.option("--providers", default=None, help="Comma-separated onnxruntime providers [default: CUDA if it loads, else CPU]."),
 ]
@@ -277,7 +279,7 @@ def sweep(plot, as_json, report, **kw) -> None:
 @click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several).")
 @click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@batch_size_option
 @click.option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu].")
 @click.option("--providers", default=None, help="Comma-separated onnxruntime providers.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of accuracy against eps.")

@@ -61,8 +61,29 @@ class Runner:
         except UnsupportedOpsError as exc:
             self.unsupported = exc
             self.computes_in_float32 = False
+        self._batch_choices: dict = {}
         first = self.input.shape[0] if self.input.shape else None
         self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+
+    def attack_batch(self, requested: int | None, attack_name: str, sample_shape: tuple[int, ...]):
+        """The attack batch (a :class:`~cloakonnx.batching.BatchChoice`): the model's fixed batch, the
+        user's ``requested`` size, or for gradient attacks one measured to fit the device."""
+        from .attacks import ATTACKS
+        from .batching import CPU_CAP, BatchChoice, auto_batch
+
+        if self.fixed_batch:
+            return BatchChoice(self.fixed_batch, None, None, "the model's fixed batch")
+        if requested:
+            return BatchChoice(requested, None, None, "--batch-size")
+        cls = ATTACKS.get(attack_name)
+        if self.torch_model is None or cls is None or not cls.needs_gradients:
+            return BatchChoice(CPU_CAP, None, None, "gradient-free: no backward pass to size")
+        key = (self.device, tuple(sample_shape))
+        if key not in self._batch_choices:
+            choice = auto_batch(self.torch_model, tuple(sample_shape), self.device, self.preprocess.bounds)
+            log.info("attack batch %d (%s)", choice.size, choice.reason)
+            self._batch_choices[key] = choice
+        return self._batch_choices[key]
 
     def feed(self, x: np.ndarray) -> np.ndarray:
         """Box space -> the model's input (normalisation and dtype)."""
@@ -124,7 +145,7 @@ class EvaluateConfig:
     image_size: tuple[int, int] | None = None
     max_samples: int | None = None
     seed: int = 0
-    batch_size: int = 128
+    batch_size: int | None = None  # attack batch; None: sized to the device
     device: str | None = None
     providers: Sequence[str] | None = None
     sanity: bool = True  # also run the large-eps check
@@ -216,7 +237,6 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     if runner.computes_in_float32:
         notes.append("the model is fp16: gradients were computed in float32 by the torch executor")
 
-    bs = runner.fixed_batch or config.batch_size
     clean_pred = predict(runner.session, ds.x, runner.feed, logits)
     clean = float((clean_pred == ds.y).mean())
     results: list[dict] = []
@@ -232,8 +252,9 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
             for threat, source in sources:
                 if source.torch_model is None and not gradient_free:
                     continue
+                batch = source.attack_batch(config.batch_size, cfg.name, ds.x.shape[1:]).size
                 adv = craft(source.model_for(cfg.name), cfg, ds.x, ds.y, bounds, device,
-                            f"{cfg.name} eps={eps:g} {threat}", source.fixed_batch or bs)
+                            f"{cfg.name} eps={eps:g} {threat}", batch, fixed_batch=bool(source.fixed_batch))
                 ok = predict(runner.session, adv, runner.feed, logits) == ds.y
                 survived &= ok
                 results.append({"eps": eps, "attack": cfg.name, "threat": threat, "accuracy": float(ok.mean())})
@@ -291,7 +312,9 @@ def _large_eps_check(runner: Runner, ds: Dataset, config: EvaluateConfig, bounds
     sub = ds.subset(np.arange(min(len(ds), 200)))
     eps = 0.5 * width if config.norm == "linf" else 0.5 * width * float(np.sqrt(np.prod(ds.x.shape[1:])))
     cfg = AttackConfig(name="pgd", eps=eps, norm=config.norm, steps=20, seed=config.seed, batch_size=config.batch_size)
-    adv = craft(runner.torch_model, cfg, sub.x, sub.y, bounds, device, "sanity: large eps", runner.fixed_batch)
+    batch = runner.attack_batch(config.batch_size, "pgd", sub.x.shape[1:]).size
+    adv = craft(runner.torch_model, cfg, sub.x, sub.y, bounds, device, "sanity: large eps", batch,
+                fixed_batch=bool(runner.fixed_batch))
     acc = float((predict(runner.session, adv, runner.feed, logits) == sub.y).mean())
     chance = 1.0 / max(n_classes, 1)
     ok = acc <= chance + 0.1

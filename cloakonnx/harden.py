@@ -17,6 +17,7 @@ from .attacks import AttackConfig, craft
 from .data import Dataset, Preprocess, load_data, split, validate
 from .errors import CloakError
 from .mask import count_for, mask_top, ranking, score_features
+from .batching import BatchChoice
 from .evaluate import Runner
 from .model import (Head, check_writable_dir, find_head, find_mask, load_model, logits_output, save_model, select_input,
                     uses_external_data)
@@ -167,7 +168,7 @@ class Prepared:
     val: Dataset
     attack: AttackConfig
     fallback: str | None
-    attack_batch: int
+    attack_batch: BatchChoice
     device: str
     providers: tuple[str, ...]
 
@@ -206,13 +207,14 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: HardenCo
              model_path.name, target.feature, f"{target.head.kind} head" if target.head else "custom tensor",
              len(calib), len(val), ", ".join(providers), device)
     attack, fallback = choose_attack(runner, config.attack)
-    return Prepared(model_path, model, target, runner, calib, val, attack, fallback,
-                    runner.fixed_batch or attack.batch_size, device, providers)
+    batch = runner.attack_batch(attack.batch_size, attack.name, ds.x.shape[1:])
+    attack = replace(attack, batch_size=batch.size)  # the report records the size used
+    return Prepared(model_path, model, target, runner, calib, val, attack, fallback, batch, device, providers)
 
 
 def _craft(p: Prepared, runner: Runner, ds: Dataset, desc: str) -> np.ndarray:
     return craft(runner.model_for(p.attack.name), p.attack, ds.x, ds.y, p.runner.preprocess.bounds, p.device, desc,
-                 p.attack_batch)
+                 p.attack_batch.size, fixed_batch=bool(runner.fixed_batch))
 
 
 def _calibrate(p: Prepared, runner: Runner, config: HardenConfig, stages: dict, desc: str):

@@ -1,6 +1,8 @@
 """Adversarial attacks in PyTorch (FGSM, PGD, APGD, Square) and the helper that crafts a whole dataset in batches."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..errors import CloakError
@@ -9,6 +11,8 @@ from .base import Attack, AttackConfig
 from .fgsm import FGSM
 from .pgd import PGD
 from .square import Square
+
+log = logging.getLogger(__name__)
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "square": Square}
 
@@ -22,24 +26,44 @@ def make_attack(model, config: AttackConfig, bounds=(0.0, 1.0)) -> Attack:
 
 
 def craft(model, config: AttackConfig, x: np.ndarray, y: np.ndarray, bounds=(0.0, 1.0),
-          device: str = "cpu", desc: str = "attack", batch_size: int | None = None) -> np.ndarray:
+          device: str = "cpu", desc: str = "attack", batch_size: int | None = None,
+          fixed_batch: bool = False) -> np.ndarray:
     """Adversarial versions of ``x`` (numpy, box space), crafted batch by batch with a progress bar.
 
-    ``batch_size`` overrides the config's, e.g. 1 for a static-batch model.
+    ``batch_size`` overrides the config's (e.g. the one sized to the device). When the device runs
+    out of memory the batch is halved and the failed batch retried, unless the model's batch is
+    fixed (``fixed_batch``), where nothing smaller can run.
     """
     import torch
     from tqdm.auto import tqdm
 
+    from ..batching import is_out_of_memory
+
     attack = make_attack(model, config, bounds)
-    bs = batch_size or config.batch_size
+    bs = batch_size or config.batch_size or 128
     out = np.empty_like(x)
     torch.manual_seed(config.seed)
     with tqdm(total=len(x), desc=desc, unit="img", leave=False, disable=None) as bar:
-        for start in range(0, len(x), bs):
+        start = 0
+        while start < len(x):
             xb = torch.from_numpy(x[start : start + bs]).to(device)
             yb = torch.from_numpy(y[start : start + bs]).to(device)
-            out[start : start + len(xb)] = attack(xb, yb).cpu().numpy()
+            try:
+                out[start : start + len(xb)] = attack(xb, yb).cpu().numpy()
+            except Exception as exc:  # noqa: BLE001 - only memory exhaustion is handled here
+                if not is_out_of_memory(exc) or fixed_batch or bs == 1:
+                    if is_out_of_memory(exc):
+                        raise CloakError(f"{device} ran out of memory attacking a batch of {bs}: {str(exc).splitlines()[0]}"
+                                         ) from exc
+                    raise
+                del xb, yb
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                bs //= 2
+                log.warning("%s ran out of memory: attack batch halved to %d", device, bs)
+                continue
             bar.update(len(xb))
+            start += len(xb)
     return out
 
 

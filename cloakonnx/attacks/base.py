@@ -28,7 +28,7 @@ class AttackConfig:
     restarts: int = 1
     queries: int = 1000  # gradient-free attacks only
     seed: int = 0
-    batch_size: int = 128
+    batch_size: int | None = None  # None: sized to the device (cloakonnx.batching)
 
     def validate(self, bounds: tuple[float, float]) -> None:
         width = bounds[1] - bounds[0]
@@ -42,7 +42,7 @@ class AttackConfig:
             raise CloakError(f"--steps must be at least 1, got {self.steps}")
         if self.step_size is not None and self.step_size <= 0:
             raise CloakError(f"--step-size must be positive, got {self.step_size:g}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise CloakError(f"--batch-size must be at least 1, got {self.batch_size}")
 
     @property
