@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--max-clean-drop", type=float, default=1.0)
     ap.add_argument("--val-split", type=float, default=0.3)
+    ap.add_argument("--budget-confidence", type=float, default=0.9, help="as harden's; 0: point estimate only")
     ap.add_argument("--scores", default="absdiff,normalised,margin")
     ap.add_argument("--rounds", default="1,2")
     ap.add_argument("--seed", type=int, default=0)
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
                 out = Path(tmp) / f"{score}-{rounds}.onnx"
                 rep = harden(args.model, args.data, HardenConfig(
                     output=out, attack=attack, score=score, rounds=rounds, max_clean_drop=args.max_clean_drop,
+                    budget_confidence=args.budget_confidence,
                     val_split=args.val_split, seed=args.seed, adaptive=False))
                 res = evaluate(out, args.test, EvaluateConfig(**{**ev.__dict__, "reference": args.model})).to_dict()
                 acc = {r["threat"]: r["accuracy"] for r in res["results"]}

@@ -156,6 +156,10 @@ _HARDEN_OPTIONS = [
     click.option("--max-clean-drop", type=float, default=None, metavar="PTS",
                  help="Choose the share on the validation split: best adversarial accuracy with clean accuracy "
                       "at most PTS percentage points below the original's. No gain, no mask."),
+    click.option("--budget-confidence", type=float, default=0.9, show_default=True, metavar="P",
+                 help="With --max-clean-drop: also require the drop's upper confidence bound (P, one-sided) to be "
+                      "within the budget, so that it holds on new data, not just on a lucky validation split. "
+                      "0: the validation point estimate alone."),
     click.option("--score", type=click.Choice(["absdiff", "normalised", "margin"]), default="absdiff",
                  show_default=True,
                  help="absdiff: mean |f(x') - f(x)| (the paper's); normalised: absdiff / clean std; "
@@ -194,6 +198,7 @@ def _harden_config(kw: dict, **extra):
                             restarts=kw["restarts"], queries=kw["queries"], seed=kw["seed"],
                             batch_size=kw["batch_size"]),
         fraction=kw["fraction"], score=kw["score"], val_split=kw["val_split"], max_clean_drop=kw["max_clean_drop"],
+        budget_confidence=kw["budget_confidence"],
         preprocess=Preprocess(_pair(kw["bounds"], "--bounds"), parse_floats(kw["mean"], "--mean"),
                               parse_floats(kw["std"], "--std")),
         feature_tensor=kw["feature_tensor"], input_name=kw["input_name"], output_name=kw["logits"],

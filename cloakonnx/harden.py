@@ -47,6 +47,9 @@ class HardenConfig:
     providers: Sequence[str] | None = None
     adaptive: bool = True  # also attack the hardened model itself
     max_clean_drop: float | None = None  # percentage points; None: mask exactly ``fraction``
+    # The drop's one-sided upper confidence bound on new data must also be within the budget
+    # (cloakonnx.sweep.clean_drop_bound); 0 uses the validation point estimate alone.
+    budget_confidence: float = 0.9
     rounds: int = 1
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidates for --max-clean-drop
     plot: Path | None = None
@@ -87,6 +90,7 @@ class HardenReport:
     inputs_sha256: dict
     mask_added: bool = True
     max_clean_drop: float | None = None
+    budget_confidence: float | None = None
     rounds: list[dict] = field(default_factory=list)
     curve: list[dict] | None = None
 
@@ -187,6 +191,9 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: HardenCo
         raise CloakError(f"--rounds must be at least 1, got {config.rounds}")
     if config.max_clean_drop is not None and config.max_clean_drop < 0:
         raise CloakError(f"--max-clean-drop must be non-negative, got {config.max_clean_drop:g}")
+    if not (config.budget_confidence == 0 or 0.5 <= config.budget_confidence < 1):
+        raise CloakError(f"--budget-confidence must be 0 (point estimate only) or in [0.5, 1), "
+                         f"got {config.budget_confidence:g}")
     model = load_model(model_path)
     target = resolve_target(model, config.feature_tensor, config.output_name)
     inp = select_input(model, config.input_name)
@@ -256,10 +263,10 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         raise CloakError("--max-clean-drop and --plot need the model's linear head after the feature tensor "
                          "(they evaluate masks in numpy); use --fraction with a custom --feature-tensor")
     feed, logits = runner.feed, target.logits
-    if config.max_clean_drop is not None and 100.0 / len(val) > config.max_clean_drop / 2:
+    if config.max_clean_drop is not None and not config.budget_confidence and 100.0 / len(val) > config.max_clean_drop / 2:
         log.warning("the validation split has %d samples (one sample = %.2f points), coarse for a %g-point budget: "
-                    "the budget holds on this split but may not on new data; use more data or a larger --val-split",
-                    len(val), 100.0 / len(val), config.max_clean_drop)
+                    "the budget holds on this split but may not on new data; use more data, a larger --val-split "
+                    "or --budget-confidence", len(val), 100.0 / len(val), config.max_clean_drop)
 
     t = time.perf_counter()
     clean_o = accuracy(runner.session, val.x, val.y, feed, logits, config.batch_size)
@@ -289,11 +296,11 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
             f_val_adv = collect_features(runner.session, target.feature, adv_val_r, feed, config.batch_size)
             already = 0 if mask is None else int((mask == 0).sum())
             points = mask_curve(target.head, order, counts_for(config.fractions, width, already), f_val_clean,
-                                f_val_adv, val.y, mask)
+                                f_val_adv, val.y, mask, config.budget_confidence or 0.9)
             if r == 0:
                 curve = points
             if config.max_clean_drop is not None:
-                chosen = choose_point(points, clean_o, config.max_clean_drop)
+                chosen = choose_point(points, clean_o, config.max_clean_drop, use_bound=bool(config.budget_confidence))
                 k = 0 if chosen is None else chosen.added
         stages["selection"] = stages.get("selection", 0.0) + time.perf_counter() - t
         if k == 0:
@@ -323,6 +330,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         record = {"version": __version__, "masked": masked, "fraction": masked / width, "score": config.score,
                   "feature_tensor": target.feature, "attack": p.attack.to_dict(), "seed": config.seed,
                   "rounds": len(rounds), "max_clean_drop": config.max_clean_drop,
+                  "budget_confidence": config.budget_confidence if config.max_clean_drop is not None else None,
                   "form": "folded" if config.fold else "mul"}
         meta = {
             METADATA_PREFIX + "version": __version__,
@@ -374,7 +382,8 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         calibration=calib_figures, samples={"calibration": len(p.calib), "validation": len(val)},
         seconds=round(time.perf_counter() - t_start, 3), stages={k: round(v, 3) for k, v in stages.items()},
         providers=list(p.providers), device=p.device, seed=config.seed, versions=versions(), inputs_sha256=hashes,
-        mask_added=changed, max_clean_drop=config.max_clean_drop, rounds=rounds,
+        mask_added=changed, max_clean_drop=config.max_clean_drop,
+        budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None, rounds=rounds,
         curve=[c.to_dict() for c in curve] if curve else None,
     )
     if config.plot:

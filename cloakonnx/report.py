@@ -71,6 +71,11 @@ def format_harden(report: dict) -> str:
             f"(score {report['score']}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
             + (f" steps={a['steps']}" if a["name"] != "fgsm" else "")
             + f"; {report['samples']['validation']} validation samples\n")
+    if report.get("max_clean_drop") is not None:
+        conf = report.get("budget_confidence")
+        head += (f"chosen within a clean-accuracy budget of {report['max_clean_drop']:g} points on validation"
+                 + (f" and for its {100 * conf:g}% upper bound on new data" if conf else "")
+                 + ("" if report.get("mask_added", True) else ": no mask qualifies, the model is unchanged") + "\n")
     rows = [
         ["clean", pct(clean["original"]), pct(clean["hardened"])],
         ["adversarial, transfer (crafted on original)", pct(adv["original"]), pct(adv["hardened_transfer"])],
@@ -244,12 +249,16 @@ def format_sweep(report: dict) -> str:
         rows.append(row)
     header = ["masked", "n"] + [f"{h} ({s})" for s in scores for h in ("clean", "adv")]
     text = head + table(rows, header)
-    text += f"\nwithin a clean-accuracy budget of {report['max_clean_drop']:g} points:"
+    conf = report.get("budget_confidence")
+    text += (f"\nwithin a clean-accuracy budget of {report['max_clean_drop']:g} points"
+             + (f" (and its {100 * conf:g}% upper bound on new data):" if conf else ":"))
     for score in scores:
         c = report["chosen"][score]
         text += (f"\n  {score}: " + ("no fraction improves adversarial accuracy" if c is None else
                  f"mask {c['masked']} ({100 * c['fraction']:.1f}%): clean {pct(c['clean_accuracy'])}, "
-                 f"adversarial {pct(c['adversarial_accuracy'])}"))
+                 f"adversarial {pct(c['adversarial_accuracy'])}"
+                 + (f", drop bound {c['clean_drop_bound']:.2f} pts" if conf and c.get("clean_drop_bound") is not None
+                    else "")))
     b = report["best"]
     text += "\nbest: " + (f"{b['score']}" if b["score"] else "none: the mask buys nothing on this model and data")
     return text

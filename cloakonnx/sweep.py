@@ -24,6 +24,9 @@ class CurvePoint:
     added: int  # zeroed by this run
     clean_accuracy: float
     adversarial_accuracy: float
+    # One-sided upper confidence bound on the clean-accuracy drop in points, from the paired
+    # per-sample changes against no new mask (see clean_drop_bound); None if not computed.
+    clean_drop_bound: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,25 +47,55 @@ def counts_for(fractions, width: int, already: int = 0) -> list[int]:
     return out
 
 
+def clean_drop_bound(correct_before: np.ndarray, correct_after: np.ndarray, confidence: float) -> float:
+    """Upper bound, in percentage points, on the clean-accuracy drop a mask causes on new data.
+
+    A paired comparison: b samples the mask broke, f it fixed, out of n. The bound is the one-sided
+    Agresti-Min interval for a difference of matched proportions (Agresti and Min, 2005): add 0.5
+    to each cell of the 2x2 table, then the Wald bound. Unlike the plain Wald bound it is not zero
+    when no sample changed, so a small validation split cannot certify a tight budget by luck.
+    """
+    from statistics import NormalDist
+
+    if np.array_equal(correct_before, correct_after) and len(correct_before) == 0:
+        return 0.0
+    b = float(np.sum(correct_before & ~correct_after)) + 0.5
+    f = float(np.sum(~correct_before & correct_after)) + 0.5
+    n = len(correct_before) + 2.0
+    diff = (b - f) / n
+    var = max((b + f) - (b - f) ** 2 / n, 0.0) / n**2
+    return 100.0 * (diff + NormalDist().inv_cdf(confidence) * float(np.sqrt(var)))
+
+
 def mask_curve(head: Head, order: np.ndarray, counts, f_clean: np.ndarray, f_adv: np.ndarray, y: np.ndarray,
-               existing: np.ndarray | None = None) -> list[CurvePoint]:
-    """Accuracy of the head on masked clean and adversarial features, for each count of new zeros."""
+               existing: np.ndarray | None = None, confidence: float = 0.9) -> list[CurvePoint]:
+    """Accuracy of the head on masked clean and adversarial features, for each count of new zeros,
+    with the ``confidence`` bound on each point's clean-accuracy drop."""
     width = head.width
+    before = head.apply(f_clean, mask_top(order, 0, width, existing)).argmax(1) == y
     points = []
     for k in counts:
         mask = mask_top(order, k, width, existing)
         masked = int((mask == 0).sum())
-        clean = float((head.apply(f_clean, mask).argmax(1) == y).mean())
+        correct = head.apply(f_clean, mask).argmax(1) == y
         adv = float((head.apply(f_adv, mask).argmax(1) == y).mean())
-        points.append(CurvePoint(masked / width, masked, k, clean, adv))
+        bound = 0.0 if k == 0 else clean_drop_bound(before, correct, confidence)  # no new zero: no change
+        points.append(CurvePoint(masked / width, masked, k, float(correct.mean()), adv, bound))
     return points
 
 
-def choose_point(points: list[CurvePoint], reference_clean: float, max_clean_drop: float) -> CurvePoint | None:
+def choose_point(points: list[CurvePoint], reference_clean: float, max_clean_drop: float,
+                 use_bound: bool = False) -> CurvePoint | None:
     """The point with the best adversarial accuracy whose clean accuracy is at most ``max_clean_drop``
-    percentage points below ``reference_clean``; None when nothing beats adding no mask."""
+    percentage points below ``reference_clean`` (with ``use_bound``: whose drop's upper confidence
+    bound is within it); None when nothing beats adding no mask."""
     start = next(p for p in points if p.added == 0)
-    eligible = [p for p in points if 100 * (reference_clean - p.clean_accuracy) <= max_clean_drop + 1e-9]
+
+    def within(p: CurvePoint) -> bool:
+        point = 100 * (reference_clean - p.clean_accuracy)
+        return point <= max_clean_drop + 1e-9 and (not use_bound or p.clean_drop_bound <= max_clean_drop + 1e-9)
+
+    eligible = [p for p in points if within(p)]
     if not eligible:
         return None
     best = max(eligible, key=lambda p: (p.adversarial_accuracy, -p.added))
@@ -79,6 +112,7 @@ class SweepReport:
     clean_accuracy: float  # original model, validation split
     adversarial_accuracy: float  # original model, validation split
     max_clean_drop: float
+    budget_confidence: float
     curves: dict  # score -> [CurvePoint dict]
     chosen: dict  # score -> CurvePoint dict or None
     best: dict  # {"score", "point"} or {"score": None}
@@ -119,9 +153,9 @@ def sweep(model_path, data, config, scores=("absdiff", "normalised", "margin")) 
         s = score_features(stats, score)
         values[score] = s.tolist()
         points = mask_curve(head, ranking(s, existing), counts_for(config.fractions, stats.width, already),
-                            f_clean, f_adv, val.y, existing)
+                            f_clean, f_adv, val.y, existing, config.budget_confidence or 0.9)
         curves[score] = [pt.to_dict() for pt in points]
-        best = choose_point(points, clean, budget)
+        best = choose_point(points, clean, budget, use_bound=bool(config.budget_confidence))
         chosen[score] = best.to_dict() if best else None
     winners = [(c["adversarial_accuracy"], -c["added"], sc) for sc, c in chosen.items() if c]
     best = {"score": max(winners)[2], "point": chosen[max(winners)[2]]} if winners else {"score": None, "point": None}
@@ -129,6 +163,6 @@ def sweep(model_path, data, config, scores=("absdiff", "normalised", "margin")) 
         model=str(model_path), feature_tensor=p.target.feature, features=stats.width,
         attack=dict(p.attack.to_dict(), fallback=p.fallback),
         samples={"calibration": len(p.calib), "validation": len(val)}, clean_accuracy=clean, adversarial_accuracy=adv,
-        max_clean_drop=budget, curves=curves, chosen=chosen, best=best, scores=values,
+        max_clean_drop=budget, budget_confidence=config.budget_confidence, curves=curves, chosen=chosen, best=best, scores=values,
         seconds=round(time.perf_counter() - t0, 3),
     )

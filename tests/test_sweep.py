@@ -7,17 +7,22 @@ import pytest
 
 from cloakonnx.attacks import AttackConfig
 from cloakonnx.harden import HardenConfig, harden
-from cloakonnx.sweep import CurvePoint, choose_point, sweep
+from cloakonnx.sweep import CurvePoint, choose_point, clean_drop_bound, sweep
 
 ATTACK = AttackConfig(name="pgd", eps=0.1, steps=3, seed=0)
 
 
-def test_budget_holds_on_validation(digits_files, tmp_path):
+@pytest.mark.parametrize("confidence", [0.0, 0.9])
+def test_budget_holds_on_validation(digits_files, tmp_path, confidence):
     model, data = digits_files
     report = harden(model, data, HardenConfig(output=tmp_path / "m.onnx", attack=ATTACK, max_clean_drop=1.0,
-                                              adaptive=False, plot=tmp_path / "curve.png"))
+                                              budget_confidence=confidence, adaptive=False, plot=tmp_path / "curve.png"))
     clean = report.clean_accuracy
     assert 100 * (clean["original"] - clean["hardened"]) <= 1.0 + 1e-9
+    assert report.budget_confidence == confidence
+    if confidence and report.mask_added:  # the chosen point's upper bound is within the budget too
+        chosen = next(p for p in report.curve if p["masked"] == report.masked)
+        assert chosen["clean_drop_bound"] <= 1.0 + 1e-9
     assert (tmp_path / "curve.png").stat().st_size > 10_000
     assert report.curve and report.curve[0]["added"] == 0
     if report.mask_added:  # the chosen mask must beat no mask on the split it was chosen on
@@ -66,3 +71,41 @@ def test_choose_point_rules():
     assert choose_point(pts, 0.99, 1.0).added == 2  # 0.97 is 2 points down: over budget
     assert choose_point(pts, 0.99, 5.0).added == 5
     assert choose_point([_pt(0, 0.99, 0.5), _pt(1, 0.99, 0.5), _pt(2, 0.95, 0.4)], 0.99, 1.0) is None
+
+
+def test_choose_point_with_the_bound_refuses_a_lucky_point():
+    """Within budget on validation (point estimate) but not for its upper bound: not chosen."""
+    pts = [CurvePoint(0, 0, 0, 0.99, 0.50, 0.0), CurvePoint(0.01, 1, 1, 0.99, 0.55, 0.8),
+           CurvePoint(0.02, 2, 2, 0.99, 0.60, 1.4)]
+    assert choose_point(pts, 0.99, 1.0).added == 2
+    assert choose_point(pts, 0.99, 1.0, use_bound=True).added == 1
+    assert choose_point(pts[:1] + pts[2:], 0.99, 1.0, use_bound=True) is None
+
+
+def _paired(n, broken, fixed):
+    before = np.ones(n, bool)
+    before[:fixed] = False
+    after = before.copy()
+    after[:fixed] = True
+    after[fixed : fixed + broken] = False
+    return before, after
+
+
+def test_clean_drop_bound():
+    # No sample changed among 135: not certified as zero. Agresti-Min: z(0.9) / (n + 2) in points.
+    assert clean_drop_bound(*_paired(135, 0, 0), 0.9) == pytest.approx(100 * 1.2815516 / 137, rel=1e-6)
+    # More data, tighter; more confidence, looser; a broken sample costs more than a fixed one gives back.
+    assert clean_drop_bound(*_paired(1350, 0, 0), 0.9) < clean_drop_bound(*_paired(135, 0, 0), 0.9)
+    assert clean_drop_bound(*_paired(135, 0, 0), 0.95) > clean_drop_bound(*_paired(135, 0, 0), 0.9)
+    assert clean_drop_bound(*_paired(135, 1, 0), 0.9) > 1.0 > clean_drop_bound(*_paired(1000, 1, 0), 0.9)
+    assert clean_drop_bound(*_paired(135, 2, 2), 0.9) > clean_drop_bound(*_paired(135, 0, 0), 0.9)
+    # A mask that fixes many samples has a negative bound (it raises clean accuracy).
+    assert clean_drop_bound(*_paired(500, 0, 40), 0.9) < 0
+
+
+def test_budget_confidence_is_validated(digits_files, tmp_path):
+    from cloakonnx.errors import CloakError
+
+    with pytest.raises(CloakError, match="--budget-confidence"):
+        harden(*digits_files, HardenConfig(output=tmp_path / "m.onnx", attack=ATTACK, max_clean_drop=1.0,
+                                           budget_confidence=1.0))
