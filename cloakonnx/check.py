@@ -53,6 +53,9 @@ class CheckResult:
     grad_finite: bool = False
     grad_nonzero: bool = False
     computes_in_float32: bool = False
+    # QDQ-quantized models are compared with onnxruntime's unfused QDQ semantics; how far its
+    # fused integer kernels (what serving runs) are from that is reported here, for information.
+    quantized: dict | None = None
     seconds: float = 0.0
     error: str | None = None  # the executor failed at run time (message names the node)
 
@@ -155,6 +158,14 @@ def _compare(name: str, got: np.ndarray, ref: np.ndarray, rtol: float) -> Output
     return OutputDiff(name, max_abs, max_abs / max(scale, 1e-12), tolerance, max_abs <= tolerance)
 
 
+def _top1_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Share of rows whose argmax agrees, for 2-D float outputs (logits); None otherwise."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or a.shape != b.shape or a.dtype.kind != "f":
+        return None
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
 def check_model(
     model: onnx.ModelProto | str,
     batch: int = 2,
@@ -198,9 +209,16 @@ def check_model(
 
     rng = np.random.default_rng(seed)
     feeds = {vi.name: _random_input(rng, vi.type.tensor_type.elem_type, shapes[vi.name], bounds) for vi in inputs}
-    session = runtime.make_session(model, providers)
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx") for n in graph.node)
+    session = runtime.make_session(model, providers, fuse=not qdq)
     out_names = [o.name for o in session.get_outputs()]
     refs = session.run(out_names, feeds)
+    if qdq:
+        fused = runtime.make_session(model, providers).run(out_names, feeds)
+        result.quantized = {"reference": "onnxruntime with basic graph optimizations (unfused QDQ)",
+                            "fused_max_abs": max(float(np.abs(np.asarray(f, np.float64) - np.asarray(r, np.float64)).max(initial=0.0))
+                                                 for f, r in zip(fused, refs)),
+                            "fused_top1_agreement": _top1_agreement(fused[0], refs[0])}
     result.computes_in_float32 = module.computes_in_float32
     rtol = RTOL_HALF if _has_half_precision(graph) else RTOL_FLOAT32
 

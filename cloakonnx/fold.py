@@ -217,6 +217,10 @@ def _zero_weight(graph: onnx.GraphProto, target: _Target, zero: np.ndarray, widt
     name = target.node.input[target.slot]
     init = next((t for t in graph.initializer if t.name == name), None)
     if init is None:
+        dq = next((n for n in graph.node if n.op_type == "DequantizeLinear" and name in n.output), None)
+        if dq is not None:
+            _zero_quantized_weight(graph, target, dq, zero, width)
+            return
         maker = next((n for n in graph.node if n.op_type == "Constant" and name in n.output), None)
         if maker is None:
             raise CloakError(f"cannot fold the mask: the head weight {name!r} is not a constant")  # pragma: no cover
@@ -248,6 +252,44 @@ def _zero_weight(graph: onnx.GraphProto, target: _Target, zero: np.ndarray, widt
         target.node.input[target.slot] = new_name
     else:
         tensor.CopyFrom(_like(tensor, folded, name))
+
+
+def _zero_quantized_weight(graph: onnx.GraphProto, target: _Target, dq: onnx.NodeProto, zero: np.ndarray,
+                           width: int) -> None:
+    """QDQ head: set the masked entries of the integer weight to its zero point, so that
+    DequantizeLinear yields exact zeros; scales, zero points and the graph stay as they were."""
+    if [n for n, _ in _consumers(graph, dq.output[0]) if n is not target.node]:
+        raise CloakError(f"cannot fold the mask: the dequantized head weight {dq.output[0]!r} also feeds other "
+                         "nodes; use the Mul form")
+    q_name = dq.input[0]
+    q_init = next((t for t in graph.initializer if t.name == q_name), None)
+    if q_init is None:
+        raise CloakError(f"cannot fold the mask: the quantized head weight {q_name!r} is not an initializer")
+    q = numpy_helper.to_array(q_init)
+    if q.ndim != 2 or q.shape[target.feature_axis] != width:
+        raise CloakError(f"the quantized head weight {q_name!r} has shape {list(q.shape)}, expected {width} "
+                         f"features along axis {target.feature_axis}")
+    if zero.size == 0:
+        return
+    zp_name = dq.input[2] if len(dq.input) > 2 else ""
+    zp_init = next((t for t in graph.initializer if t.name == zp_name), None) if zp_name else None
+    if zp_name and zp_init is None:
+        raise CloakError(f"cannot fold the mask: the zero point {zp_name!r} of the head weight is not an initializer")
+    zp = numpy_helper.to_array(zp_init) if zp_init is not None else np.zeros((), q.dtype)
+    if zp.size > 1:  # per channel along the DequantizeLinear axis
+        shape = [1, 1]
+        shape[next((a.i for a in dq.attribute if a.name == "axis"), 1) % 2] = -1
+        zp = zp.reshape(shape)
+    folded = np.array(q, copy=True)
+    index = [slice(None)] * 2
+    index[target.feature_axis] = zero
+    folded[tuple(index)] = np.broadcast_to(zp, q.shape)[tuple(index)]
+    if [n for n, _ in _consumers(graph, q_name) if n is not dq] or q_name in {v.name for v in graph.input}:
+        new_name = _unique_name(graph, f"{q_name}_cloakonnx_folded")
+        graph.initializer.append(_like(q_init, folded, new_name))
+        dq.input[0] = new_name
+    else:
+        q_init.CopyFrom(_like(q_init, folded, q_name))
 
 
 def _like(original: onnx.TensorProto, values: np.ndarray, name: str) -> onnx.TensorProto:

@@ -20,7 +20,9 @@ from .errors import CloakError
 
 MASK_NODE_PREFIX = "cloakonnx_mask"
 # Ops that carry logits to the graph output without changing which class wins.
-PASS_THROUGH = {"Identity", "Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze", "Cast", "Dropout"}
+# Ops between the head and the logits that keep the head's meaning (QDQ pairs only re-quantize).
+PASS_THROUGH = {"Identity", "Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze", "Cast", "Dropout",
+                "QuantizeLinear", "DequantizeLinear"}
 TWO_GB = 2**31
 
 
@@ -174,14 +176,45 @@ def opset_version(model: onnx.ModelProto) -> int:
 
 
 def constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Tensors whose value is known without running the graph: initializers and Constant nodes."""
+    """Tensors whose value is known without running the graph: initializers, Constant nodes, and
+    DequantizeLinear of those (the weights of QDQ-quantized models)."""
     out = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     out[node.output[0]] = attr.t
+        elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+            value = dequantized_constant(node, out)
+            if value is not None:
+                out[node.output[0]] = numpy_helper.from_array(value, node.output[0])
     return out
+
+
+def dequantized_constant(node: onnx.NodeProto, consts: dict) -> np.ndarray | None:
+    """``(x - zero_point) * scale`` of a DequantizeLinear whose inputs are all constants, else None."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("block_size", 0):
+        return None
+    arrays = [_const_array(consts, name) if name else None for name in node.input]
+    if any(a is None for a, name in zip(arrays, node.input) if name):
+        return None
+    x, scale = arrays[0], arrays[1]
+    zp = arrays[2] if len(arrays) > 2 else None
+    if x.dtype.kind not in "iu":
+        return None  # float8 and other encodings are not folded here
+
+    def along_axis(v: np.ndarray) -> np.ndarray:
+        if v.size == 1 or x.ndim == 0:
+            return v.reshape(())
+        shape = [1] * x.ndim
+        shape[attrs.get("axis", 1) % x.ndim] = -1
+        return v.reshape(shape)
+
+    y = x.astype(np.float32)
+    if zp is not None:
+        y = y - along_axis(zp.astype(np.float32))
+    return (y * along_axis(scale.astype(np.float32))).astype(scale.dtype)
 
 
 def tensor_infos(values) -> list[TensorInfo]:

@@ -123,6 +123,13 @@ def format_check(result: dict) -> str:
                  f"{'non-zero' if result.get('grad_nonzero') else 'ZERO'}")
     if result.get("computes_in_float32"):
         lines.append("  note: the model is fp16; the executor computes in float32 for gradients")
+    q = result.get("quantized")
+    if q:
+        agree = q.get("fused_top1_agreement")
+        lines.append(f"  note: QDQ-quantized; compared with {q['reference']}. onnxruntime's fused integer kernels "
+                     f"differ from it by up to {q['fused_max_abs']:.3g}"
+                     + (f" (top-1 agreement {100 * agree:.1f}%)" if agree is not None else "")
+                     + "; gradients pass quantization straight through")
     lines.append("  result: " + ("OK" if result.get("ok") else "FAILED"))
     return "\n".join(lines)
 

@@ -108,8 +108,12 @@ def resolve_providers(requested: Sequence[str] | None = None) -> tuple[str, ...]
     return tuple(out)
 
 
-def make_session(model, providers: Sequence[str] | None = None):
-    """An InferenceSession from a ModelProto, bytes or a path, on the chosen providers."""
+def make_session(model, providers: Sequence[str] | None = None, fuse: bool = True):
+    """An InferenceSession from a ModelProto, bytes or a path, on the chosen providers.
+
+    ``fuse=False`` stops at onnxruntime's basic graph optimizations, which keep every op's ONNX
+    semantics; the default also fuses QDQ patterns into integer kernels, whose rounding differs.
+    """
     ort = _ort()
     import onnx
 
@@ -117,6 +121,8 @@ def make_session(model, providers: Sequence[str] | None = None):
         model = model.SerializeToString()
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # run-time failures become CloakErrors; no raw log lines on stderr
+    if not fuse:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
         return ort.InferenceSession(model, opts, providers=list(resolve_providers(providers)))
     except Exception as exc:  # onnxruntime raises its own types for invalid graphs
