@@ -62,6 +62,7 @@ class Runner:
             self.unsupported = exc
             self.computes_in_float32 = False
         self._batch_choices: dict = {}
+        self.quantized = any(n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx") for n in model.graph.node)
         first = self.input.shape[0] if self.input.shape else None
         self.fixed_batch = first if isinstance(first, int) and first > 0 else None
 
@@ -236,6 +237,9 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
         notes.append(f"{runner.unsupported}: gradient attacks were skipped, only gradient-free ones ran")
     if runner.computes_in_float32:
         notes.append("the model is fp16: gradients were computed in float32 by the torch executor")
+    if runner.quantized:
+        notes.append("the model is QDQ-quantized: gradients pass its rounding straight through (BPDA), which can "
+                     "make gradient attacks weaker than gradient-free ones here")
 
     clean_pred = predict(runner.session, ds.x, runner.feed, logits)
     clean = float((clean_pred == ds.y).mean())

@@ -152,6 +152,9 @@ def choose_attack(runner: Runner, wanted: AttackConfig) -> tuple[AttackConfig, s
     from .attacks import ATTACKS
 
     cls = ATTACKS.get(wanted.name)
+    if runner.torch_model is not None and cls is not None and cls.needs_gradients and runner.quantized:
+        log.warning("the model is QDQ-quantized: gradients pass its rounding straight through, which can make %s "
+                    "weaker here than on the float model; compare with --attack square (see the README)", wanted.name)
     if runner.torch_model is not None or cls is None or not cls.needs_gradients:
         return wanted, None
     reason = f"the torch executor lacks {', '.join(f'{o} (opset {v})' for o, v in runner.unsupported.ops)}"
