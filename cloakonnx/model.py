@@ -6,6 +6,7 @@ the feature tensor c(x) that DeepCloak masks.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,8 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import CloakError
+
+log = logging.getLogger(__name__)
 
 MASK_NODE_PREFIX = "cloakonnx_mask"
 # Ops that carry logits to the graph output without changing which class wins.
@@ -105,7 +108,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
     folder = out.parent if str(out.parent) else Path(".")
     check_writable_dir(folder)
     external = external or _uses_external_data(model) or model.ByteSize() >= TWO_GB
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    remove_stale_temporaries(folder, out.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     data_name = out.name + ".data"
     tmp_data = folder / (Path(tmp).name + ".data")
@@ -138,6 +142,35 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
         for leftover in (Path(tmp), tmp_data):
             if leftover.exists():
                 leftover.unlink()
+
+
+def remove_stale_temporaries(folder: Path, name: str) -> list[Path]:
+    """Delete temporaries that an earlier write of ``name`` left behind when it was killed (SIGKILL
+    skips every cleanup). Each carries its writer's PID; only those of dead processes go."""
+    import glob
+
+    prefix = f".{name}."
+    removed = []
+    for path in folder.glob(glob.escape(prefix) + "*.tmp*"):
+        pid = path.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue  # another user's live process, or a name we do not understand: leave it
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted earlier run: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def _external_tensors(model: onnx.ModelProto):

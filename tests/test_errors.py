@@ -130,3 +130,20 @@ def test_ctrl_c_leaves_no_output(digits_files, tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and [p for p in tmp_path.iterdir()] == []
+
+
+def test_a_killed_run_leaves_only_its_temporary_and_the_next_write_removes_it(digits_files, tmp_path):
+    """SIGKILL skips every cleanup: a write killed mid-way leaves a hidden temporary (never the output).
+    The next write to the same path removes temporaries whose writer is dead, and keeps live ones."""
+    from cloakonnx.model import load_model, save_model
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".m.onnx.{dead.pid}.abc123.tmp"
+    stale_data = tmp_path / f".m.onnx.{dead.pid}.abc123.tmp.data"
+    live = tmp_path / f".m.onnx.{os.getpid()}.def456.tmp"  # a concurrent writer, still running
+    other = tmp_path / ".n.onnx.1.x.tmp"  # another output's temporary: not ours to judge
+    for p in (stale, stale_data, live, other):
+        p.write_bytes(b"partial")
+    save_model(load_model(digits_files[0]), tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", live.name, other.name])
