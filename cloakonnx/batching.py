@@ -103,7 +103,12 @@ def fit_batch(per_sample_bytes: int, free_bytes: int | None, device: str) -> Bat
 
 def auto_batch(model, sample_shape: tuple[int, ...], device: str, bounds: tuple[float, float]) -> BatchChoice:
     """Measure ``model``'s memory per sample and size the attack batch to ``device``."""
-    per_sample = saved_bytes_per_sample(model, sample_shape, device, bounds)
+    try:
+        per_sample = saved_bytes_per_sample(model, sample_shape, device, bounds)
+    except Exception as exc:  # noqa: BLE001 - sizing is advisory; the attack reports real failures itself
+        cap = CUDA_CAP if device.startswith("cuda") else CPU_CAP
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return BatchChoice(cap, None, None, f"could not measure memory per sample ({first}): the {cap} cap")
     return fit_batch(per_sample, free_memory(device), device)
 
 

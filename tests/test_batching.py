@@ -157,3 +157,15 @@ def test_harden_sizes_the_attack_batch_and_records_it(digits_files, tmp_path, mo
 def test_batch_choice_to_dict():
     assert BatchChoice(4, 10, 100, "why").to_dict() == {"size": 4, "per_sample_bytes": 10, "budget_bytes": 100,
                                                          "reason": "why"}
+
+
+def test_a_model_that_cannot_be_measured_gets_the_cap():
+    from cloakonnx.batching import auto_batch
+
+    def only_batch_one(x):
+        if len(x) != 1:
+            raise RuntimeError("shape '[1, 64]' is invalid for input of size 128")
+        return x.flatten(1) @ torch.ones(64, 10)
+
+    choice = auto_batch(only_batch_one, (1, 8, 8), "cpu", (0.0, 1.0))
+    assert choice.size == CPU_CAP and choice.per_sample_bytes is None and "could not measure" in choice.reason
