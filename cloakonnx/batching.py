@@ -14,6 +14,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from .errors import first_line
+
 log = logging.getLogger(__name__)
 
 CPU_CAP = 128  # beyond this CPU throughput stops improving and progress gets coarse
@@ -107,8 +109,7 @@ def auto_batch(model, sample_shape: tuple[int, ...], device: str, bounds: tuple[
         per_sample = saved_bytes_per_sample(model, sample_shape, device, bounds)
     except Exception as exc:  # noqa: BLE001 - sizing is advisory; the attack reports real failures itself
         cap = CUDA_CAP if device.startswith("cuda") else CPU_CAP
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return BatchChoice(cap, None, None, f"could not measure memory per sample ({first}): the {cap} cap")
+        return BatchChoice(cap, None, None, f"could not measure memory per sample ({first_line(exc)}): the {cap} cap")
     return fit_batch(per_sample, free_memory(device), device)
 
 

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import CloakError
+from .model import is_qdq
 
 # Tolerance as a fraction of max(1, max |reference|): float32 graphs agree to about 1e-6 relative
 # per op; the margin covers deep graphs. Half-precision graphs are compared with onnxruntime
@@ -209,7 +210,7 @@ def check_model(
 
     rng = np.random.default_rng(seed)
     feeds = {vi.name: _random_input(rng, vi.type.tensor_type.elem_type, shapes[vi.name], bounds) for vi in inputs}
-    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx") for n in graph.node)
+    qdq = is_qdq(model)
     session = runtime.make_session(model, providers, fuse=not qdq)
     out_names = [o.name for o in session.get_outputs()]
     refs = session.run(out_names, feeds)

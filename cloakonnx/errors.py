@@ -7,3 +7,9 @@ without a traceback (as Polygraphy does). Anything else is a bug and keeps its t
 
 class CloakError(Exception):
     """A problem with the user's input or environment, with a message that says how to fix it."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

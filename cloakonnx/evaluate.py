@@ -12,7 +12,7 @@ import onnx
 from .attacks.base import AttackConfig
 from .data import Dataset, Preprocess
 from .errors import CloakError
-from .model import select_input
+from .model import is_qdq, select_input
 from .runtime import batch_size_for, run_batch
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Runner:
             self.unsupported = exc
             self.computes_in_float32 = False
         self._batch_choices: dict = {}
-        self.quantized = any(n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx") for n in model.graph.node)
+        self.quantized = is_qdq(model)
         first = self.input.shape[0] if self.input.shape else None
         self.fixed_batch = first if isinstance(first, int) and first > 0 else None
 

@@ -28,7 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import CloakError
-from .model import MASK_NODE_PREFIX, PASS_THROUGH, Head, constants, find_head
+from .model import MASK_NODE_PREFIX, PASS_THROUGH, Head, constants, find_head, per_axis
 from .surgery import METADATA_PREFIX, set_metadata
 
 FORM_KEY = METADATA_PREFIX + "form"
@@ -276,10 +276,7 @@ def _zero_quantized_weight(graph: onnx.GraphProto, target: _Target, dq: onnx.Nod
     if zp_name and zp_init is None:
         raise CloakError(f"cannot fold the mask: the zero point {zp_name!r} of the head weight is not an initializer")
     zp = numpy_helper.to_array(zp_init) if zp_init is not None else np.zeros((), q.dtype)
-    if zp.size > 1:  # per channel along the DequantizeLinear axis
-        shape = [1, 1]
-        shape[next((a.i for a in dq.attribute if a.name == "axis"), 1) % 2] = -1
-        zp = zp.reshape(shape)
+    zp = per_axis(zp, 2, next((a.i for a in dq.attribute if a.name == "axis"), 1))
     folded = np.array(q, copy=True)
     index = [slice(None)] * 2
     index[target.feature_axis] = zero

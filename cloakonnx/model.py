@@ -236,18 +236,27 @@ def dequantized_constant(node: onnx.NodeProto, consts: dict) -> np.ndarray | Non
     zp = arrays[2] if len(arrays) > 2 else None
     if x.dtype.kind not in "iu":
         return None  # float8 and other encodings are not folded here
-
-    def along_axis(v: np.ndarray) -> np.ndarray:
-        if v.size == 1 or x.ndim == 0:
-            return v.reshape(())
-        shape = [1] * x.ndim
-        shape[attrs.get("axis", 1) % x.ndim] = -1
-        return v.reshape(shape)
-
+    axis = attrs.get("axis", 1)
     y = x.astype(np.float32)
     if zp is not None:
-        y = y - along_axis(zp.astype(np.float32))
-    return (y * along_axis(scale.astype(np.float32))).astype(scale.dtype)
+        y = y - per_axis(zp.astype(np.float32), x.ndim, axis)
+    return (y * per_axis(scale.astype(np.float32), x.ndim, axis)).astype(scale.dtype)
+
+
+def is_qdq(model: onnx.ModelProto) -> bool:
+    """True for QDQ-quantized graphs (QuantizeLinear/DequantizeLinear of the default domain)."""
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx")
+               for n in model.graph.node)
+
+
+def per_axis(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A quantization scale or zero point (one value, or one per index of ``axis``) shaped to
+    broadcast against a tensor of rank ``ndim``."""
+    if v.size == 1 or ndim == 0:
+        return v.reshape(())
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return v.reshape(shape)
 
 
 def tensor_infos(values) -> list[TensorInfo]:

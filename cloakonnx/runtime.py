@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CloakError
+from .errors import CloakError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def run_batch(session, xb: np.ndarray, outputs: Sequence[str] | None = None,
     try:
         results = session.run(outputs, {input_name: xb})
     except Exception as exc:  # onnxruntime's own error types: shapes or values the graph cannot take
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CloakError(f"onnxruntime could not run the model on input of shape {tuple(xb.shape)}: {first}") from exc
+        raise CloakError(f"onnxruntime could not run the model on input of shape {tuple(xb.shape)}: "
+                         f"{first_line(exc)}") from exc
     return [r[:n] for r in results]
 
 

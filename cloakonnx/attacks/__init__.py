@@ -5,7 +5,7 @@ import logging
 
 import numpy as np
 
-from ..errors import CloakError
+from ..errors import CloakError, first_line
 from .apgd import APGD, APGDDLR
 from .base import Attack, AttackConfig
 from .fgsm import FGSM
@@ -53,8 +53,8 @@ def craft(model, config: AttackConfig, x: np.ndarray, y: np.ndarray, bounds=(0.0
             except Exception as exc:  # noqa: BLE001 - only memory exhaustion is handled here
                 if not is_out_of_memory(exc) or fixed_batch or bs == 1:
                     if is_out_of_memory(exc):
-                        raise CloakError(f"{device} ran out of memory attacking a batch of {bs}: {str(exc).splitlines()[0]}"
-                                         ) from exc
+                        raise CloakError(f"{device} ran out of memory attacking a batch of {bs}: "
+                                         f"{first_line(exc)}") from exc
                     raise
                 del xb, yb
                 if device.startswith("cuda"):
