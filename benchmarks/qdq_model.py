@@ -6,7 +6,8 @@ int8 per-channel weights, calibrated on 128 images of --data), then:
 1. ``check``: the executor against onnxruntime's unfused QDQ semantics, and how far onnxruntime's
    fused integer kernels are from those;
 2. ``harden`` in both forms (a Mul, and --fold into the integer weight) with node counts;
-3. ``evaluate`` of the quantized original under PGD (straight-through gradients) and Square.
+3. ``evaluate`` of the float and the quantized model under FGSM, PGD and Square; for the quantized
+   one also transfer from the float model (``--reference``).
 
     python benchmarks/qdq_model.py --demo-dir cloakonnx-demo        # after `cloakonnx demo`
 """
@@ -68,14 +69,14 @@ def main(argv=None) -> int:
             result["fold" if fold else "mul"] = {
                 "nodes": len(onnx.load(str(out)).graph.node), "masked": rep.masked, "fallback": rep.attack["fallback"],
                 "clean": rep.clean_accuracy, "adversarial": rep.adversarial_accuracy}
-        ev = evaluate(qdq, test, EvaluateConfig(attacks=("pgd", "square"), eps=(args.eps,), max_samples=args.max_samples,
-                                                sanity=False)).to_dict()
+        ev = evaluate(qdq, test, EvaluateConfig(attacks=("fgsm", "pgd", "square"), eps=(args.eps,), reference=src,
+                                                max_samples=args.max_samples, sanity=False)).to_dict()
         result["evaluate_qdq"] = {"samples": ev["samples"], "clean": ev["clean_accuracy"],
-                                  **{r["attack"]: r["accuracy"] for r in ev["results"]}}
-        ev = evaluate(src, test, EvaluateConfig(attacks=("pgd", "square"), eps=(args.eps,), max_samples=args.max_samples,
+                                  **{f"{r['attack']} {r['threat']}": r["accuracy"] for r in ev["results"]}}
+        ev = evaluate(src, test, EvaluateConfig(attacks=("fgsm", "pgd", "square"), eps=(args.eps,), max_samples=args.max_samples,
                                                 sanity=False)).to_dict()
         result["evaluate_float"] = {"samples": ev["samples"], "clean": ev["clean_accuracy"],
-                                    **{r["attack"]: r["accuracy"] for r in ev["results"]}}
+                                    **{f"{r['attack']} {r['threat']}": r["accuracy"] for r in ev["results"]}}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -91,8 +92,9 @@ def main(argv=None) -> int:
               f"{100 * h['adversarial']['original']:.2f} -> {100 * h['adversarial']['hardened_transfer']:.2f}")
     for kind in ("float", "qdq"):
         e = result[f"evaluate_{kind}"]
-        print(f"evaluate {kind:5} original, {e['samples']} test samples, eps {args.eps:g}: clean {100 * e['clean']:.2f}, "
-              f"PGD-20 {100 * e['pgd']:.2f}, Square-1000 {100 * e['square']:.2f}")
+        rows = ", ".join(f"{k} {100 * v:.2f}" for k, v in e.items() if k not in ("samples", "clean"))
+        print(f"evaluate {kind:5} model, {e['samples']} test samples, eps {args.eps:g} (FGSM, PGD-20, Square-1000"
+              f"{'; transfer = crafted on the float model' if kind == 'qdq' else ''}): clean {100 * e['clean']:.2f}, {rows}")
     return 0
 
 
