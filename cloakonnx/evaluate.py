@@ -238,8 +238,8 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     if runner.computes_in_float32:
         notes.append("the model is fp16: gradients were computed in float32 by the torch executor")
     if runner.quantized:
-        notes.append("the model is QDQ-quantized: gradients through it are weak, so gradient attacks may understate "
-                     "the threat; trust the gradient-free rows and transfer from the float model (--reference)")
+        notes.append("the model is QDQ-quantized: gradients pass its rounding straight through (BPDA, Athalye et "
+                     "al. 2018)")
 
     clean_pred = predict(runner.session, ds.x, runner.feed, logits)
     clean = float((clean_pred == ds.y).mean())

@@ -152,10 +152,6 @@ def choose_attack(runner: Runner, wanted: AttackConfig) -> tuple[AttackConfig, s
     from .attacks import ATTACKS
 
     cls = ATTACKS.get(wanted.name)
-    if runner.torch_model is not None and cls is not None and cls.needs_gradients and runner.quantized:
-        log.warning("the model is QDQ-quantized: gradients through it are weak, so %s may understate what an "
-                    "attacker can do; judge the result with Square and with transfer from the float model "
-                    "(evaluate --reference FLOAT.onnx; see the README)", wanted.name)
     if runner.torch_model is not None or cls is None or not cls.needs_gradients:
         return wanted, None
     reason = f"the torch executor lacks {', '.join(f'{o} (opset {v})' for o, v in runner.unsupported.ops)}"

@@ -471,8 +471,8 @@ def _cast(inputs, attrs, ctx):
 
 # QDQ quantization (what onnxruntime.quantization's QDQ format and TensorRT's explicit
 # quantization emit). QuantizeLinear's integer output is carried as a float tensor holding the
-# integer values, with a straight-through gradient (zero where the value saturates, as torch's
-# fake_quantize); DequantizeLinear turns it back. Forward values equal onnxruntime's.
+# integer values, with a straight-through gradient (zero where the value saturates beyond the
+# range, as torch's fake_quantize); DequantizeLinear turns it back. Forward values equal onnxruntime's.
 _QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.uint16: (0, 65535), torch.int16: (-32768, 32767)}
 
 
@@ -508,8 +508,11 @@ def _quantize_linear(inputs, attrs, ctx):
     v = x / _per_axis(scale, x, axis)
     if zp is not None:
         v = v + _per_axis(zp, x, axis)
-    q = v.clamp(lo, hi)
-    return (q + (torch.round(v).clamp(lo, hi) - q).detach(),)
+    # Straight through where lo <= v <= hi, boundaries included: torch.clamp's own gradient is zero
+    # at the boundary, which froze every input pixel at the bottom of the box (digits' background
+    # is exactly 0) and made gradient attacks through QDQ graphs much weaker than transfer.
+    inside = ((v >= lo) & (v <= hi)).to(v.dtype).detach()
+    return (v * inside + (torch.round(v).clamp(lo, hi) - v * inside).detach(),)
 
 
 @op("DequantizeLinear", 10, 13, 19, 21, check=_check_qdq)

@@ -84,10 +84,35 @@ def test_qdq_matches_onnxruntime(case, form):
 
 
 def test_straight_through_gradient_is_one_inside_the_range_and_zero_where_saturated():
-    model = _qdq_model(13, (1, 6), 0.1, np.uint8(0))
-    x = torch.tensor([[-1.0, 0.05, 0.33, 10.0, 25.4, 40.0]], requires_grad=True)  # range is [0, 25.5]
+    """Boundaries included: an input pixel exactly at the bottom of the range (0 here, like the digits'
+    background) must still get a gradient, or attacks can never move it (torch.clamp gives 0 there)."""
+    model = _qdq_model(13, (1, 7), 0.1, np.uint8(0))
+    x = torch.tensor([[-1.0, 0.0, 0.05, 0.33, 10.0, 25.4, 40.0]], requires_grad=True)  # range is [0, 25.5]
     (grad,) = torch.autograd.grad(OnnxTorchModule(model)(x).sum(), x)
-    np.testing.assert_array_equal(grad.numpy(), [[0, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(grad.numpy(), [[0, 1, 1, 1, 1, 1, 0]])
+
+
+def test_gradient_attacks_through_a_qdq_model_are_as_strong_as_transfer_from_the_float_model(qdq_digits,
+                                                                                              digits_files):
+    """FGSM through the QDQ graph must do at least as well as FGSM crafted on the float model it came
+    from (it did far worse while the input's zero pixels had zero gradient)."""
+    from cloakonnx.attacks import AttackConfig, craft
+    from cloakonnx.data import Preprocess
+    from cloakonnx.evaluate import Runner
+    from cloakonnx.model import load_model
+
+    data = np.load(digits_files[1])
+    x, y = data["x"][:200], data["y"][:200].astype(np.int64)
+    qdq = Runner(load_model(qdq_digits[0]), "logits", [], Preprocess(), providers=["CPUExecutionProvider"])
+    flt = Runner(load_model(digits_files[0]), "logits", [], Preprocess(), providers=["CPUExecutionProvider"])
+    cfg = AttackConfig(name="fgsm", eps=0.1)
+
+    def accuracy(adv):
+        return float((qdq.session.run(None, {"input": adv})[0].argmax(1) == y).mean())
+
+    through = accuracy(craft(qdq.torch_model, cfg, x, y, batch_size=64))
+    transfer = accuracy(craft(flt.torch_model, cfg, x, y, batch_size=64))
+    assert through <= transfer + 0.03, (through, transfer)
 
 
 def test_blocked_quantization_is_reported_unsupported():
