@@ -200,3 +200,33 @@ def test_square_errors(digits_mlp, kwargs, match):
 def test_zero_eps_returns_the_input(digits_mlp, name):
     net, x, y = digits_mlp
     assert torch.equal(run(EXTRA[name], net, x[:8], y[:8], eps=0.0), x[:8])
+
+
+def test_square_searches_on_one_thread_but_queries_the_model_on_the_callers(digits_mlp):
+    """The search's tiny tensor ops run on one torch thread (faster on CPU, see
+    benchmarks/square_speed.py); the model calls and the caller get their thread count back."""
+    net, x, y = digits_mlp
+    seen = []
+
+    def model(z):
+        seen.append(torch.get_num_threads())
+        return net(z)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        search = []
+
+        class Recording(Square):
+            def _signs(self, shape, device):
+                search.append(torch.get_num_threads())
+                return super()._signs(shape, device)
+
+        a = Recording(model, AttackConfig(eps=0.1, queries=20, seed=0))(x[:16], y[:16])
+        assert set(search) == {1} and set(seen) == {2} and torch.get_num_threads() == 2
+        Square.search_threads = None
+        b = Square(net, AttackConfig(eps=0.1, queries=20, seed=0))(x[:16], y[:16])
+    finally:
+        Square.search_threads = 1
+        torch.set_num_threads(before)
+    assert torch.equal(a, b)  # the thread count changes speed only

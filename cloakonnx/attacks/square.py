@@ -26,6 +26,7 @@ Budget: ``config.queries`` forward passes per sample, *including* the first one 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 from ..errors import CloakError
@@ -57,6 +58,22 @@ def _bump_rectangle(rows: int, cols: int):
     return delta / delta.square().sum().sqrt()
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run the block with torch on ``n`` intra-op threads (None: leave it as it is)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Square(Attack):
     """Square Attack in L-inf or L2; ``p_init`` defaults to the paper's 0.05 (L-inf) and 0.1 (L2).
 
@@ -65,6 +82,10 @@ class Square(Attack):
     """
 
     needs_gradients = False
+    # Square's own work is a dozen tiny elementwise tensor ops per query. On CPU, torch's thread pool
+    # costs more than it saves on them and competes with onnxruntime's threads for the same cores,
+    # so the search runs them on one thread; the model calls keep the caller's setting.
+    search_threads: int | None = 1
 
     def __init__(self, model, config, bounds=(0.0, 1.0), p_init: float | None = None):
         super().__init__(model, config, bounds)
@@ -76,13 +97,14 @@ class Square(Attack):
             raise CloakError(f"Square attack p_init must be in (0, 1], got {self.p_init:g}")
         self.queries_used = None
         self.model_calls = 0
+        self._caller_threads: int | None = None
 
     # -- model access: forward passes only, no autograd, counted ------------------------------------------------
     def _margin(self, x, y, idx=None):
         """``logit_y - max_{k != y} logit_k`` for a batch: positive while correctly classified."""
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), _threads(self._caller_threads):
             logits = self.model(x)
             if not isinstance(logits, torch.Tensor):
                 logits = torch.as_tensor(logits)
@@ -149,6 +171,7 @@ class Square(Attack):
         if x.dim() != 4:
             raise CloakError(f"the Square attack needs image inputs [N, C, H, W], got shape {tuple(x.shape)}")
         x = x.detach()
+        self._caller_threads = torch.get_num_threads()
         self.queries_used = torch.zeros(len(x), dtype=torch.long, device=x.device)
         self.model_calls = 0
         best = x.clone()
@@ -159,7 +182,8 @@ class Square(Attack):
         if self.config.eps == 0 or len(todo) == 0:
             return best
         run = self._linf if self.config.norm == "linf" else self._l2
-        best[todo] = run(x[todo], y[todo], todo)
+        with _threads(self.search_threads if x.device.type == "cpu" else None):
+            best[todo] = run(x[todo], y[todo], todo)
         return best.detach()
 
     def _search(self, x, y, idx, x_best, propose):
