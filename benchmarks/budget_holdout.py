@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
+from demo_inputs import add_model_options, resolve_model_options
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--demo-dir", type=Path, help="folder written by `cloakonnx demo` (model, digits.npz, test.npz)")
-    ap.add_argument("--model", type=Path)
-    ap.add_argument("--data", type=Path)
-    ap.add_argument("--test", type=Path)
+    add_model_options(ap)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--max-clean-drop", type=float, default=1.0)
@@ -38,12 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    if args.demo_dir:
-        args.model = args.model or args.demo_dir / "digits_cnn.onnx"
-        args.data = args.data or args.demo_dir / "digits.npz"
-        args.test = args.test or args.demo_dir / "test.npz"
-    if not (args.model and args.data and args.test):
-        ap.error("give --demo-dir, or --model, --data and --test")
+    resolve_model_options(ap, args)
 
     from cloakonnx.attacks import AttackConfig, craft
     from cloakonnx.data import load_data
