@@ -37,10 +37,10 @@ def craft(model, config: AttackConfig, x: np.ndarray, y: np.ndarray, bounds=(0.0
     import torch
     from tqdm.auto import tqdm
 
-    from ..batching import is_out_of_memory
+    from ..batching import CPU_CAP, is_out_of_memory
 
     attack = make_attack(model, config, bounds)
-    bs = batch_size or config.batch_size or 128
+    bs = batch_size or config.batch_size or CPU_CAP
     out = np.empty_like(x)
     torch.manual_seed(config.seed)
     with tqdm(total=len(x), desc=desc, unit="img", leave=False, disable=None) as bar:
@@ -51,11 +51,11 @@ def craft(model, config: AttackConfig, x: np.ndarray, y: np.ndarray, bounds=(0.0
             try:
                 out[start : start + len(xb)] = attack(xb, yb).cpu().numpy()
             except Exception as exc:  # noqa: BLE001 - only memory exhaustion is handled here
-                if not is_out_of_memory(exc) or fixed_batch or bs == 1:
-                    if is_out_of_memory(exc):
-                        raise CloakError(f"{device} ran out of memory attacking a batch of {bs}: "
-                                         f"{first_line(exc)}") from exc
+                if not is_out_of_memory(exc):
                     raise
+                if fixed_batch or bs == 1:
+                    raise CloakError(f"{device} ran out of memory attacking a batch of {bs}: {first_line(exc)}"
+                                     ) from exc
                 del xb, yb
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
