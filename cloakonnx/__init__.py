@@ -2,7 +2,8 @@
 
 Public API (heavy modules load on first use, so ``import cloakonnx`` and ``cloakonnx --help`` stay fast)::
 
-    from cloakonnx import harden, HardenConfig, AttackConfig, inspect_model, CloakError
+    from cloakonnx import harden, sweep, evaluate, check_model, inspect_model, CloakError
+    from cloakonnx import HardenConfig, MaskConfig, EvaluateConfig, AttackConfig, Preprocess
 """
 from __future__ import annotations
 
@@ -14,22 +15,25 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "harden": "harden",
-    "HardenConfig": "harden",
     "HardenReport": "harden",
-    "inspect_model": "model",
-    "load_model": "model",
-    "find_head": "model",
-    "AttackConfig": "attacks",
-    "Preprocess": "data",
-    "Dataset": "data",
-    "apply_mask": "surgery",
-    "fold_mask": "fold",
-    "evaluate": "evaluate",
-    "EvaluateConfig": "evaluate",
+    "HardenConfig": "config",
+    "MaskConfig": "config",
+    "EvaluateConfig": "config",
     "sweep": "sweep",
+    "SweepReport": "sweep",
+    "evaluate": "evaluate",
+    "EvaluateReport": "evaluate",
     "check_model": "check",
     "run_demo": "demo",
     "DemoOptions": "demo",
+    "inspect_model": "graph",
+    "load_model": "graph",
+    "find_head": "graph",
+    "apply_mask": "graph",
+    "fold_mask": "graph",
+    "AttackConfig": "attacks",
+    "Preprocess": "data",
+    "Dataset": "data",
 }
 
 __all__ = ["CloakError", "__version__", *_LAZY]

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import CloakError
-from .model import is_qdq
+from .graph import is_qdq
 
 # Tolerance as a fraction of max(1, max |reference|): float32 graphs agree to about 1e-6 relative
 # per op; the margin covers deep graphs. Half-precision graphs are compared with onnxruntime

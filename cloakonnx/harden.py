@@ -1,69 +1,28 @@
-"""The main job: attack, stream statistics, score, mask, write, and report what the mask buys."""
+"""The main job: attack, stream statistics, score, choose a mask, write it, and report what it buys."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
 
 from . import __version__
-from .attacks import AttackConfig, craft
-from .data import Dataset, Preprocess, load_data, split, validate
+from .config import HardenConfig
+from .curve import CurvePoint, choose_point, counts_for, mask_curve
+from .data import Dataset
 from .errors import CloakError
+from .graph import CloakRecord, apply_mask, check_writable_dir, fold_mask, save_model, uses_external_data
+from .graph.record import FOLDED, MUL
 from .mask import count_for, mask_top, ranking, score_features
-from .batching import BatchChoice
-from .evaluate import Runner
-from .model import (Head, check_writable_dir, find_head, find_mask, load_model, logits_output, save_model, select_input,
-                    uses_external_data)
-from .sweep import DEFAULT_FRACTIONS
-from .surgery import METADATA_PREFIX, apply_mask, history_entry
+from .pipeline import Prepared, Runner, StageTimer, calibrate, collect_features, prepare
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class HardenConfig:
-    """Everything ``harden`` needs besides the model and the data."""
-
-    output: Path | None = None  # default: <model>.cloaked.onnx next to the model
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    fraction: float = 0.01
-    score: str = "absdiff"
-    val_split: float = 0.2
-    preprocess: Preprocess = field(default_factory=Preprocess)
-    feature_tensor: str | None = None
-    input_name: str | None = None
-    output_name: str | None = None
-    image_size: tuple[int, int] | None = None  # for image folders
-    seed: int = 0
-    batch_size: int = 256  # onnxruntime batches
-    device: str | None = None  # torch device for attacks; default cuda when available
-    providers: Sequence[str] | None = None
-    adaptive: bool = True  # also attack the hardened model itself
-    max_clean_drop: float | None = None  # percentage points; None: mask exactly ``fraction``
-    # The drop's one-sided upper confidence bound on new data must also be within the budget
-    # (cloakonnx.sweep.clean_drop_bound); 0 uses the validation point estimate alone.
-    budget_confidence: float = 0.9
-    rounds: int = 1
-    fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidates for --max-clean-drop
-    plot: Path | None = None
-    fold: bool = False  # multiply the mask into the head's weights instead of adding a Mul node
-
-
-@dataclass
-class Target:
-    """What gets masked: the feature tensor, the logits output, and what is known about them."""
-
-    feature: str
-    logits: str
-    head: Head | None
-    existing_mask: np.ndarray | None
+__all__ = ["HardenConfig", "HardenReport", "harden"]
 
 
 @dataclass
@@ -82,7 +41,7 @@ class HardenReport:
     calibration: dict
     samples: dict
     seconds: float
-    stages: dict
+    stages: dict  # wall-clock seconds per stage
     providers: list[str]
     device: str
     seed: int
@@ -93,9 +52,206 @@ class HardenReport:
     budget_confidence: float | None = None
     rounds: list[dict] = field(default_factory=list)
     curve: list[dict] | None = None
+    scores: list[float] | None = None  # per-feature scores of the first round, with ``curve``
+    stages_cpu: dict = field(default_factory=dict)  # process CPU seconds per stage (for benchmarks)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Baseline:
+    """The original model on the validation split; ``adv`` was crafted on it (the transfer set)."""
+
+    clean: float
+    adv: np.ndarray
+    adv_accuracy: float
+
+
+@dataclass
+class MaskSearch:
+    """Where the rounds of calibrate -> score -> choose ended."""
+
+    mask: np.ndarray | None
+    previously: int  # features already masked in the input model
+    runner: Runner  # the model hardened so far (the original when nothing was added)
+    width: int
+    ndim: int
+    rounds: list[dict]
+    calibration: dict
+    curve: list[CurvePoint] | None
+    scores: np.ndarray | None
+
+    @property
+    def masked(self) -> int:
+        return self.previously if self.mask is None else int((self.mask == 0).sum())
+
+    @property
+    def changed(self) -> bool:
+        return self.masked > self.previously
+
+
+def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> HardenReport:
+    """Harden ``model_path`` with a DeepCloak mask; write it atomically and return the report.
+
+    With ``max_clean_drop`` the number of features is chosen on the validation split (the best
+    adversarial accuracy within the clean-accuracy budget); if nothing helps, the model is written
+    unchanged. With ``rounds`` > 1 each round attacks the model hardened so far and adds to the mask.
+    """
+    start, timer = time.perf_counter(), StageTimer()
+    model_path = Path(model_path)
+    out_path = output_path(model_path, config.output)
+    p = prepare(model_path, data, config)
+    check_needs_head(p, config)
+    with timer("evaluation"):
+        base = evaluate_original(p, config)
+    search = search_mask(p, config, base, timer)
+    with timer("surgery"):
+        hardened = hardened_model(p, config, search)
+    with timer("evaluation"):
+        final = evaluate_hardened(p, config, base, search)
+    with timer("write"):
+        save_model(hardened, out_path, external=uses_external_data(model_path))
+    stages, stages_cpu = timer.rounded()
+    width, masked = search.width, search.masked
+    return HardenReport(
+        model=str(model_path), output=str(out_path), feature_tensor=p.target.feature, features=width,
+        masked=masked, newly_masked=masked - search.previously, fraction=masked / width if width else 0.0,
+        score=config.score, attack=dict(p.attack.to_dict(), fallback=p.fallback),
+        clean_accuracy={"original": base.clean, "hardened": final["clean"]},
+        adversarial_accuracy={"original": base.adv_accuracy, "hardened_transfer": final["transfer"],
+                              "hardened_adaptive": final["adaptive"]},
+        calibration=search.calibration, samples={"calibration": len(p.calib), "validation": len(p.val)},
+        seconds=round(time.perf_counter() - start, 3), stages=stages, providers=list(p.providers), device=p.device,
+        seed=config.seed, versions=versions(), inputs_sha256=input_hashes(model_path, data),
+        mask_added=search.changed, max_clean_drop=config.max_clean_drop,
+        budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
+        rounds=search.rounds, curve=[c.to_dict() for c in search.curve] if search.curve else None,
+        scores=search.scores.tolist() if config.curve and search.scores is not None else None, stages_cpu=stages_cpu,
+    )
+
+
+# --- the stages, in the order harden runs them ---------------------------------------------------------
+
+
+def output_path(model_path: Path, output: Path | None) -> Path:
+    """Where the hardened model goes (default ``<model>.cloaked.onnx``), checked before any work."""
+    out = Path(output) if output else model_path.with_name(model_path.stem + ".cloaked.onnx")
+    if out.resolve() == model_path.resolve():
+        raise CloakError(f"the output path is the input model {model_path}; choose another with -o PATH")
+    check_writable_dir(out.parent)
+    return out
+
+
+def check_needs_head(p: Prepared, config: HardenConfig) -> None:
+    """Options that evaluate masks through the linear head need the head's input as the feature tensor."""
+    if config.fold and p.target.head is None:
+        raise CloakError("--fold multiplies the mask into the linear head's weights; it cannot be used with a "
+                         "custom --feature-tensor (use the Mul form)")
+    if (config.max_clean_drop is not None or config.curve) and p.target.head is None:
+        raise CloakError("--max-clean-drop and --plot need the model's linear head after the feature tensor "
+                         "(they evaluate masks in numpy); use --fraction with a custom --feature-tensor")
+    n_val = len(p.val)
+    if config.max_clean_drop is not None and not config.budget_confidence and 100.0 / n_val > config.max_clean_drop / 2:
+        log.warning("the validation split has %d samples (one sample = %.2f points), coarse for a %g-point budget: "
+                    "the budget holds on this split but may not on new data; use more data, a larger --val-split "
+                    "or --budget-confidence", n_val, 100.0 / n_val, config.max_clean_drop)
+
+
+def evaluate_original(p: Prepared, config: HardenConfig) -> Baseline:
+    bs = config.ort_batch_size
+    clean = p.runner.accuracy(p.val, bs)
+    adv = p.craft(p.runner, p.val, " validation")  # crafted on the original: the transfer set
+    return Baseline(clean, adv, p.runner.accuracy(p.val, bs, adv))
+
+
+def search_mask(p: Prepared, config: HardenConfig, base: Baseline, timer: StageTimer) -> MaskSearch:
+    """Rounds of calibrate -> score -> choose; each round attacks the model hardened so far."""
+    mask = p.target.existing_mask
+    previously = 0 if mask is None else int((mask == 0).sum())
+    search = MaskSearch(mask, previously, p.runner, 0, 0, [], {}, None, None)
+    f_val_clean = None
+    for r in range(config.rounds):
+        stats, calib_clean, calib_adv = calibrate(p, search.runner, config.ort_batch_size, timer, f" (round {r + 1})")
+        search.width, search.ndim = stats.width, stats.ndim
+        with timer("selection"):
+            scores = score_features(stats, config.score)
+            order = ranking(scores, search.mask)
+            adv_val = base.adv if r == 0 else p.craft(search.runner, p.val, f" validation (round {r + 1})")
+            k = count_for(config.fraction, stats.width)
+            if config.max_clean_drop is not None or (config.curve and r == 0):
+                if f_val_clean is None:
+                    f_val_clean = collect_features(p.runner.session, p.target.feature, p.val.x, p.runner.feed,
+                                                   config.ort_batch_size)
+                points = _curve(p, config, order, search, f_val_clean, adv_val)
+                if config.max_clean_drop is not None:
+                    chosen = choose_point(points, base.clean, config.max_clean_drop,
+                                          use_bound=bool(config.budget_confidence))
+                    k = 0 if chosen is None else chosen.added
+        if r == 0:
+            search.calibration = {"clean_accuracy": calib_clean, "adversarial_accuracy": calib_adv}
+            search.scores = scores
+            search.curve = points if config.max_clean_drop is not None or config.curve else None
+        if k == 0:
+            log.info("round %d: no mask improves adversarial accuracy within the clean-accuracy budget", r + 1)
+            search.rounds.append({"round": r + 1, "added": 0, "masked": search.masked})
+            break
+        _add_round(p, config, search, order, k, adv_val, timer)
+    return search
+
+
+def _curve(p: Prepared, config: HardenConfig, order, search: MaskSearch, f_val_clean, adv_val) -> list[CurvePoint]:
+    """The trade-off on validation for this round's ranking, computed through the head in numpy."""
+    f_val_adv = collect_features(p.runner.session, p.target.feature, adv_val, p.runner.feed, config.ort_batch_size)
+    counts = counts_for(config.fractions, search.width, search.masked if search.mask is not None else 0)
+    return mask_curve(p.target.head, order, counts, f_val_clean, f_val_adv, p.val.y, search.mask,
+                      config.budget_confidence or 0.9)
+
+
+def _add_round(p: Prepared, config: HardenConfig, search: MaskSearch, order, k: int, adv_val, timer) -> None:
+    """Mask ``k`` more features and move the search to the model hardened so far."""
+    with timer("surgery"):
+        search.mask = mask_top(order, k, search.width, search.mask)
+        current = apply_mask(search.runner.model, p.target.feature, search.mask, search.ndim)
+    before, search.runner = search.runner, p.runner_for(current, config)
+    with timer("evaluation"):
+        search.rounds.append({"round": len(search.rounds) + 1, "added": k, "masked": search.masked})
+        if config.rounds > 1:  # with one round these are the final figures, computed by evaluate_hardened
+            bs = config.ort_batch_size
+            search.rounds[-1].update(clean_accuracy=search.runner.accuracy(p.val, bs),
+                                     adversarial_accuracy_before=before.accuracy(p.val, bs, adv_val),
+                                     adversarial_accuracy_after=search.runner.accuracy(p.val, bs, adv_val))
+
+
+def hardened_model(p: Prepared, config: HardenConfig, search: MaskSearch) -> onnx.ModelProto:
+    """The original graph with the final mask (Mul or folded) and its record; unchanged if nothing helps."""
+    if not search.changed:
+        return p.model
+    record = CloakRecord(
+        feature_tensor=p.target.feature, features=search.width, masked=search.masked, score=config.score,
+        attack=p.attack.to_dict(), seed=config.seed, rounds=len(search.rounds), max_clean_drop=config.max_clean_drop,
+        budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
+        form=FOLDED if config.fold else MUL)
+    meta = record.metadata(p.model)
+    if config.fold:
+        return fold_mask(p.model, search.mask, meta)
+    return apply_mask(p.model, p.target.feature, search.mask, search.ndim, meta)
+
+
+def evaluate_hardened(p: Prepared, config: HardenConfig, base: Baseline, search: MaskSearch) -> dict:
+    """Clean, transfer and (unless turned off) adaptive accuracy of the hardened model on validation."""
+    hard, bs = search.runner, config.ort_batch_size
+    result = {"clean": hard.accuracy(p.val, bs), "transfer": hard.accuracy(p.val, bs, base.adv), "adaptive": None}
+    if config.adaptive:
+        adv = p.craft(hard, p.val, " hardened (adaptive)") if search.changed else base.adv
+        result["adaptive"] = hard.accuracy(p.val, bs, adv)
+    if config.rounds == 1 and search.rounds and search.rounds[0]["added"]:
+        search.rounds[0].update(clean_accuracy=result["clean"], adversarial_accuracy_before=base.adv_accuracy,
+                                adversarial_accuracy_after=result["transfer"])
+    return result
+
+
+# --- provenance ------------------------------------------------------------------------------------------
 
 
 def sha256_file(path: str | Path) -> str:
@@ -106,300 +262,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def input_hashes(model_path: Path, data) -> dict:
+    hashes = {"model": sha256_file(model_path)}
+    if not isinstance(data, Dataset) and Path(data).is_file():
+        hashes["data"] = sha256_file(data)
+    return hashes
+
+
 def versions() -> dict:
     import onnxruntime
     import torch
 
     return {"cloakonnx": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "numpy": np.__version__}
-
-
-def resolve_target(model: onnx.ModelProto, feature_tensor: str | None, output: str | None) -> Target:
-    """The head's input by default; any float tensor with ``--feature-tensor``."""
-    if feature_tensor is None:
-        from .fold import folded_mask
-
-        head = find_head(model, output)
-        return Target(head.feature, head.logits, head, head.mask if head.mask is not None else folded_mask(model))
-    logits = logits_output(model, output)
-    try:
-        head = find_head(model, logits)
-        head = head if head.feature == feature_tensor else None
-    except CloakError:
-        head = None
-    found = find_mask(model, feature_tensor)
-    known = {o for n in model.graph.node for o in n.output}
-    if feature_tensor not in known:
-        raise CloakError(f"no tensor named {feature_tensor!r} is produced in the model; "
-                         "`cloakonnx inspect MODEL` shows the feature tensor")
-    return Target(feature_tensor, logits, head, None if found is None else found[1])
-
-
-def default_output(model_path: Path) -> Path:
-    return model_path.with_name(model_path.stem + ".cloaked.onnx")
-
-
-def check_output_path(model_path: Path, out: Path) -> None:
-    """Fail before any work is done if the result could not be written."""
-    if out.resolve() == model_path.resolve():
-        raise CloakError(f"the output path is the input model {model_path}; choose another with -o PATH")
-    check_writable_dir(out.parent)
-
-
-def choose_attack(runner: Runner, wanted: AttackConfig) -> tuple[AttackConfig, str | None]:
-    """The attack to use: the one asked for, or Square through onnxruntime when the torch executor
-    cannot differentiate this graph (and then say why)."""
-    from .attacks import ATTACKS
-
-    cls = ATTACKS.get(wanted.name)
-    if runner.torch_model is not None or cls is None or not cls.needs_gradients:
-        return wanted, None
-    reason = f"the torch executor lacks {', '.join(f'{o} (opset {v})' for o, v in runner.unsupported.ops)}"
-    log.warning("%s: crafting with the gradient-free Square attack through onnxruntime instead of %s",
-                reason, wanted.name)
-    return replace(wanted, name="square", norm="linf"), reason
-
-
-@dataclass
-class Prepared:
-    """What every command that attacks a model needs, loaded and checked once."""
-
-    model_path: Path
-    model: onnx.ModelProto
-    target: Target
-    runner: Runner
-    calib: Dataset
-    val: Dataset
-    attack: AttackConfig
-    fallback: str | None
-    attack_batch: BatchChoice
-    device: str
-    providers: tuple[str, ...]
-
-
-def prepare(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> Prepared:
-    """Load and validate the model and data, split them, and choose the attack."""
-    import torch
-
-    from .runtime import resolve_providers
-
-    model_path = Path(model_path)
-    bounds = config.preprocess.bounds
-    config.attack.validate(bounds)
-    count_for(config.fraction, 1)  # validates the fraction before any work
-    if config.rounds < 1:
-        raise CloakError(f"--rounds must be at least 1, got {config.rounds}")
-    if config.max_clean_drop is not None and config.max_clean_drop < 0:
-        raise CloakError(f"--max-clean-drop must be non-negative, got {config.max_clean_drop:g}")
-    if not (config.budget_confidence == 0 or 0.5 <= config.budget_confidence < 1):
-        raise CloakError(f"--budget-confidence must be 0 (point estimate only) or in [0.5, 1), "
-                         f"got {config.budget_confidence:g}")
-    model = load_model(model_path)
-    target = resolve_target(model, config.feature_tensor, config.output_name)
-    inp = select_input(model, config.input_name)
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    providers = resolve_providers(config.providers)
-    torch.manual_seed(config.seed)
-    if isinstance(data, Dataset):
-        ds = data
-    else:
-        channels = inp.shape[1] if len(inp.shape) == 4 and isinstance(inp.shape[1], int) else 3
-        ds = load_data(data, config.image_size, channels, bounds)
-    runner = Runner(model, target.logits, [target.feature], config.preprocess, config.input_name,
-                    config.providers, device)
-    validate(ds, inp.shape, bounds, None)
-    validate(ds, inp.shape, bounds, _num_classes(runner, ds))
-    calib, val = split(ds, config.val_split, config.seed)
-    log.info("model %s: feature tensor %r, %s; %d calibration / %d validation samples; providers %s; torch on %s",
-             model_path.name, target.feature, f"{target.head.kind} head" if target.head else "custom tensor",
-             len(calib), len(val), ", ".join(providers), device)
-    attack, fallback = choose_attack(runner, config.attack)
-    batch = runner.attack_batch(attack.batch_size, attack.name, ds.x.shape[1:])
-    attack = replace(attack, batch_size=batch.size)  # the report records the size used
-    return Prepared(model_path, model, target, runner, calib, val, attack, fallback, batch, device, providers)
-
-
-def _craft(p: Prepared, runner: Runner, ds: Dataset, desc: str) -> np.ndarray:
-    return craft(runner.model_for(p.attack.name), p.attack, ds.x, ds.y, p.runner.preprocess.bounds, p.device, desc,
-                 p.attack_batch.size, fixed_batch=bool(runner.fixed_batch))
-
-
-def _calibrate(p: Prepared, runner: Runner, config: HardenConfig, stages: dict, desc: str):
-    """Attack the calibration split through ``runner`` and stream the feature statistics."""
-    from .stats import stream_stats
-
-    t = time.perf_counter()
-    adv = _craft(p, runner, p.calib, f"attack calibration{desc}")
-    stages["attack"] = stages.get("attack", 0.0) + time.perf_counter() - t
-    t = time.perf_counter()
-    weight = p.target.head.weight if p.target.head is not None else None
-    stats, clean, adv_acc = stream_stats(runner.session, p.target.feature, p.target.logits, p.calib.x, adv,
-                                         p.calib.y, runner.feed, config.batch_size, head_weight=weight)
-    stages["statistics"] = stages.get("statistics", 0.0) + time.perf_counter() - t
-    return stats, clean, adv_acc
-
-
-def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> HardenReport:
-    """Harden ``model_path`` with a DeepCloak mask; write it atomically and return the report.
-
-    With ``max_clean_drop`` the number of features is chosen on the validation split (the best
-    adversarial accuracy within the clean-accuracy budget); if nothing helps, the model is written
-    unchanged. With ``rounds`` > 1 each round attacks the model hardened so far and adds to the mask.
-    """
-    from .evaluate import accuracy
-    from .sweep import choose_point, collect_features, counts_for, mask_curve
-
-    t_start = time.perf_counter()
-    stages: dict[str, float] = {}
-    model_path = Path(model_path)
-    out_path = Path(config.output) if config.output else default_output(model_path)
-    check_output_path(model_path, out_path)
-    p = prepare(model_path, data, config)
-    target, runner, val = p.target, p.runner, p.val
-    if config.fold and target.head is None:
-        raise CloakError("--fold multiplies the mask into the linear head's weights; it cannot be used with a "
-                         "custom --feature-tensor (use the Mul form)")
-    if (config.max_clean_drop is not None or config.plot) and target.head is None:
-        raise CloakError("--max-clean-drop and --plot need the model's linear head after the feature tensor "
-                         "(they evaluate masks in numpy); use --fraction with a custom --feature-tensor")
-    feed, logits = runner.feed, target.logits
-    if config.max_clean_drop is not None and not config.budget_confidence and 100.0 / len(val) > config.max_clean_drop / 2:
-        log.warning("the validation split has %d samples (one sample = %.2f points), coarse for a %g-point budget: "
-                    "the budget holds on this split but may not on new data; use more data, a larger --val-split "
-                    "or --budget-confidence", len(val), 100.0 / len(val), config.max_clean_drop)
-
-    t = time.perf_counter()
-    clean_o = accuracy(runner.session, val.x, val.y, feed, logits, config.batch_size)
-    adv_val0 = _craft(p, runner, val, " validation")  # crafted on the original: the transfer set
-    adv_o = accuracy(runner.session, adv_val0, val.y, feed, logits, config.batch_size)
-    stages["evaluation"] = time.perf_counter() - t
-
-    mask, current, cur_runner = target.existing_mask, p.model, runner
-    previously = 0 if mask is None else int((mask == 0).sum())
-    rounds: list[dict] = []
-    curve = None
-    f_val_clean = None
-    calib_figures: dict = {}
-    width = ndim = 0
-    for r in range(config.rounds):
-        stats, calib_clean, calib_adv = _calibrate(p, cur_runner, config, stages, f" (round {r + 1})")
-        width, ndim = stats.width, stats.ndim
-        if r == 0:
-            calib_figures = {"clean_accuracy": calib_clean, "adversarial_accuracy": calib_adv}
-        t = time.perf_counter()
-        order = ranking(score_features(stats, config.score), mask)
-        adv_val_r = adv_val0 if r == 0 else _craft(p, cur_runner, val, f" validation (round {r + 1})")
-        k = count_for(config.fraction, width)
-        if config.max_clean_drop is not None or (config.plot and r == 0):
-            if f_val_clean is None:
-                f_val_clean = collect_features(runner.session, target.feature, val.x, feed, config.batch_size)
-            f_val_adv = collect_features(runner.session, target.feature, adv_val_r, feed, config.batch_size)
-            already = 0 if mask is None else int((mask == 0).sum())
-            points = mask_curve(target.head, order, counts_for(config.fractions, width, already), f_val_clean,
-                                f_val_adv, val.y, mask, config.budget_confidence or 0.9)
-            if r == 0:
-                curve = points
-            if config.max_clean_drop is not None:
-                chosen = choose_point(points, clean_o, config.max_clean_drop, use_bound=bool(config.budget_confidence))
-                k = 0 if chosen is None else chosen.added
-        stages["selection"] = stages.get("selection", 0.0) + time.perf_counter() - t
-        if k == 0:
-            log.info("round %d: no mask improves adversarial accuracy within the clean-accuracy budget", r + 1)
-            rounds.append({"round": r + 1, "added": 0, "masked": previously if mask is None else int((mask == 0).sum())})
-            break
-        t = time.perf_counter()
-        prev_runner = cur_runner
-        mask = mask_top(order, k, width, mask)
-        current = apply_mask(current, target.feature, mask, ndim)
-        stages["surgery"] = stages.get("surgery", 0.0) + time.perf_counter() - t
-        cur_runner = Runner(current, logits, [target.feature], config.preprocess, config.input_name,
-                            config.providers, p.device)
-        t = time.perf_counter()
-        rounds.append({"round": r + 1, "added": k, "masked": int((mask == 0).sum())})
-        if config.rounds > 1:  # with one round these are the final figures, computed below
-            rounds[-1].update(
-                clean_accuracy=accuracy(cur_runner.session, val.x, val.y, feed, logits, config.batch_size),
-                adversarial_accuracy_before=accuracy(prev_runner.session, adv_val_r, val.y, feed, logits),
-                adversarial_accuracy_after=accuracy(cur_runner.session, adv_val_r, val.y, feed, logits))
-        stages["evaluation"] += time.perf_counter() - t
-
-    masked = previously if mask is None else int((mask == 0).sum())
-    changed = masked > previously
-    t = time.perf_counter()
-    if changed:
-        record = {"version": __version__, "masked": masked, "fraction": masked / width, "score": config.score,
-                  "feature_tensor": target.feature, "attack": p.attack.to_dict(), "seed": config.seed,
-                  "rounds": len(rounds), "max_clean_drop": config.max_clean_drop,
-                  "budget_confidence": config.budget_confidence if config.max_clean_drop is not None else None,
-                  "form": "folded" if config.fold else "mul"}
-        meta = {
-            METADATA_PREFIX + "version": __version__,
-            METADATA_PREFIX + "feature_tensor": target.feature,
-            METADATA_PREFIX + "features": str(width),
-            METADATA_PREFIX + "masked": str(masked),
-            METADATA_PREFIX + "fraction": repr(masked / width),
-            METADATA_PREFIX + "score": config.score,
-            METADATA_PREFIX + "attack": json.dumps(p.attack.to_dict(), sort_keys=True),
-            METADATA_PREFIX + "form": "mul",
-            METADATA_PREFIX + "history": history_entry(p.model, record),
-        }
-        if config.fold:
-            from .fold import fold_mask
-
-            hardened = fold_mask(p.model, mask, meta)
-        else:
-            hardened = apply_mask(p.model, target.feature, mask, ndim, meta)
-    else:
-        hardened = p.model  # nothing helps: the original graph, unchanged
-    stages["surgery"] = stages.get("surgery", 0.0) + time.perf_counter() - t
-
-    t = time.perf_counter()
-    hard = cur_runner if changed else runner
-    clean_h = accuracy(hard.session, val.x, val.y, feed, logits, config.batch_size)
-    adv_transfer = accuracy(hard.session, adv_val0, val.y, feed, logits, config.batch_size)
-    adv_adaptive = None
-    if config.adaptive:
-        adv_h = _craft(p, hard, val, " hardened (adaptive)") if changed else adv_val0
-        adv_adaptive = accuracy(hard.session, adv_h, val.y, feed, logits, config.batch_size)
-    stages["evaluation"] += time.perf_counter() - t
-    if config.rounds == 1 and rounds and rounds[0]["added"]:
-        rounds[0].update(clean_accuracy=clean_h, adversarial_accuracy_before=adv_o,
-                         adversarial_accuracy_after=adv_transfer)
-
-    t = time.perf_counter()
-    save_model(hardened, out_path, external=uses_external_data(model_path))
-    stages["write"] = time.perf_counter() - t
-
-    hashes = {"model": sha256_file(model_path)}
-    if not isinstance(data, Dataset) and Path(data).is_file():
-        hashes["data"] = sha256_file(data)
-    report = HardenReport(
-        model=str(model_path), output=str(out_path), feature_tensor=target.feature, features=width,
-        masked=masked, newly_masked=masked - previously, fraction=masked / width if width else 0.0,
-        score=config.score, attack=dict(p.attack.to_dict(), fallback=p.fallback),
-        clean_accuracy={"original": clean_o, "hardened": clean_h},
-        adversarial_accuracy={"original": adv_o, "hardened_transfer": adv_transfer, "hardened_adaptive": adv_adaptive},
-        calibration=calib_figures, samples={"calibration": len(p.calib), "validation": len(val)},
-        seconds=round(time.perf_counter() - t_start, 3), stages={k: round(v, 3) for k, v in stages.items()},
-        providers=list(p.providers), device=p.device, seed=config.seed, versions=versions(), inputs_sha256=hashes,
-        mask_added=changed, max_clean_drop=config.max_clean_drop,
-        budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None, rounds=rounds,
-        curve=[c.to_dict() for c in curve] if curve else None,
-    )
-    if config.plot:
-        from .report import plot_sweep
-
-        plot_sweep({"model": str(model_path), "curves": {config.score: report.curve},
-                    "scores": {config.score: score_features(stats, config.score).tolist()},
-                    "chosen": {config.score: {"masked": masked, "fraction": report.fraction,
-                                              "clean_accuracy": clean_h, "adversarial_accuracy": adv_transfer}},
-                    "best": {"score": config.score}}, config.plot)
-    return report
-
-
-def _num_classes(runner: Runner, ds: Dataset) -> int:
-    """Width of the logits, read from one real forward pass (works for any head)."""
-    from .runtime import run_batch
-
-    (logits,) = run_batch(runner.session, runner.feed(ds.x[:1]), [runner.logits])
-    return int(np.prod(logits.shape[1:]))

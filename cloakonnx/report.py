@@ -269,3 +269,15 @@ def format_sweep(report: dict) -> str:
     b = report["best"]
     text += "\nbest: " + (f"{b['score']}" if b["score"] else "none: the mask buys nothing on this model and data")
     return text
+
+
+def plot_harden(report: dict, path: str | Path) -> None:
+    """harden's own trade-off curve (its first round) and feature scores, drawn as sweep draws one score."""
+    if not report.get("curve") or not report.get("scores"):
+        raise CloakError("this harden report has no curve to plot (run harden with --plot)")
+    score = report["score"]
+    chosen = {"masked": report["masked"], "fraction": report["fraction"],
+              "clean_accuracy": report["clean_accuracy"]["hardened"],
+              "adversarial_accuracy": report["adversarial_accuracy"]["hardened_transfer"]}
+    plot_sweep({"model": report["model"], "curves": {score: report["curve"]}, "scores": {score: report["scores"]},
+                "chosen": {score: chosen}, "best": {"score": score}}, path)

@@ -8,10 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from .errors import CloakError
-from .model import tensor_elem_type
 
 
 @dataclass
@@ -78,22 +76,6 @@ def margin_terms(f_clean: np.ndarray, f_adv: np.ndarray, adv_logits: np.ndarray,
     logits[np.arange(len(y)), y] = -np.inf
     a = logits.argmax(1)
     return delta * (weight[:, a] - weight[:, y]).T
-
-
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns the named intermediate tensors."""
-    known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise CloakError(f"no tensor named {', '.join(map(repr, missing))} in the model; "
-                         "`cloakonnx inspect MODEL` lists the feature tensor and candidates")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    present = {o.name for o in out.graph.output}
-    for n in names:
-        if n not in present:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(n, tensor_elem_type(model, n), None))
-    return out
 
 
 def stream_stats(session, feature: str, logits: str, x_clean: np.ndarray, x_adv: np.ndarray,

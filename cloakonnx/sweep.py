@@ -1,105 +1,17 @@
-"""The trade-off curve: clean and adversarial accuracy against the share of features masked.
-
-Validation features are computed once through onnxruntime; each candidate mask is then applied to
-them and the head is run in numpy, instead of re-running the whole model per fraction.
-"""
+"""``cloakonnx sweep``: the whole trade-off curve for every score, from one attack of each split."""
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
 
-import numpy as np
-
-from .mask import mask_top
-from .model import Head
-from .runtime import batch_size_for, run_batch
-
-DEFAULT_FRACTIONS = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.125, 0.15,
-                     0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
-
-
-@dataclass
-class CurvePoint:
-    fraction: float  # of all features, zeroed in total (earlier masks included)
-    masked: int  # zeroed in total
-    added: int  # zeroed by this run
-    clean_accuracy: float
-    adversarial_accuracy: float
-    # One-sided upper confidence bound on the clean-accuracy drop in points, from the paired
-    # per-sample changes against no new mask (see clean_drop_bound); None if not computed.
-    clean_drop_bound: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def collect_features(session, feature: str, x: np.ndarray, feed, batch_size: int = 256) -> np.ndarray:
-    """The feature tensor for every sample of ``x`` (used for the validation split only)."""
-    bs = batch_size_for(session, batch_size)
-    parts = [run_batch(session, feed(x[s : s + bs]), [feature])[0] for s in range(0, len(x), bs)]
-    f = np.concatenate(parts)
-    return f.reshape(len(f), -1)
-
-
-def counts_for(fractions, width: int, already: int = 0) -> list[int]:
-    """Distinct numbers of new features to mask for the candidate fractions (of the whole width)."""
-    free = width - already
-    out = sorted({min(free, max(0, int(round(f * width)) - already)) for f in fractions} | {0})
-    return out
-
-
-def clean_drop_bound(correct_before: np.ndarray, correct_after: np.ndarray, confidence: float) -> float:
-    """Upper bound, in percentage points, on the clean-accuracy drop a mask causes on new data.
-
-    A paired comparison: b samples the mask broke, f it fixed, out of n. The bound is the one-sided
-    Agresti-Min interval for a difference of matched proportions (Agresti and Min, 2005): add 0.5
-    to each cell of the 2x2 table, then the Wald bound. Unlike the plain Wald bound it is not zero
-    when no sample changed, so a small validation split cannot certify a tight budget by luck.
-    """
-    from statistics import NormalDist
-
-    if np.array_equal(correct_before, correct_after) and len(correct_before) == 0:
-        return 0.0
-    b = float(np.sum(correct_before & ~correct_after)) + 0.5
-    f = float(np.sum(~correct_before & correct_after)) + 0.5
-    n = len(correct_before) + 2.0
-    diff = (b - f) / n
-    var = max((b + f) - (b - f) ** 2 / n, 0.0) / n**2
-    return 100.0 * (diff + NormalDist().inv_cdf(confidence) * float(np.sqrt(var)))
-
-
-def mask_curve(head: Head, order: np.ndarray, counts, f_clean: np.ndarray, f_adv: np.ndarray, y: np.ndarray,
-               existing: np.ndarray | None = None, confidence: float = 0.9) -> list[CurvePoint]:
-    """Accuracy of the head on masked clean and adversarial features, for each count of new zeros,
-    with the ``confidence`` bound on each point's clean-accuracy drop."""
-    width = head.width
-    before = head.apply(f_clean, mask_top(order, 0, width, existing)).argmax(1) == y
-    points = []
-    for k in counts:
-        mask = mask_top(order, k, width, existing)
-        masked = int((mask == 0).sum())
-        correct = head.apply(f_clean, mask).argmax(1) == y
-        adv = float((head.apply(f_adv, mask).argmax(1) == y).mean())
-        bound = 0.0 if k == 0 else clean_drop_bound(before, correct, confidence)  # no new zero: no change
-        points.append(CurvePoint(masked / width, masked, k, float(correct.mean()), adv, bound))
-    return points
-
-
-def choose_point(points: list[CurvePoint], reference_clean: float, max_clean_drop: float,
-                 use_bound: bool = False) -> CurvePoint | None:
-    """The point with the best adversarial accuracy whose clean accuracy is at most ``max_clean_drop``
-    percentage points below ``reference_clean`` (with ``use_bound``: whose drop's upper confidence
-    bound is within it); None when nothing beats adding no mask."""
-    start = next(p for p in points if p.added == 0)
-
-    def within(p: CurvePoint) -> bool:
-        point = 100 * (reference_clean - p.clean_accuracy)
-        return point <= max_clean_drop + 1e-9 and (not use_bound or p.clean_drop_bound <= max_clean_drop + 1e-9)
-
-    eligible = [p for p in points if within(p)]
-    if not eligible:
-        return None
-    best = max(eligible, key=lambda p: (p.adversarial_accuracy, -p.added))
-    return best if best.adversarial_accuracy > start.adversarial_accuracy else None
+from .config import MaskConfig
+from .curve import choose_point, counts_for, mask_curve
+from .data import Dataset
+from .errors import CloakError
+from .mask import SCORES, ranking, score_features
+from .pipeline import StageTimer, calibrate, collect_features, prepare
 
 
 @dataclass
@@ -123,28 +35,20 @@ class SweepReport:
         return asdict(self)
 
 
-def sweep(model_path, data, config, scores=("absdiff", "normalised", "margin")) -> SweepReport:
+def sweep(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig,
+          scores: Sequence[str] = tuple(SCORES)) -> SweepReport:
     """The whole curve for every score, from one attack of each split: no model is written."""
-    import time
-
-    from .errors import CloakError
-    from .evaluate import accuracy
-    from .harden import _calibrate, _craft, prepare
-    from .mask import ranking, score_features
-
     t0 = time.perf_counter()
     p = prepare(model_path, data, config)
     if p.target.head is None:
         raise CloakError("sweep evaluates masks through the linear head in numpy; it needs the head's input as "
                          "the feature tensor (not a custom --feature-tensor)")
-    runner, val, head = p.runner, p.val, p.target.head
-    stats, _, _ = _calibrate(p, runner, config, {}, "")
-    adv_val = _craft(p, runner, val, " validation")
-    feed = runner.feed
-    clean = accuracy(runner.session, val.x, val.y, feed, p.target.logits, config.batch_size)
-    adv = accuracy(runner.session, adv_val, val.y, feed, p.target.logits, config.batch_size)
-    f_clean = collect_features(runner.session, p.target.feature, val.x, feed, config.batch_size)
-    f_adv = collect_features(runner.session, p.target.feature, adv_val, feed, config.batch_size)
+    runner, val, head, bs = p.runner, p.val, p.target.head, config.ort_batch_size
+    stats, _, _ = calibrate(p, runner, bs, StageTimer())
+    adv_val = p.craft(runner, val, " validation")
+    clean, adv = runner.accuracy(val, bs), runner.accuracy(val, bs, adv_val)
+    f_clean = collect_features(runner.session, p.target.feature, val.x, runner.feed, bs)
+    f_adv = collect_features(runner.session, p.target.feature, adv_val, runner.feed, bs)
     existing = p.target.existing_mask
     already = 0 if existing is None else int((existing == 0).sum())
     budget = 1.0 if config.max_clean_drop is None else config.max_clean_drop

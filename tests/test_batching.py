@@ -147,7 +147,7 @@ def test_harden_sizes_the_attack_batch_and_records_it(digits_files, tmp_path, mo
                       HardenConfig(output=tmp_path / "e.onnx", attack=AttackConfig(name="fgsm", eps=0.1, batch_size=5),
                                    fraction=0.05, providers=["CPUExecutionProvider"], device="cpu", adaptive=False))
     assert explicit.attack["batch_size"] == 5
-    from cloakonnx.model import find_mask, load_model
+    from cloakonnx.graph import find_mask, load_model
 
     # FGSM has no randomness: the batch size does not change which features get masked.
     masks = [find_mask(load_model(p), report.feature_tensor)[1] for p in (tmp_path / "h.onnx", tmp_path / "e.onnx")]

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cloakonnx.errors import CloakError
 from cloakonnx.harden import HardenConfig, harden
-from cloakonnx.model import find_head, load_model, save_model, select_input
+from cloakonnx.graph import find_head, load_model, save_model, select_input
 
 from .conftest import sha256
 
@@ -48,7 +48,7 @@ def test_several_heads_ask_for_logits_name():
 
 
 def test_integer_feature_cannot_take_a_float_mask():
-    from cloakonnx.surgery import apply_mask
+    from cloakonnx.graph import apply_mask
 
     w = numpy_helper.from_array(np.ones((4, 3), np.int32), "W")
     m = _model([helper.make_node("Cast", ["x"], ["f"], to=TensorProto.INT32), helper.make_node("MatMul", ["f", "W"], ["y"])],
@@ -135,7 +135,7 @@ def test_ctrl_c_leaves_no_output(digits_files, tmp_path):
 def test_a_killed_run_leaves_only_its_temporary_and_the_next_write_removes_it(digits_files, tmp_path):
     """SIGKILL skips every cleanup: a write killed mid-way leaves a hidden temporary (never the output).
     The next write to the same path removes temporaries whose writer is dead, and keeps live ones."""
-    from cloakonnx.model import load_model, save_model
+    from cloakonnx.graph import load_model, save_model
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

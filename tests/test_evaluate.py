@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from cloakonnx.attacks import AttackConfig
 from cloakonnx.data import Dataset
 from cloakonnx.evaluate import EvaluateConfig, evaluate, sanity_checks
 
@@ -21,7 +22,8 @@ def hardened_model(digits_files, tmp_path_factory):
 
 
 def test_evaluate_threat_models_and_checks(digits_files, hardened_model, tmp_path):
-    config = EvaluateConfig(attacks=("fgsm", "pgd", "square"), eps=(0.05, 0.15), steps=5, queries=100,
+    config = EvaluateConfig(attacks=("fgsm", "pgd", "square"), eps=(0.05, 0.15),
+                            attack=AttackConfig(steps=5, queries=100),
                             reference=digits_files[0], max_samples=150)
     report = evaluate(hardened_model, digits_files[1], config).to_dict()
     threats = {(r["attack"], r["threat"]) for r in report["results"]}
@@ -58,7 +60,7 @@ def test_pgd_agrees_with_torchattacks(digits_net, digits_files):
     x, y = held.x[:300], held.y[:300]
     eps, steps = 0.1, 10
     alpha = 2.5 * eps / steps
-    ours = evaluate(digits_files[0], Dataset(x, y), EvaluateConfig(attacks=("pgd",), eps=(eps,), steps=steps,
+    ours = evaluate(digits_files[0], Dataset(x, y), EvaluateConfig(attacks=("pgd",), eps=(eps,), attack=AttackConfig(steps=steps),
                                                                     sanity=False)).to_dict()
     ours_acc = ours["results"][0]["accuracy"]
     atk = torchattacks.PGD(net.eval(), eps=eps, alpha=alpha, steps=steps, random_start=True)

@@ -5,10 +5,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cloakonnx.errors import CloakError
-from cloakonnx.fold import FOLDED_MASK_KEY, FORM_KEY, fold_mask, folded_mask
-from cloakonnx.model import find_head, load_model, save_model
+from cloakonnx.graph import fold_mask, folded_mask
+from cloakonnx.graph.record import FOLDED_MASK_KEY, FORM_KEY
+from cloakonnx.graph import find_head, load_model, save_model
 from cloakonnx.runtime import make_session
-from cloakonnx.surgery import apply_mask
+from cloakonnx.graph import apply_mask
 
 F, C = 6, 4  # features, classes of the tiny models
 

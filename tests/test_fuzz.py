@@ -184,8 +184,8 @@ def harden_and_check(model: onnx.ModelProto, info: dict, x: np.ndarray, y: np.nd
     Any other exception propagates: that is a bug."""
     from cloakonnx.attacks import AttackConfig
     from cloakonnx.harden import HardenConfig, harden
-    from cloakonnx.model import find_head
-    from cloakonnx.stats import with_outputs
+    from cloakonnx.graph import find_head
+    from cloakonnx.graph import with_outputs
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -194,7 +194,7 @@ def harden_and_check(model: onnx.ModelProto, info: dict, x: np.ndarray, y: np.nd
         np.savez(data_path, x=x, y=y)
         config = HardenConfig(output=out_path, attack=AttackConfig(name="fgsm", eps=0.1, batch_size=attack_batch),
                               fraction=fraction, val_split=0.5, adaptive=False, device="cpu",
-                              providers=["CPUExecutionProvider"], batch_size=ort_batch)
+                              providers=["CPUExecutionProvider"], ort_batch_size=ort_batch)
         try:
             report = harden(model_path, data_path, config)
         except CloakError as exc:

@@ -4,7 +4,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cloakonnx.errors import CloakError
-from cloakonnx.model import find_head, inspect_model, load_model
+from cloakonnx.graph import find_head, inspect_model, load_model
 
 
 def _save(model, path):
@@ -44,7 +44,7 @@ def test_find_head(head, softmax):
 
 def test_head_weights_reproduce_logits():
     from cloakonnx.runtime import make_session
-    from cloakonnx.stats import with_outputs
+    from cloakonnx.graph import with_outputs
 
     model = _mlp("gemm")
     x = np.random.default_rng(1).random((4, 6)).astype(np.float32)

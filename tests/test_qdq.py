@@ -98,8 +98,8 @@ def test_gradient_attacks_through_a_qdq_model_are_as_strong_as_transfer_from_the
     from (it did far worse while the input's zero pixels had zero gradient)."""
     from cloakonnx.attacks import AttackConfig, craft
     from cloakonnx.data import Preprocess
-    from cloakonnx.evaluate import Runner
-    from cloakonnx.model import load_model
+    from cloakonnx.pipeline import Runner
+    from cloakonnx.graph import load_model
 
     data = np.load(digits_files[1])
     x, y = data["x"][:200], data["y"][:200].astype(np.int64)
@@ -155,7 +155,7 @@ def test_check_passes_on_a_quantized_model_and_reports_the_fused_kernels(qdq_dig
 
 
 def test_head_is_found_behind_the_logits_quantization(qdq_digits):
-    from cloakonnx.model import find_head, load_model
+    from cloakonnx.graph import find_head, load_model
 
     head = find_head(load_model(qdq_digits[0]))
     assert head.kind == "Gemm" and head.width == 64 and head.logits == "logits"
@@ -166,7 +166,7 @@ def test_head_is_found_behind_the_logits_quantization(qdq_digits):
 def test_harden_a_quantized_model_in_both_forms(qdq_digits, tmp_path):
     from cloakonnx.attacks import AttackConfig
     from cloakonnx.harden import HardenConfig, harden
-    from cloakonnx.model import find_head, load_model
+    from cloakonnx.graph import find_head, load_model
 
     model_path, data_path = qdq_digits
     reports = {}

@@ -3,9 +3,9 @@ import onnx
 import pytest
 
 from cloakonnx.errors import CloakError
-from cloakonnx.model import find_head, load_model
+from cloakonnx.graph import find_head, load_model
 from cloakonnx.runtime import make_session
-from cloakonnx.surgery import apply_mask
+from cloakonnx.graph import apply_mask
 
 
 def _run(model, x):
@@ -22,7 +22,7 @@ def test_all_ones_mask_keeps_outputs_bit_identical(digits_files, digits):
 
 
 def test_masked_output_equals_head_on_masked_features(digits_files, digits):
-    from cloakonnx.stats import with_outputs
+    from cloakonnx.graph import with_outputs
 
     model = load_model(digits_files[0])
     head = find_head(model)
@@ -125,7 +125,7 @@ def test_external_data_model_is_written_with_external_data(digits_files, tmp_pat
 def test_tensorrt_parser_accepts_both_forms(digits_files, tmp_path):
     import tensorrt as trt
 
-    from cloakonnx.fold import fold_mask
+    from cloakonnx.graph import fold_mask
 
     model = load_model(digits_files[0])
     head = find_head(model)

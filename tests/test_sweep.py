@@ -7,7 +7,9 @@ import pytest
 
 from cloakonnx.attacks import AttackConfig
 from cloakonnx.harden import HardenConfig, harden
-from cloakonnx.sweep import CurvePoint, choose_point, clean_drop_bound, sweep
+from cloakonnx.curve import CurvePoint, choose_point, clean_drop_bound
+from cloakonnx.report import plot_harden
+from cloakonnx.sweep import sweep
 
 ATTACK = AttackConfig(name="pgd", eps=0.1, steps=3, seed=0)
 
@@ -16,7 +18,8 @@ ATTACK = AttackConfig(name="pgd", eps=0.1, steps=3, seed=0)
 def test_budget_holds_on_validation(digits_files, tmp_path, confidence):
     model, data = digits_files
     report = harden(model, data, HardenConfig(output=tmp_path / "m.onnx", attack=ATTACK, max_clean_drop=1.0,
-                                              budget_confidence=confidence, adaptive=False, plot=tmp_path / "curve.png"))
+                                              budget_confidence=confidence, adaptive=False, curve=True))
+    plot_harden(report.to_dict(), tmp_path / "curve.png")
     clean = report.clean_accuracy
     assert 100 * (clean["original"] - clean["hardened"]) <= 1.0 + 1e-9
     assert report.budget_confidence == confidence

@@ -6,15 +6,12 @@ the IR version, opset imports, producer, doc string and metadata stay exactly as
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 
-from .errors import CloakError
-from .model import MASK_NODE_PREFIX, tensor_elem_type
-
-METADATA_PREFIX = "cloakonnx."
+from ..errors import CloakError
+from .record import MASK_NODE_PREFIX, set_metadata
+from .tensors import tensor_elem_type
 
 
 def _mask_shape(width: int, rank: int) -> tuple[int, ...]:
@@ -83,26 +80,3 @@ def _unique_name(taken, base: str) -> str:
         k += 1
         name = f"{base}_{k}"
     return name
-
-
-def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
-    """Add or replace metadata_props, keeping every other entry and the order of existing keys."""
-    props = {p.key: p for p in model.metadata_props}
-    for key, value in values.items():
-        if key in props:
-            props[key].value = str(value)
-        else:
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, str(value)
-
-
-def cloak_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
-
-
-def history_entry(model: onnx.ModelProto, record: dict) -> str:
-    """JSON history of every hardening applied to this model, newest last."""
-    old = cloak_metadata(model).get(METADATA_PREFIX + "history")
-    history = json.loads(old) if old else []
-    history.append(record)
-    return json.dumps(history, sort_keys=True)

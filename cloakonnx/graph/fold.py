@@ -20,20 +20,16 @@ because a folded model no longer shows its mask as a node.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import CloakError
-from .model import MASK_NODE_PREFIX, PASS_THROUGH, Head, constants, find_head, per_axis
-from .surgery import METADATA_PREFIX, set_metadata
-
-FORM_KEY = METADATA_PREFIX + "form"
-FOLDED_MASK_KEY = METADATA_PREFIX + "folded_mask"
-FOLDED = "folded"
+from ..errors import CloakError
+from .head import PASS_THROUGH, Head, find_head
+from .record import FOLDED, FOLDED_MASK_KEY, FORM_KEY, encode_folded, folded_mask, set_metadata
+from .tensors import constants, per_axis
 
 
 @dataclass
@@ -50,7 +46,7 @@ def fold_mask(model: onnx.ModelProto, mask: np.ndarray, metadata: dict[str, str]
 
     ``mask`` holds one 0/1 entry per head feature (0 = masked). An existing cloak Mul before the head
     is removed and its mask united with ``mask``; a mask already folded (recorded in the metadata)
-    is united too. ``metadata`` is added with :func:`cloakonnx.surgery.set_metadata`, then
+    is united too. ``metadata`` is added with :func:`cloakonnx.graph.record.set_metadata`, then
     ``cloakonnx.form = folded`` and ``cloakonnx.folded_mask`` record what was done.
     """
     head = _find_head(model)
@@ -79,31 +75,8 @@ def fold_mask(model: onnx.ModelProto, mask: np.ndarray, metadata: dict[str, str]
     _zero_weight(graph, target, np.flatnonzero(~keep), head.width)
 
     set_metadata(out, metadata or {})
-    set_metadata(out, {FORM_KEY: FOLDED, FOLDED_MASK_KEY: _encode(keep)})
+    set_metadata(out, {FORM_KEY: FOLDED, FOLDED_MASK_KEY: encode_folded(keep)})
     return out
-
-
-def folded_mask(model: onnx.ModelProto) -> np.ndarray | None:
-    """The 0/1 mask (float32, one entry per feature) folded into this model's head, or None."""
-    record = next((p.value for p in model.metadata_props if p.key == FOLDED_MASK_KEY), None)
-    if record is None:
-        return None
-    try:
-        data = json.loads(record)
-        width = int(data["features"])
-        zero = np.asarray(data["zero"], dtype=np.int64).reshape(-1)
-        if width < 0 or (zero.size and (zero.min() < 0 or zero.max() >= width)):
-            raise ValueError("index out of range")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CloakError(f"the model's {FOLDED_MASK_KEY} metadata is not a valid folded-mask record: {exc}") from exc
-    mask = np.ones(width, np.float32)
-    mask[zero] = 0
-    return mask
-
-
-def _encode(keep: np.ndarray) -> str:
-    """``{"features": F, "zero": [indices of masked features]}``: small for the usual 1-10% masks."""
-    return json.dumps({"features": int(keep.size), "zero": np.flatnonzero(~keep).tolist()}, separators=(",", ":"))
 
 
 # --- finding the head -------------------------------------------------------------------------------------

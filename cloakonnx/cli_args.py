@@ -1,0 +1,136 @@
+"""The command line's argument groups, shared by harden, sweep and evaluate (as Polygraphy's
+``args/``): each group declares its click options once and builds its part of the typed config."""
+from __future__ import annotations
+
+import click
+
+from .errors import CloakError
+
+
+def parse_pair(text: str | None, what: str, cast=float):
+    if text is None:
+        return None
+    from .data import parse_floats
+
+    values = parse_floats(text, what)
+    if values is None or len(values) != 2:
+        raise CloakError(f"{what} takes two comma-separated values, got {text!r}")
+    return tuple(cast(v) for v in values)
+
+
+def group(*decorators):
+    """One decorator from several click options (a Polygraphy-style argument group)."""
+
+    def apply(fn):
+        for option in reversed(decorators):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+# --- argument groups, shared by harden, sweep and evaluate ----------------------------------------------
+
+data_options = group(
+    click.option("--data", "data", required=True, type=click.Path(),
+                 help="Labelled data: .npz with x (N x input shape, in --bounds) and y (int labels), "
+                      "or a folder of class sub-folders of images."),
+    click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box the data lives in."),
+    click.option("--mean", default=None,
+                 help="Per-channel mean applied between the box and the model, e.g. 0.485,0.456,0.406."),
+    click.option("--std", default=None, help="Per-channel std, with --mean."),
+    click.option("--size", default=None, metavar="H,W", help="Resize images from an image folder to H,W."),
+    click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several)."),
+    click.option("--logits", "logits", metavar="NAME",
+                 help="Graph output that carries the logits (if there are several)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Makes splits and attacks repeatable."),
+)
+
+
+def attack_options(default_steps: int, why_steps: str):
+    """Settings every attack shares. ``--steps`` defaults differ on purpose; ``why_steps`` says why."""
+    return group(
+        click.option("--eps", default="8/255", show_default=True, metavar="EPS",
+                     help="Perturbation budget in the units of --bounds (a number or a fraction such as 8/255)."),
+        click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True),
+        click.option("--steps", type=int, default=default_steps, show_default=True,
+                     help=f"Iterations of gradient attacks ({why_steps})."),
+        click.option("--step-size", type=float, default=None, help="PGD step size [default: 2.5 * eps / steps]."),
+        click.option("--restarts", type=int, default=1, show_default=True, help="Random restarts (worst case kept)."),
+        click.option("--no-random-start", is_flag=True, help="Start PGD at the clean input."),
+        click.option("--queries", type=int, default=1000, show_default=True, help="Query budget of Square."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Samples per attack batch [default: sized to the device's free memory; at most 128 on "
+                          "CPU, 1024 on CUDA]."),
+    )
+
+
+runtime_options = group(
+    click.option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu]."),
+    click.option("--providers", default=None,
+                 help="Comma-separated onnxruntime providers [default: CUDA if it loads, else CPU]."),
+)
+
+mask_options = group(
+    click.option("--attack", type=click.Choice(["pgd", "fgsm", "apgd-ce", "apgd-dlr", "square"]), default="pgd",
+                 show_default=True, help="Attack used to find the features adversarial noise moves."),
+    click.option("--fraction", type=float, default=0.01, show_default=True,
+                 help="Share of features to zero, in [0, 1) (ignored with --max-clean-drop)."),
+    click.option("--max-clean-drop", type=float, default=None, metavar="PTS",
+                 help="Choose the share on the validation split: best adversarial accuracy with clean accuracy "
+                      "at most PTS percentage points below the original's. No gain, no mask."),
+    click.option("--budget-confidence", type=float, default=0.9, show_default=True, metavar="P",
+                 help="With --max-clean-drop: also require the drop's upper confidence bound (P, one-sided) to be "
+                      "within the budget, so that it holds on new data, not just on a lucky validation split. "
+                      "0: the validation point estimate alone."),
+    click.option("--score", type=click.Choice(["absdiff", "normalised", "margin"]), default="absdiff",
+                 show_default=True,
+                 help="absdiff: mean |f(x') - f(x)| (the paper's); normalised: absdiff / clean std; "
+                      "margin: push of the true-vs-adversarial logit margin through the head's weights."),
+    click.option("--val-split", type=float, default=0.2, show_default=True,
+                 help="Share of the data held out for choosing and reporting, never used for scoring."),
+    click.option("--feature-tensor", metavar="NAME",
+                 help="Mask this tensor instead of the head's input (4-D: per channel)."),
+)
+
+
+def parse_eps(text: str) -> list[float]:
+    """``0.1``, ``8/255`` or a comma-separated list of them."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        num, _, den = part.partition("/")
+        try:
+            values.append(float(num) / float(den) if den else float(num))
+        except (ValueError, ZeroDivisionError):
+            raise CloakError(f"--eps takes numbers or fractions such as 8/255, got {text!r}") from None
+    return values
+
+
+def common_fields(kw: dict, name: str, eps: float) -> dict:
+    """The CommonConfig fields from the data, attack and runtime groups (consumes them from ``kw``)."""
+    from .attacks import AttackConfig
+    from .data import Preprocess, parse_floats
+
+    providers = kw.pop("providers")
+    return dict(
+        attack=AttackConfig(name=name, eps=eps, norm=kw.pop("norm"), steps=kw.pop("steps"),
+                            step_size=kw.pop("step_size"), random_start=not kw.pop("no_random_start"),
+                            restarts=kw.pop("restarts"), queries=kw.pop("queries"), seed=kw["seed"],
+                            batch_size=kw.pop("batch_size")),
+        preprocess=Preprocess(parse_pair(kw.pop("bounds"), "--bounds"), parse_floats(kw.pop("mean"), "--mean"),
+                              parse_floats(kw.pop("std"), "--std")),
+        input_name=kw.pop("input_name"), logits=kw.pop("logits"), image_size=parse_pair(kw.pop("size"), "--size", int),
+        seed=kw.pop("seed"), device=kw.pop("device"),
+        providers=tuple(p for p in providers.split(",") if p) if providers else None,
+    )
+
+
+def mask_config(cls, kw: dict, **extra):
+    """HardenConfig or MaskConfig from the shared groups (consumes them from ``kw``)."""
+    eps = parse_eps(kw.pop("eps"))
+    if len(eps) != 1:
+        raise CloakError(f"--eps takes one value here, got {len(eps)}")
+    common = common_fields(kw, kw.pop("attack"), eps[0])
+    return cls(**common, fraction=kw.pop("fraction"), score=kw.pop("score"), val_split=kw.pop("val_split"),
+               max_clean_drop=kw.pop("max_clean_drop"), budget_confidence=kw.pop("budget_confidence"),
+               feature_tensor=kw.pop("feature_tensor"), **extra)

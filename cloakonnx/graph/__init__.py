@@ -1,0 +1,23 @@
+"""The ONNX side: reading, analysing and rewriting graphs. Nothing here imports torch, so the
+served model is written by code that a deployment image can run without a deep-learning framework.
+
+- :mod:`.io`: load and save faithfully (atomic, external data);
+- :mod:`.tensors`: inputs, element types, constants, intermediate tensors exposed as outputs;
+- :mod:`.head`: the linear head, its feature tensor and the logits, found in one walk;
+- :mod:`.record`: the cloak record (mask node prefix, metadata keys, history, folded mask);
+- :mod:`.surgery`: insert the ``Mul`` mask; :mod:`.fold`: fold it into the head's weights;
+- :mod:`.inspect`: ``cloakonnx inspect``.
+"""
+from .fold import fold_mask
+from .head import PASS_THROUGH, Head, Target, find_head, logits_output, resolve_target
+from .inspect import ModelInfo, describe_head, inspect_model
+from .io import check_writable_dir, load_model, save_model, uses_external_data
+from .record import CloakRecord, cloak_metadata, find_mask, folded_mask
+from .surgery import apply_mask
+from .tensors import TensorInfo, constants, is_qdq, model_inputs, per_axis, select_input, tensor_elem_type, with_outputs
+
+__all__ = ["CloakRecord", "Head", "ModelInfo", "PASS_THROUGH", "Target", "TensorInfo", "apply_mask",
+           "check_writable_dir", "cloak_metadata", "constants", "describe_head", "find_head", "find_mask",
+           "fold_mask", "folded_mask", "inspect_model", "is_qdq", "load_model", "logits_output", "model_inputs",
+           "per_axis", "resolve_target", "save_model", "select_input", "tensor_elem_type", "uses_external_data",
+           "with_outputs"]

@@ -1,0 +1,123 @@
+"""The cloak record: how a hardened model says what was done to it.
+
+Everything that names or reads cloakonnx's traces in a graph lives here: the mask node's name
+prefix, the ``cloakonnx.*`` metadata keys, the history of hardenings, and the mask itself in either
+form (a ``Mul`` node before the head, or folded into the head's weights and recorded in metadata).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from ..errors import CloakError
+from .tensors import const_array, constants
+
+MASK_NODE_PREFIX = "cloakonnx_mask"
+METADATA_PREFIX = "cloakonnx."
+FORM_KEY = METADATA_PREFIX + "form"
+FOLDED_MASK_KEY = METADATA_PREFIX + "folded_mask"
+HISTORY_KEY = METADATA_PREFIX + "history"
+FOLDED = "folded"
+MUL = "mul"
+
+
+def is_mask_node(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Mul" and node.name.startswith(MASK_NODE_PREFIX)
+
+
+@dataclass
+class CloakRecord:
+    """One hardening, as written into the model: flat ``cloakonnx.*`` keys describe the current
+    mask, and ``cloakonnx.history`` appends this record to the earlier ones."""
+
+    feature_tensor: str
+    features: int
+    masked: int
+    score: str
+    attack: dict
+    seed: int
+    rounds: int
+    max_clean_drop: float | None
+    budget_confidence: float | None
+    form: str = MUL  # MUL or FOLDED
+
+    def metadata(self, model: onnx.ModelProto) -> dict[str, str]:
+        """The metadata entries to set on the hardened copy of ``model``."""
+        fraction = self.masked / self.features
+        entry = {"version": __version__, "masked": self.masked, "fraction": fraction, "score": self.score,
+                 "feature_tensor": self.feature_tensor, "attack": self.attack, "seed": self.seed,
+                 "rounds": self.rounds, "max_clean_drop": self.max_clean_drop,
+                 "budget_confidence": self.budget_confidence, "form": self.form}
+        return {
+            METADATA_PREFIX + "version": __version__,
+            METADATA_PREFIX + "feature_tensor": self.feature_tensor,
+            METADATA_PREFIX + "features": str(self.features),
+            METADATA_PREFIX + "masked": str(self.masked),
+            METADATA_PREFIX + "fraction": repr(fraction),
+            METADATA_PREFIX + "score": self.score,
+            METADATA_PREFIX + "attack": json.dumps(self.attack, sort_keys=True),
+            FORM_KEY: self.form,
+            HISTORY_KEY: history_entry(model, entry),
+        }
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    """Add or replace metadata_props, keeping every other entry and the order of existing keys."""
+    props = {p.key: p for p in model.metadata_props}
+    for key, value in values.items():
+        if key in props:
+            props[key].value = str(value)
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+
+
+def cloak_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
+def history_entry(model: onnx.ModelProto, record: dict) -> str:
+    """JSON history of every hardening applied to this model, newest last."""
+    old = cloak_metadata(model).get(HISTORY_KEY)
+    history = json.loads(old) if old else []
+    history.append(record)
+    return json.dumps(history, sort_keys=True)
+
+
+def find_mask(model: onnx.ModelProto, feature: str) -> tuple[str, np.ndarray] | None:
+    """The cloak Mul mask (node name, flattened values) already applied to ``feature``, if any."""
+    consts = constants(model)
+    for node in model.graph.node:
+        if is_mask_node(node) and feature in node.input:
+            other = node.input[1] if node.input[0] == feature else node.input[0]
+            m = const_array(consts, other)
+            if m is not None:
+                return node.name, m.reshape(-1).astype(np.float32)
+    return None
+
+
+def folded_mask(model: onnx.ModelProto) -> np.ndarray | None:
+    """The 0/1 mask (float32, one entry per feature) folded into this model's head, or None."""
+    record = next((p.value for p in model.metadata_props if p.key == FOLDED_MASK_KEY), None)
+    if record is None:
+        return None
+    try:
+        data = json.loads(record)
+        width = int(data["features"])
+        zero = np.asarray(data["zero"], dtype=np.int64).reshape(-1)
+        if width < 0 or (zero.size and (zero.min() < 0 or zero.max() >= width)):
+            raise ValueError("index out of range")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CloakError(f"the model's {FOLDED_MASK_KEY} metadata is not a valid folded-mask record: {exc}") from exc
+    mask = np.ones(width, np.float32)
+    mask[zero] = 0
+    return mask
+
+
+def encode_folded(keep: np.ndarray) -> str:
+    """``{"features": F, "zero": [indices of masked features]}``: small for the usual 1-10% masks."""
+    return json.dumps({"features": int(keep.size), "zero": np.flatnonzero(~keep).tolist()}, separators=(",", ":"))

@@ -1,0 +1,272 @@
+"""What every command shares: the Runner (one model as an onnxruntime session and a torch callable),
+loading and checking a model with its data, crafting, calibrating, accuracy, and a stage timer.
+
+``harden``, ``sweep``, ``evaluate`` and ``check`` are peers above this module; none imports another.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from .attacks import ATTACKS, AttackConfig
+from .batching import BatchChoice
+from .config import CommonConfig, MaskConfig
+from .data import Dataset, Preprocess, load_data, split, validate
+from .errors import CloakError
+from .graph import Target, is_qdq, load_model, resolve_target, select_input, with_outputs
+from .runtime import batch_size_for, run_batch
+
+log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Wall-clock and process-CPU seconds per named stage, added up over repeated entries.
+
+    The report shows the wall times; benchmarks on shared machines read the CPU times."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - wall
+            self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
+
+    def rounded(self) -> tuple[dict[str, float], dict[str, float]]:
+        return ({k: round(v, 3) for k, v in self.wall.items()}, {k: round(v, 3) for k, v in self.cpu.items()})
+
+
+def predict(session, x: np.ndarray, feed: Callable[[np.ndarray], np.ndarray], logits: str | None = None,
+            batch_size: int = 256) -> np.ndarray:
+    """Predicted classes for box-space inputs ``x``; ``feed`` maps them to the model's input."""
+    bs = batch_size_for(session, batch_size)
+    outputs = [logits] if logits else [session.get_outputs()[0].name]
+    preds = []
+    for s in range(0, len(x), bs):
+        (out,) = run_batch(session, feed(x[s : s + bs]), outputs)
+        preds.append(out.reshape(len(out), -1).argmax(1))
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def accuracy(session, x: np.ndarray, y: np.ndarray, feed, logits: str | None = None, batch_size: int = 256) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float((predict(session, x, feed, logits, batch_size) == y).mean())
+
+
+def collect_features(session, feature: str, x: np.ndarray, feed, batch_size: int = 256) -> np.ndarray:
+    """The feature tensor for every sample of ``x`` (used for the validation split only)."""
+    bs = batch_size_for(session, batch_size)
+    parts = [run_batch(session, feed(x[s : s + bs]), [feature])[0] for s in range(0, len(x), bs)]
+    f = np.concatenate(parts)
+    return f.reshape(len(f), -1)
+
+
+class Runner:
+    """One model two ways: an onnxruntime session (the truth at serving time) and a torch callable
+    with gradients (for attacks), both taking box-space inputs."""
+
+    def __init__(self, model: onnx.ModelProto, logits: str, extra_outputs: Sequence[str], preprocess: Preprocess,
+                 input_name: str | None = None, providers: Sequence[str] | None = None, device: str = "cpu"):
+        from .runtime import make_session
+        from .torch_exec import OnnxTorchModule, UnsupportedOpsError
+
+        self.model = model
+        self.input = select_input(model, input_name)
+        self.preprocess = preprocess
+        self.logits = logits
+        self.session = make_session(with_outputs(model, list(extra_outputs)) if extra_outputs else model, providers)
+        self.input_dtype = np.dtype(self.input.dtype) if self.input.dtype != "unknown" else np.dtype(np.float32)
+        self.device = device
+        self.unsupported: UnsupportedOpsError | None = None
+        self.torch_model = None
+        try:
+            module = OnnxTorchModule(model, outputs=[logits]).to(device).eval()
+            self.torch_model = preprocess.torch_wrap(module, len(self.input.shape))
+            self.computes_in_float32 = bool(getattr(module, "computes_in_float32", False))
+        except UnsupportedOpsError as exc:
+            self.unsupported = exc
+            self.computes_in_float32 = False
+        self._batch_choices: dict = {}
+        self.quantized = is_qdq(model)
+        first = self.input.shape[0] if self.input.shape else None
+        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+
+    @classmethod
+    def for_config(cls, model: onnx.ModelProto, logits: str, extra_outputs: Sequence[str], config: CommonConfig,
+                   device: str) -> "Runner":
+        return cls(model, logits, extra_outputs, config.preprocess, config.input_name, config.providers, device)
+
+    def attack_batch(self, requested: int | None, attack_name: str, sample_shape: tuple[int, ...]) -> BatchChoice:
+        """The attack batch: the model's fixed batch, the user's ``requested`` size, or for gradient
+        attacks one measured to fit the device."""
+        from .batching import CPU_CAP, auto_batch
+
+        if self.fixed_batch:
+            return BatchChoice(self.fixed_batch, None, None, "the model's fixed batch")
+        if requested:
+            return BatchChoice(requested, None, None, "--batch-size")
+        cls = ATTACKS.get(attack_name)
+        if self.torch_model is None or cls is None or not cls.needs_gradients:
+            return BatchChoice(CPU_CAP, None, None, "gradient-free: no backward pass to size")
+        key = (self.device, tuple(sample_shape))
+        if key not in self._batch_choices:
+            choice = auto_batch(self.torch_model, tuple(sample_shape), self.device, self.preprocess.bounds)
+            log.info("attack batch %d (%s)", choice.size, choice.reason)
+            self._batch_choices[key] = choice
+        return self._batch_choices[key]
+
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        """Box space -> the model's input (normalisation and dtype)."""
+        return self.preprocess.to_model(x).astype(self.input_dtype, copy=False)
+
+    def ort_model(self):
+        """A torch-callable view of the onnxruntime session (no gradients), for gradient-free attacks."""
+        import torch
+
+        def call(x: "torch.Tensor") -> "torch.Tensor":
+            xn = x.detach().cpu().numpy()
+            bs = batch_size_for(self.session, 256)
+            outs = [run_batch(self.session, self.feed(xn[s : s + bs]), [self.logits])[0] for s in range(0, len(xn), bs)]
+            out = np.concatenate(outs).reshape(len(xn), -1).astype(np.float32)
+            return torch.from_numpy(out).to(x.device)
+
+        return call
+
+    def model_for(self, attack_name: str):
+        """The callable an attack needs: the torch graph for gradient attacks, onnxruntime otherwise."""
+        cls = ATTACKS.get(attack_name)
+        if cls is not None and not cls.needs_gradients:
+            return self.ort_model()
+        if self.torch_model is None:
+            raise CloakError(f"{self.unsupported}; use a gradient-free attack (--attack square)")
+        return self.torch_model
+
+    def craft(self, config: AttackConfig, ds: Dataset, device: str, desc: str, batch: int) -> np.ndarray:
+        """Adversarial versions of ``ds.x`` crafted on this model (through the graph it runs)."""
+        from .attacks import craft
+
+        return craft(self.model_for(config.name), config, ds.x, ds.y, self.preprocess.bounds, device, desc, batch,
+                     fixed_batch=bool(self.fixed_batch))
+
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        return predict(self.session, x, self.feed, self.logits, batch_size)
+
+    def accuracy(self, ds: Dataset, batch_size: int = 256, x: np.ndarray | None = None) -> float:
+        """Accuracy on ``ds`` (or on ``x``, e.g. adversarial versions of ``ds.x``, with ``ds.y``)."""
+        return accuracy(self.session, ds.x if x is None else x, ds.y, self.feed, self.logits, batch_size)
+
+    def num_classes(self, ds: Dataset) -> int:
+        """Width of the logits, read from one real forward pass (works for any head)."""
+        (logits,) = run_batch(self.session, self.feed(ds.x[:1]), [self.logits])
+        return int(np.prod(logits.shape[1:]))
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checked(data: str | Path | Dataset, runner: Runner, config: CommonConfig) -> tuple[Dataset, int]:
+    """The data, checked against the model (shape, NaN, box) and its classes (labels); and the
+    number of classes."""
+    bounds = config.preprocess.bounds
+    if isinstance(data, Dataset):
+        ds = data
+    else:
+        shape = runner.input.shape
+        channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else 3
+        ds = load_data(data, config.image_size, channels, bounds)
+    validate(ds, runner.input.shape, bounds, None)
+    n_classes = runner.num_classes(ds)
+    validate(ds, runner.input.shape, bounds, n_classes)
+    return ds, n_classes
+
+
+def choose_attack(runner: Runner, wanted: AttackConfig) -> tuple[AttackConfig, str | None]:
+    """The attack to use: the one asked for, or Square through onnxruntime when the torch executor
+    cannot differentiate this graph (and then say why)."""
+    cls = ATTACKS.get(wanted.name)
+    if runner.torch_model is not None or cls is None or not cls.needs_gradients:
+        return wanted, None
+    reason = f"the torch executor lacks {', '.join(f'{o} (opset {v})' for o, v in runner.unsupported.ops)}"
+    log.warning("%s: crafting with the gradient-free Square attack through onnxruntime instead of %s",
+                reason, wanted.name)
+    return replace(wanted, name="square", norm="linf"), reason
+
+
+@dataclass
+class Prepared:
+    """What every command that masks a model needs, loaded and checked once."""
+
+    model_path: Path
+    model: onnx.ModelProto
+    target: Target
+    runner: Runner
+    calib: Dataset
+    val: Dataset
+    attack: AttackConfig
+    fallback: str | None
+    attack_batch: BatchChoice
+    device: str
+    providers: tuple[str, ...]
+
+    def craft(self, runner: Runner, ds: Dataset, desc: str) -> np.ndarray:
+        """``ds`` attacked through ``runner`` (the original, or a hardened version) with the chosen attack."""
+        return runner.craft(self.attack, ds, self.device, desc, self.attack_batch.size)
+
+    def runner_for(self, model: onnx.ModelProto, config: CommonConfig) -> Runner:
+        """A Runner for a rewritten copy of the model (same logits, feature tensor and settings)."""
+        return Runner.for_config(model, self.target.logits, [self.target.feature], config, self.device)
+
+
+def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig) -> Prepared:
+    """Load and validate the model and data, split them, and choose the attack."""
+    import torch
+
+    from .runtime import resolve_providers
+
+    config.validate()
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    target = resolve_target(model, config.feature_tensor, config.logits)
+    select_input(model, config.input_name)
+    device = resolve_device(config.device)
+    providers = resolve_providers(config.providers)
+    torch.manual_seed(config.seed)
+    runner = Runner.for_config(model, target.logits, [target.feature], config, device)
+    ds, _ = load_checked(data, runner, config)
+    calib, val = split(ds, config.val_split, config.seed)
+    log.info("model %s: feature tensor %r, %s; %d calibration / %d validation samples; providers %s; torch on %s",
+             model_path.name, target.feature, f"{target.head.kind} head" if target.head else "custom tensor",
+             len(calib), len(val), ", ".join(providers), device)
+    attack, fallback = choose_attack(runner, config.attack)
+    batch = runner.attack_batch(attack.batch_size, attack.name, ds.x.shape[1:])
+    attack = replace(attack, batch_size=batch.size)  # the report records the size used
+    return Prepared(model_path, model, target, runner, calib, val, attack, fallback, batch, device, providers)
+
+
+def calibrate(p: Prepared, runner: Runner, ort_batch_size: int, timer: StageTimer, desc: str = ""):
+    """Attack the calibration split through ``runner`` and stream the feature statistics:
+    (FeatureStats, clean accuracy, adversarial accuracy) on the calibration split."""
+    from .stats import stream_stats
+
+    with timer("attack"):
+        adv = p.craft(runner, p.calib, f"attack calibration{desc}")
+    with timer("statistics"):
+        weight = p.target.head.weight if p.target.head is not None else None
+        return stream_stats(runner.session, p.target.feature, p.target.logits, p.calib.x, adv, p.calib.y,
+                            runner.feed, ort_batch_size, head_weight=weight)
