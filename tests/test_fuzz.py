@@ -239,7 +239,7 @@ def test_harden_random_classifiers(front, batch_kind, data, n, fraction, data_se
     rng = np.random.default_rng(data_seed)
     x = rng.random((n, *info["sample_shape"]), dtype=np.float32)
     y = rng.integers(0, info["classes"], n).astype(np.int64)
-    harden_and_check(model, info, x, y, fraction, ort_batch, attack_batch)
+    assert harden_and_check(model, info, x, y, fraction, ort_batch, attack_batch), "a valid classifier was refused"
 
 
 def _runnable(info: dict, shape: tuple[int, ...]) -> bool:
