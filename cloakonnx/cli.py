@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .cli_args import (attack_options, common_fields, data_options, mask_config, mask_options, parse_eps, parse_pair,
+from .cli_args import (attack_options, common_fields, data_options, mask_config, masking_options, parse_eps, parse_pair,
                        runtime_options)
 from .errors import CloakError
 
@@ -73,9 +73,12 @@ def handles_errors(fn):
     return wrapper
 
 
-def _emit(data: dict, as_json: bool, report: str | None, human) -> None:
+def _emit(data: dict, as_json: bool, report: str | None, human, plot: str | None = None, plotter=None) -> None:
+    """Plot (if asked), write the JSON report (if asked), then print the table or the JSON."""
     from .report import to_json, write_report
 
+    if plot:
+        plotter(data, plot)
     if report:
         write_report(data, report)
     if as_json:
@@ -123,15 +126,9 @@ def inspect(model: str, logits: str | None, as_json: bool) -> None:
     _emit(inspect_model(model, logits).to_dict(), as_json, None, format_inspect)
 
 
-_HARDEN_STEPS = "10 here, for speed: it crafts calibration inputs; evaluate defaults to 20 to measure"
-
 
 @main.command()
-@click.argument("model", type=click.Path())
-@data_options
-@mask_options
-@attack_options(10, _HARDEN_STEPS)
-@runtime_options
+@masking_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Hardened model path [default: MODEL.cloaked.onnx].")
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="Rounds of hardening: each attacks the model hardened so far and adds to the mask.")
@@ -158,18 +155,11 @@ def harden(model, output, rounds, no_adaptive, plot, fold, as_json, report, **kw
     data = kw.pop("data")
     config = mask_config(HardenConfig, kw, output=Path(output) if output else None, rounds=rounds,
                           adaptive=not no_adaptive, curve=bool(plot), fold=fold)
-    result = run(model, data, config).to_dict()
-    if plot:
-        plot_harden(result, plot)
-    _emit(result, as_json, report, format_harden)
+    _emit(run(model, data, config).to_dict(), as_json, report, format_harden, plot, plot_harden)
 
 
 @main.command()
-@click.argument("model", type=click.Path())
-@data_options
-@mask_options
-@attack_options(10, _HARDEN_STEPS.replace("here", "as in harden"))
-@runtime_options
+@masking_options
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the curves and the score distribution.")
 @json_option
 @report_option
@@ -187,10 +177,7 @@ def sweep(model, plot, as_json, report, **kw) -> None:
     from .sweep import sweep as run
 
     data = kw.pop("data")
-    result = run(model, data, mask_config(MaskConfig, kw)).to_dict()
-    if plot:
-        plot_sweep(result, plot)
-    _emit(result, as_json, report, format_sweep)
+    _emit(run(model, data, mask_config(MaskConfig, kw)).to_dict(), as_json, report, format_sweep, plot, plot_sweep)
 
 
 @main.command()
@@ -201,7 +188,7 @@ def sweep(model, plot, as_json, report, **kw) -> None:
               help="Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, square.")
 @click.option("--preset", type=click.Choice(["standard"]), default=None,
               help="A fixed, documented set (APGD-CE, APGD-DLR 100 steps; Square 5000 queries), worst case per sample.")
-@attack_options(20, "20 here, to measure robustness; harden defaults to 10 for speed")
+@attack_options(20, "20 here, to measure robustness; harden and sweep default to 10 for speed")
 @runtime_options
 @click.option("--max-samples", type=int, default=None, help="Evaluate a random subset of this size.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of accuracy against eps.")
@@ -223,13 +210,10 @@ def evaluate(model, reference, attacks, preset, max_samples, plot, as_json, repo
     from .report import format_evaluate, plot_evaluate
 
     data, eps = kw.pop("data"), tuple(parse_eps(kw.pop("eps")))
-    config = EvaluateConfig(**common_fields(kw, "pgd", eps[0]), attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
-                            eps=eps, preset=preset, reference=Path(reference) if reference else None,
-                            max_samples=max_samples)
-    result = run(model, data, config).to_dict()
-    if plot:
-        plot_evaluate(result, plot)
-    _emit(result, as_json, report, format_evaluate)
+    names = tuple(a.strip() for a in attacks.split(",") if a.strip())
+    config = EvaluateConfig(**common_fields(kw, "pgd", eps[0]), attacks=names, eps=eps, preset=preset,
+                            reference=Path(reference) if reference else None, max_samples=max_samples)
+    _emit(run(model, data, config).to_dict(), as_json, report, format_evaluate, plot, plot_evaluate)
 
 
 @main.command()

@@ -134,3 +134,11 @@ def mask_config(cls, kw: dict, **extra):
     return cls(**common, fraction=kw.pop("fraction"), score=kw.pop("score"), val_split=kw.pop("val_split"),
                max_clean_drop=kw.pop("max_clean_drop"), budget_confidence=kw.pop("budget_confidence"),
                feature_tensor=kw.pop("feature_tensor"), **extra)
+
+
+# harden and sweep take the same model, data, mask, attack and runtime options.
+masking_options = group(
+    click.argument("model", type=click.Path()), data_options, mask_options,
+    attack_options(10, "10 here, for speed: it crafts calibration inputs; evaluate defaults to 20 to measure"),
+    runtime_options,
+)
