@@ -14,30 +14,18 @@ peak memory grew (the process's peak RSS, VmHWM, reset just before, on CPU; ``to
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
 
+from common import add_output_options, proc_status, reset_peak_rss, resnet18_onnx, run_main
+
 
 def build(size: int):
-    import onnx
-    import torch
-    import torchvision
-
     from cloakonnx.torch_exec import OnnxTorchModule
 
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18().eval()
-    buf = io.BytesIO()
-    torch.onnx.export(net, torch.rand(1, 3, size, size), buf, dynamo=False, opset_version=17,
-                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
-    return OnnxTorchModule(onnx.load_from_string(buf.getvalue()))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+    # the example input is drawn from the seeded generator, and the child's input after it, as before
+    return OnnxTorchModule(resnet18_onnx(size, 0, random_example=True))
 
 
 def child(size: int, batch: int, device: str) -> dict:
@@ -54,31 +42,33 @@ def child(size: int, batch: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to the current RSS
-            fh.write("5")
-        before = _status_kib("VmRSS") * 1024
+        reset_peak_rss()
+        before = proc_status()["VmRSS"]
     x.requires_grad_(True)
     (grad,) = torch.autograd.grad(module(x).sum(), x)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = _status_kib("VmHWM") * 1024 - before
+        peak = proc_status()["VmHWM"] - before
     return {"batch": batch, "peak_growth_bytes": int(peak)}
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", action="store_true")
+    add_output_options(ap)
     ap.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.device)))
-        return
+        return 0
+    return run_main(run, args, table)
 
+
+def run(args: argparse.Namespace) -> dict:
     from cloakonnx.batching import BACKWARD_FACTOR, fit_batch, free_memory, saved_bytes_per_sample
 
     per_sample = saved_bytes_per_sample(build(args.size).to(args.device), (3, args.size, args.size), args.device)
@@ -91,20 +81,23 @@ def main() -> None:
         r["estimate_bytes"] = batch * per_sample
         r["ratio"] = r["peak_growth_bytes"] / r["estimate_bytes"]
         rows.append(r)
-    result = {"model": f"resnet18 3x{args.size}x{args.size}", "device": args.device, "per_sample_bytes": per_sample,
-              "safety_factor": BACKWARD_FACTOR, "chosen": choice.to_dict(), "runs": rows,
-              "verdict": "safe" if all(r["ratio"] < BACKWARD_FACTOR for r in rows) else "UNSAFE"}
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"{result['model']} on {args.device}: {per_sample / 2**20:.2f} MiB saved for backward per sample")
-    print(f"chosen attack batch: {choice.size} ({choice.reason})")
-    print(f"{'batch':>6} {'peak growth MiB':>16} {'estimate MiB':>13} {'peak/estimate':>14}")
-    for r in rows:
-        print(f"{r['batch']:>6} {r['peak_growth_bytes'] / 2**20:>16.1f} {r['estimate_bytes'] / 2**20:>13.1f} "
-              f"{r['ratio']:>14.2f}")
-    print(f"every peak/estimate below the safety factor {BACKWARD_FACTOR}: {result['verdict']}")
+    return {"model": f"resnet18 3x{args.size}x{args.size}", "device": args.device, "per_sample_bytes": per_sample,
+            "safety_factor": BACKWARD_FACTOR, "chosen": choice.to_dict(), "runs": rows,
+            "verdict": "safe" if all(r["ratio"] < BACKWARD_FACTOR for r in rows) else "UNSAFE"}
+
+
+def table(result: dict) -> str:
+    chosen, factor = result["chosen"], result["safety_factor"]
+    lines = [f"{result['model']} on {result['device']}: {result['per_sample_bytes'] / 2**20:.2f} MiB saved for backward "
+             "per sample",
+             f"chosen attack batch: {chosen['size']} ({chosen['reason']})",
+             f"{'batch':>6} {'peak growth MiB':>16} {'estimate MiB':>13} {'peak/estimate':>14}"]
+    for r in result["runs"]:
+        lines.append(f"{r['batch']:>6} {r['peak_growth_bytes'] / 2**20:>16.1f} {r['estimate_bytes'] / 2**20:>13.1f} "
+                     f"{r['ratio']:>14.2f}")
+    lines.append(f"every peak/estimate below the safety factor {factor}: {result['verdict']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,31 +17,30 @@ It prints, per rule, how often the test drop broke the budget.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 
 import numpy as np
-from demo_inputs import add_model_options, resolve_model_options
+from common import add_harden_options, add_model_options, parse_model_args, run_main
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_options(ap)
-    ap.add_argument("--eps", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--max-clean-drop", type=float, default=1.0)
-    ap.add_argument("--val-split", type=float, default=0.3)
+    add_harden_options(ap)
     ap.add_argument("--score", default="normalised")
     ap.add_argument("--confidences", default="0.8,0.9,0.95")
     ap.add_argument("--seeds", type=int, default=20)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    resolve_model_options(ap, args)
+    return run_main(run, parse_model_args(ap, argv), table)
 
+
+def run(args: argparse.Namespace) -> dict:
     from cloakonnx.attacks import AttackConfig, craft
     from cloakonnx.data import load_data
-    from cloakonnx.harden import HardenConfig, _calibrate, _craft, prepare
+    from cloakonnx.curve import choose_point, counts_for, mask_curve
+    from cloakonnx.harden import HardenConfig
     from cloakonnx.mask import mask_top, ranking, score_features
-    from cloakonnx.sweep import choose_point, collect_features, counts_for, mask_curve
+    from cloakonnx.pipeline import StageTimer, calibrate, collect_features, prepare
 
     budget = args.max_clean_drop
     confidences = [float(c) for c in args.confidences.split(",")]
@@ -63,8 +62,8 @@ def main(argv=None) -> int:
             ones = np.ones(head.width, np.float32)
             test_clean0 = float((head.apply(f_test, ones).argmax(1) == test.y).mean())
             test_adv0 = float((head.apply(f_test_adv, ones).argmax(1) == test.y).mean())
-        stats, _, _ = _calibrate(p, runner, config, {}, f" (seed {seed})")
-        adv_val = _craft(p, runner, p.val, f" validation (seed {seed})")
+        stats, _, _ = calibrate(p, runner, config.ort_batch_size, StageTimer(), f" (seed {seed})")
+        adv_val = p.craft(runner, p.val, f" validation (seed {seed})")
         f_val = collect_features(runner.session, p.target.feature, p.val.x, runner.feed)
         f_val_adv = collect_features(runner.session, p.target.feature, adv_val, runner.feed)
         order = ranking(score_features(stats, args.score), None)
@@ -91,23 +90,24 @@ def main(argv=None) -> int:
                         "no_mask": int(sum(r["masked"] == 0 for r in rows)),
                         "mean_test_drop": float(drops.mean()), "max_test_drop": float(drops.max()),
                         "mean_test_gain": float(gains.mean()), "mean_masked": float(np.mean([r["masked"] for r in rows]))})
-    result = {"model": str(args.model), "validation_samples": len(p.val), "test_samples": len(test),
-              "budget_points": budget, "score": args.score, "attack": f"PGD-{args.steps} eps {args.eps:g} (transfer)",
-              "test_clean": test_clean0, "test_adversarial": test_adv0, "summary": summary, "picks": picks}
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"{args.model.name}: budget {budget:g} points, score {args.score}, {args.seeds} seeds, "
-          f"{len(p.val)} validation / {len(test)} test samples, {result['attack']}")
-    print(f"test without a mask: clean {100 * test_clean0:.2f}%, adversarial {100 * test_adv0:.2f}%")
-    print(f"{'rule':<16} {'broke budget on test':>21} {'no mask':>8} {'mean drop':>10} {'max drop':>9} "
-          f"{'mean gain':>10} {'mean masked':>12}")
-    for s in summary:
-        print(f"{s['rule']:<16} {s['broke_budget']:>14d} of {s['seeds']:<4d} {s['no_mask']:>8d} "
+    return {"model": str(args.model), "validation_samples": len(p.val), "test_samples": len(test),
+            "budget_points": budget, "score": args.score, "attack": f"PGD-{args.steps} eps {args.eps:g} (transfer)",
+            "test_clean": test_clean0, "test_adversarial": test_adv0, "summary": summary, "picks": picks}
+
+
+def table(result: dict) -> str:
+    lines = [f"{Path(result['model']).name}: budget {result['budget_points']:g} points, score {result['score']}, "
+             f"{result['summary'][0]['seeds']} seeds, {result['validation_samples']} validation / "
+             f"{result['test_samples']} test samples, {result['attack']}",
+             f"test without a mask: clean {100 * result['test_clean']:.2f}%, adversarial "
+             f"{100 * result['test_adversarial']:.2f}%",
+             f"{'rule':<16} {'broke budget on test':>21} {'no mask':>8} {'mean drop':>10} {'max drop':>9} "
+             f"{'mean gain':>10} {'mean masked':>12}"]
+    lines += [f"{s['rule']:<16} {s['broke_budget']:>14d} of {s['seeds']:<4d} {s['no_mask']:>8d} "
               f"{s['mean_test_drop']:>10.2f} {s['max_test_drop']:>9.2f} {s['mean_test_gain']:>10.2f} "
-              f"{s['mean_masked']:>12.1f}")
-    return 0
+              f"{s['mean_masked']:>12.1f}" for s in result["summary"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

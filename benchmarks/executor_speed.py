@@ -22,55 +22,15 @@ executor's own overhead.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from common import EXPORTERS, Clock, add_output_options, export_resnet18, run_main
 
 TARGET = 1.25
-
-
-def build_native(seed: int):
-    import torch
-    import torchvision
-
-    torch.manual_seed(seed)
-    net = torchvision.models.resnet18(weights=None).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, as a trained model would have
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
-
-
-def export(net, folder: Path, size: int, exporter: str) -> Path:
-    import logging
-
-    import torch
-
-    path = folder / f"resnet18-{exporter}.onnx"
-    x = torch.zeros(2, 3, size, size)
-    logging.disable(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["input"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-        else:
-            torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                              dynamic_axes={"input": {0: "batch"}}, do_constant_folding=exporter == "legacy")
-    logging.disable(logging.NOTSET)
-    return path
 
 
 def input_grad_step(model, x, sync):
@@ -78,28 +38,29 @@ def input_grad_step(model, x, sync):
     import torch
 
     xi = x.detach().requires_grad_(True)
-    start = time.perf_counter()
-    out = model(xi)
-    (grad,) = torch.autograd.grad(out.sum(), xi)
-    sync()
-    elapsed = time.perf_counter() - start
+    with Clock() as clock:
+        out = model(xi)
+        (grad,) = torch.autograd.grad(out.sum(), xi)
+        sync()
     del grad
-    return elapsed
+    return clock.wall
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=64, help="input height and width")
     p.add_argument("--repeats", type=int, default=20, help="timed forward+backward passes per model")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--exporter", choices=("legacy", "legacy-unfolded", "dynamo"), default="legacy")
+    p.add_argument("--exporter", choices=EXPORTERS, default="legacy")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = p.parse_args(argv)
+    add_output_options(p)
+    return p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> dict:
     import onnx
     import torch
 
@@ -110,9 +71,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    native = build_native(args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export(native, Path(tmp), args.size, args.exporter)
+    with tempfile.TemporaryDirectory() as tmp:  # BatchNorm statistics non-trivial, as a trained model would have
+        path, native = export_resnet18(Path(tmp), args.size, args.seed, args.exporter, batchnorm_stats=True,
+                                       example_batch=2)
         executor = OnnxTorchModule(onnx.load(str(path)))
     native.to(device)
     executor.to(device)
@@ -132,7 +93,7 @@ def main(argv=None) -> int:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = [e / n for n, e in zip(times["native"], times["executor"])]
-    result = {
+    return {
         "model": "resnet18 (random weights)",
         "exporter": args.exporter,
         "device": str(device),
@@ -150,17 +111,22 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"resnet18 forward+backward to the input, batch {args.batch}, 3x{args.size}x{args.size}, "
-              f"{device}, {result['threads']} thread(s), {args.exporter} export, {args.repeats} interleaved repeats")
-        print(f"  native    median {result['native_median_ms']:9.2f} ms")
-        print(f"  executor  median {result['executor_median_ms']:9.2f} ms")
-        print(f"  ratio executor/native {result['ratio']:.3f} (paired median {result['paired_ratio_median']:.3f}); "
-              f"target <= {TARGET}: {'met' if result['meets_target'] else 'NOT met'}")
-        print(f"  max |output difference| {max_abs:.2e}")
-    return 0
+
+
+def table(r: dict) -> str:
+    return "\n".join([
+        f"resnet18 forward+backward to the input, batch {r['batch']}, 3x{r['size']}x{r['size']}, "
+        f"{r['device']}, {r['threads']} thread(s), {r['exporter']} export, {r['repeats']} interleaved repeats",
+        f"  native    median {r['native_median_ms']:9.2f} ms",
+        f"  executor  median {r['executor_median_ms']:9.2f} ms",
+        f"  ratio executor/native {r['ratio']:.3f} (paired median {r['paired_ratio_median']:.3f}); "
+        f"target <= {r['target']}: {'met' if r['meets_target'] else 'NOT met'}",
+        f"  max |output difference| {r['max_abs_output_diff']:.2e}",
+    ])
+
+
+def main(argv=None) -> int:
+    return run_main(run, parse_args(argv), table)
 
 
 if __name__ == "__main__":

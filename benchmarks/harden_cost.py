@@ -17,8 +17,8 @@ arithmetic the exported graph (and so harden's torch executor) actually does.
 Clocks: on a shared machine with few cores, wall-clock times of identical work were seen to vary 3-5x
 between repeats (other tenants steal cores; a multi-threaded torch op stalls whenever one of its threads
 is descheduled). So by default torch runs one thread (harden and baseline alike, ``--threads``) and the
-stage table and verdict use the CPU time of this process (``--clock cpu``; harden's own stage timers are
-made to read ``time.process_time`` for the run); wall-clock totals are shown beside them. On an idle
+stage table and verdict use the CPU time of this process (``--clock cpu``: harden reports each stage in
+both clocks, ``HardenReport.stages_cpu`` beside ``stages``); wall-clock totals are shown beside them. On an idle
 machine the two agree for a single thread; ``--clock wall --threads 0`` measures what a user waits for.
 
 (b) Memory. ``stats.stream_stats`` runs in a fresh subprocess per N (1k and 20k digits, the 20k repeated
@@ -52,17 +52,14 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from common import (REPO, AnonPeak, Clock, add_output_options, cpus, log_to_stderr, proc_status, reset_peak_rss,
+                    run_main)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from cloakonnx import __version__  # noqa: E402
-from cloakonnx.errors import CloakError  # noqa: E402
+from cloakonnx import __version__
 
 log = logging.getLogger("cloakonnx.benchmarks.harden_cost")
 
@@ -161,17 +158,6 @@ def expected_grad_passes(attack, n_calib: int, n_val: int, adaptive: bool) -> di
 # --- the baseline: the unavoidable work, natively --------------------------------------------------------
 
 
-class Clock:
-    """Wall and CPU seconds (this process, all threads) of a block."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
 def native_grad_passes(net, x: np.ndarray, y: np.ndarray, sizes: list[int]) -> Clock:
     """One native forward+backward (gradient w.r.t. the input only) per entry of ``sizes``."""
     import torch
@@ -228,43 +214,19 @@ def harden_config(args, out: Path):
                         providers=["CPUExecutionProvider"], adaptive=True)
 
 
-class StageClock:
-    """Make harden's own per-stage timers read CPU time: its module's ``time`` becomes a copy of the time
-    module whose perf_counter is process_time. Nothing else in the process is touched."""
-
-    def __init__(self, cpu: bool):
-        self.cpu = cpu
-
-    def __enter__(self):
-        import types
-
-        import cloakonnx.harden as h
-
-        self.module, self.saved = h, getattr(h, "time", None)
-        if self.cpu and self.saved is time:
-            shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
-            shim.perf_counter = time.process_time
-            h.time = shim
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            self.module.time = self.saved
-
-
 def time_pipeline(args, model_path: Path, data_path: Path, out: Path):
     """(Clock of the whole call, harden's stages in the chosen clock, report)."""
     from cloakonnx.harden import harden
 
-    with StageClock(args.clock == "cpu"), Clock() as c:
+    with Clock() as c:
         report = harden(model_path, data_path, harden_config(args, out))
-    return c, dict(report.stages), report
+    return c, dict(report.stages_cpu if args.clock == "cpu" else report.stages), report
 
 
 def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: Path) -> dict:
     import onnxruntime as ort
 
-    from cloakonnx.model import find_head, load_model
+    from cloakonnx.graph import find_head, load_model
 
     feature = find_head(load_model(model_path)).feature
     out = folder / "digits_cnn.cloaked.onnx"
@@ -357,7 +319,7 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
             "torch_forward_only_in_harden_not_in_baseline": {"passes": len(rec.forward_only),
                                                               "images": int(sum(rec.forward_only))},
             "onnxruntime_forward": {s: {"passes": len(v), "images": int(sum(v))} for s, v in ort_sizes.items()},
-            "onnxruntime_batch_size": cfg.batch_size,
+            "onnxruntime_batch_size": cfg.ort_batch_size,
             "attack_batch_size": cfg.attack.batch_size,
         },
         "stages": rows,
@@ -379,40 +341,6 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
 # --- (b) memory of the statistics stage -------------------------------------------------------------------
 
 
-def _status() -> dict[str, int]:
-    """Memory counters of this process from /proc/self/status, in bytes."""
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
-
-
-class AnonPeak:
-    """Peak RssAnon, sampled from /proc/self/status every ``interval`` seconds by a thread."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status()["RssAnon"])
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = _status()["RssAnon"]
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _status()["RssAnon"])
-
-
 def stats_child(argv: list[str]) -> int:
     """In a fresh process: stream_stats over memory-mapped inputs; print the memory figures as JSON."""
     import gc
@@ -421,9 +349,9 @@ def stats_child(argv: list[str]) -> int:
     import onnx
 
     from cloakonnx.data import Preprocess
-    from cloakonnx.model import find_head
+    from cloakonnx.graph import find_head, with_outputs
     from cloakonnx.runtime import make_session
-    from cloakonnx.stats import per_feature, stream_stats, with_outputs
+    from cloakonnx.stats import per_feature, stream_stats
 
     model_path, folder, n, batch, mode = argv[0], Path(argv[1]), int(argv[2]), int(argv[3]), argv[4]
     model = onnx.load(model_path)
@@ -456,17 +384,15 @@ def stats_child(argv: list[str]) -> int:
 
     work(min(n, 2 * batch))  # warm-up: onnxruntime's arena, lazy imports, tqdm
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM (the counter ru_maxrss reports) to VmRSS
-        fh.write("5")
-    before = _status()
+    reset_peak_rss()  # VmHWM (the counter ru_maxrss reports) back to VmRSS
+    before = proc_status()
     tracemalloc.start()
-    t = time.perf_counter()
-    with AnonPeak() as anon:
+    with Clock() as clock, AnonPeak() as anon:
         result = work(n)
-    seconds = time.perf_counter() - t
+    seconds = clock.wall
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    after = _status()
+    after = proc_status()
     del result
     print(json.dumps({
         "n": n, "mode": mode, "seconds": seconds,
@@ -636,8 +562,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    add_output_options(p, out=True)
     args = p.parse_args(argv)
     try:
         args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
@@ -648,13 +573,6 @@ def parse_args(argv=None):
     if args.repeats < 1 or args.warmup < 0 or args.epochs < 1 or args.steps < 1 or args.threads < 0:
         p.error("--repeats, --epochs and --steps must be at least 1, --warmup and --threads at least 0")
     return args
-
-
-def cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def run(args) -> dict:
@@ -686,20 +604,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--_stats-child":
         return stats_child(argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log_to_stderr()
     logging.getLogger("cloakonnx").setLevel(logging.WARNING)  # harden's own progress lines
     log.setLevel(logging.INFO)
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except CloakError as exc:
-        print(f"harden_cost: error: {exc}", file=sys.stderr)
-        return 1
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text if args.json else table(result))
-    return 0
+    return run_main(run, parse_args(argv), table)
 
 
 if __name__ == "__main__":

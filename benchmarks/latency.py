@@ -16,9 +16,7 @@ differ, so its interval is also a measure of the noise floor).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import platform
 import sys
 import tempfile
@@ -27,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when a test loads this file by path
+
+from common import add_output_options, cpus, export_resnet18, log_to_stderr, run_main  # noqa: E402
 
 from cloakonnx import __version__  # noqa: E402
 from cloakonnx.errors import CloakError  # noqa: E402
@@ -42,29 +42,9 @@ TARGETS = {"mul": "<= 1.01", "folded": "1.00 within noise"}
 # --- models -----------------------------------------------------------------------------------------------
 
 
-def export_resnet18(folder: Path, size: int, seed: int) -> Path:
-    """torchvision resnet18 with random weights (nothing is downloaded), legacy exporter, dynamic batch."""
-    import warnings
-
-    import torch
-    import torchvision
-
-    torch.manual_seed(seed)
-    net = torchvision.models.resnet18(weights=None).eval()
-    path = folder / "resnet18.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(1, 3, size, size),), str(path), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    return path
-
-
 def build_variants(model, fraction: float, seed: int):
     """(original, Mul form, folded form, mask) with ``fraction`` of the head's features masked at random."""
-    from cloakonnx.fold import fold_mask
-    from cloakonnx.model import find_head
-    from cloakonnx.surgery import apply_mask
+    from cloakonnx.graph import apply_mask, find_head, fold_mask
 
     head = find_head(model)
     if head.mask is not None:
@@ -125,7 +105,7 @@ def make_session(model_bytes: bytes, provider: str, threads: int):
 
 
 def input_array(model, batch: int, size: int | None, rng) -> tuple[str, np.ndarray]:
-    from cloakonnx.model import select_input
+    from cloakonnx.graph import select_input
 
     info = select_input(model)
     dims = list(info.shape)
@@ -252,8 +232,7 @@ def parse_args(argv=None):
     p.add_argument("--rotate", action="store_true",
                    help="turn the order each round (A B C, B C A, C A B) instead of always A B C")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    add_output_options(p, out=True)
     args = p.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -268,17 +247,10 @@ def parse_args(argv=None):
     return args
 
 
-def cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def run(args) -> dict:
     import onnxruntime
 
-    from cloakonnx.model import load_model
+    from cloakonnx.graph import load_model
 
     threads = args.threads or cpus()
     with tempfile.TemporaryDirectory(prefix="cloakonnx-bench-") as tmp:
@@ -286,7 +258,7 @@ def run(args) -> dict:
             path = args.model
         else:
             log.info("exporting resnet18 (random weights, %dx%d)", args.size, args.size)
-            path = export_resnet18(Path(tmp), args.size, args.seed)
+            path = export_resnet18(Path(tmp), args.size, args.seed).path
         model = load_model(path)
     variants, mask, head = build_variants(model, args.fraction, args.seed)
     blobs = {k: m.SerializeToString() for k, m in variants.items()}
@@ -317,18 +289,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except CloakError as exc:
-        print(f"latency: error: {exc}", file=sys.stderr)
-        return 1
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text if args.json else table(result))
-    return 0
+    log_to_stderr()
+    return run_main(run, parse_args(argv), table)
 
 
 if __name__ == "__main__":

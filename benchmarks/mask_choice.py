@@ -11,34 +11,33 @@ and on the hardened model itself (adaptive). Prints a table, and JSON with --jso
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-from demo_inputs import add_model_options, resolve_model_options
+from common import add_harden_options, add_model_options, parse_model_args, run_main
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_options(ap)
-    ap.add_argument("--eps", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--max-clean-drop", type=float, default=1.0)
-    ap.add_argument("--val-split", type=float, default=0.3)
+    add_harden_options(ap)
     ap.add_argument("--budget-confidence", type=float, default=0.9, help="as harden's; 0: point estimate only")
     ap.add_argument("--scores", default="absdiff,normalised,margin")
     ap.add_argument("--rounds", default="1,2")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    resolve_model_options(ap, args)
+    return run_main(run, parse_model_args(ap, argv), table)
 
+
+def run(args: argparse.Namespace) -> dict:
     from cloakonnx.attacks import AttackConfig
     from cloakonnx.evaluate import EvaluateConfig, evaluate
     from cloakonnx.harden import HardenConfig, harden
 
     attack = AttackConfig(name="pgd", eps=args.eps, steps=args.steps, seed=args.seed)
-    ev = EvaluateConfig(attacks=("pgd",), eps=(args.eps,), steps=args.steps, seed=args.seed, sanity=False)
+    ev = EvaluateConfig(attacks=("pgd",), eps=(args.eps,), attack=AttackConfig(steps=args.steps), seed=args.seed,
+                        sanity=False)
     base = evaluate(args.model, args.test, ev).to_dict()
     rows = [{"score": "none (original)", "rounds": 0, "masked": 0, "clean": base["clean_accuracy"],
              "transfer": base["results"][0]["accuracy"], "adaptive": base["results"][0]["accuracy"]}]
@@ -50,23 +49,23 @@ def main(argv=None) -> int:
                     output=out, attack=attack, score=score, rounds=rounds, max_clean_drop=args.max_clean_drop,
                     budget_confidence=args.budget_confidence,
                     val_split=args.val_split, seed=args.seed, adaptive=False))
-                res = evaluate(out, args.test, EvaluateConfig(**{**ev.__dict__, "reference": args.model})).to_dict()
+                res = evaluate(out, args.test, replace(ev, reference=args.model)).to_dict()
                 acc = {r["threat"]: r["accuracy"] for r in res["results"]}
                 rows.append({"score": score, "rounds": rounds, "masked": rep.masked, "clean": res["clean_accuracy"],
                              "transfer": acc["transfer"], "adaptive": acc["adaptive"]})
-    result = {"model": str(args.model), "test": str(args.test), "eps": args.eps, "steps": args.steps,
-              "max_clean_drop": args.max_clean_drop, "test_samples": base["samples"], "rows": rows}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{args.model}: PGD-{args.steps} eps={args.eps:g} on {base['samples']} test samples; "
-              f"mask chosen with --max-clean-drop {args.max_clean_drop:g} on the validation split")
-        print(f"{'score':18} {'rounds':>6} {'masked':>6} {'clean':>8} {'transfer':>9} {'adaptive':>9}")
-        for r in rows:
-            print(f"{r['score']:18} {r['rounds']:>6} {r['masked']:>6} {100 * r['clean']:7.2f}% "
-                  f"{100 * r['transfer']:8.2f}% {100 * r['adaptive']:8.2f}%")
-    return 0
+    return {"model": str(args.model), "test": str(args.test), "eps": args.eps, "steps": args.steps,
+            "max_clean_drop": args.max_clean_drop, "test_samples": base["samples"], "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['model']}: PGD-{result['steps']} eps={result['eps']:g} on {result['test_samples']} test samples; "
+             f"mask chosen with --max-clean-drop {result['max_clean_drop']:g} on the validation split",
+             f"{'score':18} {'rounds':>6} {'masked':>6} {'clean':>8} {'transfer':>9} {'adaptive':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['score']:18} {r['rounds']:>6} {r['masked']:>6} {100 * r['clean']:7.2f}% "
+                     f"{100 * r['transfer']:8.2f}% {100 * r['adaptive']:8.2f}%")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -14,11 +14,12 @@ int8 per-channel weights, calibrated on 128 images of --data), then:
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import add_output_options, demo_paths, run_main
 
 
 def quantize(model: Path, data: Path, out: Path) -> Path:
@@ -46,9 +47,18 @@ def main(argv=None) -> int:
     ap.add_argument("--demo-dir", type=Path, required=True)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--max-samples", type=int, default=200)
-    ap.add_argument("--json", action="store_true")
+    add_output_options(ap)
     args = ap.parse_args(argv)
+    return run_main(run, args, lambda result: table(result, args.eps))
 
+
+def evaluated(ev) -> dict:
+    """An evaluate report, flat: samples, clean, and '<attack> <threat>' accuracies."""
+    return {"samples": ev["samples"], "clean": ev["clean_accuracy"],
+            **{f"{r['attack']} {r['threat']}": r["accuracy"] for r in ev["results"]}}
+
+
+def run(args: argparse.Namespace) -> dict:
     import onnx
 
     from cloakonnx.attacks import AttackConfig
@@ -56,7 +66,7 @@ def main(argv=None) -> int:
     from cloakonnx.evaluate import EvaluateConfig, evaluate
     from cloakonnx.harden import HardenConfig, harden
 
-    src, data, test = (args.demo_dir / n for n in ("digits_cnn.onnx", "digits.npz", "test.npz"))
+    src, data, test = demo_paths(args.demo_dir)
     with tempfile.TemporaryDirectory() as tmp:
         qdq = quantize(src, data, Path(tmp) / "qdq.onnx")
         chk = check_model(str(qdq), batch=64).to_dict()
@@ -71,32 +81,32 @@ def main(argv=None) -> int:
                 "clean": rep.clean_accuracy, "adversarial": rep.adversarial_accuracy}
         ev = evaluate(qdq, test, EvaluateConfig(attacks=("fgsm", "pgd", "square"), eps=(args.eps,), reference=src,
                                                 max_samples=args.max_samples, sanity=False)).to_dict()
-        result["evaluate_qdq"] = {"samples": ev["samples"], "clean": ev["clean_accuracy"],
-                                  **{f"{r['attack']} {r['threat']}": r["accuracy"] for r in ev["results"]}}
+        result["evaluate_qdq"] = evaluated(ev)
         ev = evaluate(src, test, EvaluateConfig(attacks=("fgsm", "pgd", "square"), eps=(args.eps,), max_samples=args.max_samples,
                                                 sanity=False)).to_dict()
-        result["evaluate_float"] = {"samples": ev["samples"], "clean": ev["clean_accuracy"],
-                                    **{f"{r['attack']} {r['threat']}": r["accuracy"] for r in ev["results"]}}
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
+        result["evaluate_float"] = evaluated(ev)
+    return result
+
+
+def table(result: dict, eps: float) -> str:
     c = result["check"]
-    print(f"nodes: float {result['nodes']['float']}, QDQ {result['nodes']['qdq']}")
-    print(f"check: {'OK' if c['ok'] else 'FAILED'}, max |executor - onnxruntime unfused| = {c['max_abs']:.3g}; "
-          f"fused integer kernels differ by up to {c['fused_max_abs']:.3g}, top-1 agreement "
-          f"{100 * c['fused_top1_agreement']:.1f}%")
+    lines = [f"nodes: float {result['nodes']['float']}, QDQ {result['nodes']['qdq']}",
+             f"check: {'OK' if c['ok'] else 'FAILED'}, max |executor - onnxruntime unfused| = {c['max_abs']:.3g}; "
+             f"fused integer kernels differ by up to {c['fused_max_abs']:.3g}, top-1 agreement "
+             f"{100 * c['fused_top1_agreement']:.1f}%"]
     for form in ("mul", "fold"):
         h = result[form]
-        print(f"harden ({form}): {h['nodes']} nodes, masked {h['masked']}, fallback {h['fallback']}; validation clean "
-              f"{100 * h['clean']['original']:.2f} -> {100 * h['clean']['hardened']:.2f}, PGD transfer "
-              f"{100 * h['adversarial']['original']:.2f} -> {100 * h['adversarial']['hardened_transfer']:.2f}")
+        lines.append(f"harden ({form}): {h['nodes']} nodes, masked {h['masked']}, fallback {h['fallback']}; validation "
+                     f"clean {100 * h['clean']['original']:.2f} -> {100 * h['clean']['hardened']:.2f}, PGD transfer "
+                     f"{100 * h['adversarial']['original']:.2f} -> {100 * h['adversarial']['hardened_transfer']:.2f}")
     for kind in ("float", "qdq"):
         e = result[f"evaluate_{kind}"]
         rows = ", ".join(f"{k} {100 * v:.2f}" for k, v in e.items() if k not in ("samples", "clean"))
-        print(f"evaluate {kind:5} model, {e['samples']} test samples, eps {args.eps:g} (FGSM, PGD-20, Square-1000"
-              f"{'; transfer = crafted on the float model' if kind == 'qdq' else ''}): clean {100 * e['clean']:.2f}, {rows}")
-    return 0
+        lines.append(f"evaluate {kind:5} model, {e['samples']} test samples, eps {eps:g} (FGSM, PGD-20, "
+                     f"Square-1000{'; transfer = crafted on the float model' if kind == 'qdq' else ''}): clean "
+                     f"{100 * e['clean']:.2f}, {rows}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -11,25 +11,12 @@ weights at 3x64x64. It prints median seconds and the ratio.
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
-
-
-def resnet_model():
-    import onnx
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(num_classes=10).eval()
-    buf = io.BytesIO()
-    torch.onnx.export(net, torch.rand(1, 3, 64, 64), buf, dynamo=False, opset_version=17, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
-    return onnx.load_from_string(buf.getvalue())
+from common import Clock, demo_paths, resnet18_onnx
 
 
 def main(argv=None) -> int:
@@ -45,13 +32,14 @@ def main(argv=None) -> int:
     from cloakonnx.attacks import AttackConfig, craft
     from cloakonnx.attacks.square import Square
     from cloakonnx.data import Preprocess
-    from cloakonnx.evaluate import Runner
+    from cloakonnx.pipeline import Runner
 
-    test = np.load(args.demo_dir / "test.npz")
+    model_path, _, test_path = demo_paths(args.demo_dir)
+    test = np.load(test_path)
     rng = np.random.default_rng(0)
-    cases = [("digits CNN 1x8x8, 200 images", onnx.load(str(args.demo_dir / "digits_cnn.onnx")),
-              test["x"][:200], test["y"][:200].astype(np.int64))]
-    resnet = resnet_model()
+    cases = [("digits CNN 1x8x8, 200 images", onnx.load(str(model_path)), test["x"][:200],
+              test["y"][:200].astype(np.int64))]
+    resnet = resnet18_onnx(64, 0, num_classes=10, random_example=True)
     x = rng.random((32, 3, 64, 64), dtype=np.float32)
     runner = Runner(resnet, "logits", [], Preprocess(), providers=["CPUExecutionProvider"])
     y = runner.session.run(None, {"input": x})[0].argmax(1).astype(np.int64)  # attack the model's own labels
@@ -66,9 +54,9 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for name, threads in (("one thread", 1), ("caller's", None)):
                 Square.search_threads = threads
-                t = time.perf_counter()
-                outs[name] = craft(runner.model_for("square"), cfg, x, y, (0.0, 1.0), "cpu", "square", 128)
-                times[name].append(time.perf_counter() - t)
+                with Clock() as clock:
+                    outs[name] = craft(runner.model_for("square"), cfg, x, y, (0.0, 1.0), "cpu", "square", 128)
+                times[name].append(clock.wall)
         Square.search_threads = 1
         same = np.array_equal(outs["one thread"], outs["caller's"])
         a, b = statistics.median(times["one thread"]), statistics.median(times["caller's"])
@@ -78,4 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
