@@ -632,6 +632,31 @@ def test_op_version_newer_than_any_handler_is_unsupported():
     assert unsupported_ops(m) == [("Gelu", 17)]
 
 
+def test_registering_an_op_version_twice_raises(monkeypatch):
+    """A second handler for an (op, since_version) that has one is an error, not a silent override."""
+    from cloakonnx.torch_exec import registry
+
+    # A copy of the table for this test; op() and _resolve read the module's _OPS when called.
+    monkeypatch.setattr(registry, "_OPS", {name: list(entries) for name, entries in registry._OPS.items()})
+    before = [(e.since, e.fn) for e in registry._OPS["Relu"]]
+
+    def relu_again(inputs, attrs, ctx):
+        return (inputs[0],)
+
+    with pytest.raises(ValueError, match="Relu since opset 1"):
+        registry.op("Relu", 1)(relu_again)
+    with pytest.raises(ValueError, match="Relu since opset 1"):  # one taken version spoils the whole call
+        registry.op("Relu", 99, 1)(relu_again)
+    assert [(e.since, e.fn) for e in registry._OPS["Relu"]] == before
+    with pytest.raises(ValueError, match="NewOp since opset 3"):  # twice within one call
+        registry.op("NewOp", 3, 3)(relu_again)
+    assert "NewOp" not in registry.supported_ops()
+
+    registry.op("Relu", 99)(relu_again)  # a new version of a known op is fine
+    assert registry._resolve("Relu", 99).fn is relu_again
+    assert registry._resolve("Relu", 98).fn is before[-1][1]
+
+
 def test_shared_initializer_and_constant_node_weights():
     """Two convs share one deduplicated weight and bias; a third takes its weight from a Constant node."""
     w = r(4, 4, 3, 3)

@@ -1,0 +1,243 @@
+"""Elementwise ops: arithmetic, unary math and activations, comparisons and logic, Clip, casts.
+
+One file for every op that maps each element (or each broadcast pair) on its own, so the
+opset < 7 broadcast rules and the shared handler factories live next to all their users.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto
+
+from ..registry import op
+from ..tensors import _empty, _is_float, _norm_axis, _onnx_dtype
+
+
+def _legacy_broadcast(a, b, attrs):
+    """Opset < 7 Add/Sub/Mul/Div: with broadcast=1 and axis, b aligns to a starting at axis."""
+    if attrs.get("broadcast", 0) and "axis" in attrs and b.dim() < a.dim():
+        axis = _norm_axis(attrs["axis"], a.dim())
+        b = b.reshape(tuple(b.shape) + (1,) * (a.dim() - axis - b.dim()))
+    return a, b
+
+
+def _binary(fn):
+    def handler(inputs, attrs, ctx):
+        a, b = _legacy_broadcast(inputs[0], inputs[1], attrs) if ctx.since < 7 else inputs
+        return (fn(a, b),)
+
+    return handler
+
+
+for _name, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}.items():
+    op(_name, 1, 7)(_binary(_fn))
+
+
+def _div(a, b):
+    if _is_float(a) or _is_float(b):
+        return torch.div(a, b)
+    return torch.div(a, b, rounding_mode="trunc")  # C-style integer division, as onnxruntime
+
+
+op("Div", 1, 7)(_binary(_div))
+
+
+@op("Pow", 1, 7)
+def _pow(inputs, attrs, ctx):
+    x, y = _legacy_broadcast(inputs[0], inputs[1], attrs) if ctx.since < 7 else inputs
+    return (torch.pow(x, y).to(x.dtype),)
+
+
+@op("Mod", 10)
+def _mod(inputs, attrs, ctx):
+    a, b = inputs
+    if attrs.get("fmod", 0):
+        return (torch.fmod(a, b),)
+    return (torch.remainder(a, b),)
+
+
+def _unary(fn):
+    def handler(inputs, attrs, ctx):
+        return (fn(inputs[0]),)
+
+    return handler
+
+
+def _pairwise(fn):
+    def handler(inputs, attrs, ctx):
+        return (fn(inputs[0], inputs[1]),)
+
+    return handler
+
+
+_UNARY = {
+    "Sqrt": torch.sqrt,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Neg": torch.neg,
+    "Abs": torch.abs,
+    "Reciprocal": torch.reciprocal,
+    "Relu": torch.relu,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Softplus": F.softplus,
+    "Softsign": F.softsign,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Round": torch.round,  # round half to even, as ONNX
+    "Sign": torch.sign,
+    "Not": torch.logical_not,
+    "Identity": lambda x: x,
+    "Sin": torch.sin,
+    "Cos": torch.cos,
+    "Erf": torch.erf,
+    "IsNaN": torch.isnan,
+    "Mish": F.mish,
+}
+_COMPARE = {
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "Greater": torch.gt,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Xor": torch.logical_xor,
+}
+for _name, _fn in _UNARY.items():
+    op(_name, 1)(_unary(_fn))
+for _name, _fn in _COMPARE.items():
+    op(_name, 1)(_pairwise(_fn))
+op("LessOrEqual", 12)(_pairwise(torch.le))
+op("GreaterOrEqual", 12)(_pairwise(torch.ge))
+
+
+@op("IsInf", 10)
+def _isinf(inputs, attrs, ctx):
+    x = inputs[0]
+    pos, neg = attrs.get("detect_positive", 1), attrs.get("detect_negative", 1)
+    if pos and neg:
+        return (torch.isinf(x),)
+    if pos:
+        return (torch.isposinf(x),)
+    if neg:
+        return (torch.isneginf(x),)
+    return (torch.zeros_like(x, dtype=torch.bool),)
+
+
+@op("LeakyRelu", 1)
+def _leaky_relu(inputs, attrs, ctx):
+    return (F.leaky_relu(inputs[0], attrs.get("alpha", 0.01)),)
+
+
+@op("PRelu", 1)
+def _prelu(inputs, attrs, ctx):
+    x, slope = inputs
+    return (torch.where(x < 0, x * slope, x),)
+
+
+@op("Elu", 1)
+def _elu(inputs, attrs, ctx):
+    return (F.elu(inputs[0], attrs.get("alpha", 1.0)),)
+
+
+@op("Celu", 12)
+def _celu(inputs, attrs, ctx):
+    return (F.celu(inputs[0], attrs.get("alpha", 1.0)),)
+
+
+@op("Selu", 1)
+def _selu(inputs, attrs, ctx):
+    alpha = attrs.get("alpha", 1.67326319217681884765625)
+    gamma = attrs.get("gamma", 1.05070102214813232421875)
+    return (gamma * F.elu(inputs[0], alpha),)
+
+
+@op("ThresholdedRelu", 10)
+def _thresholded_relu(inputs, attrs, ctx):
+    x = inputs[0]
+    return (torch.where(x > attrs.get("alpha", 1.0), x, torch.zeros_like(x)),)
+
+
+@op("HardSigmoid", 1)
+def _hard_sigmoid(inputs, attrs, ctx):
+    return (torch.clamp(inputs[0] * attrs.get("alpha", 0.2) + attrs.get("beta", 0.5), 0.0, 1.0),)
+
+
+@op("HardSwish", 14)
+def _hard_swish(inputs, attrs, ctx):
+    return (F.hardswish(inputs[0]),)
+
+
+@op("Gelu", 20)
+def _gelu(inputs, attrs, ctx):
+    return (F.gelu(inputs[0], approximate=attrs.get("approximate", "none")),)
+
+
+@op("Shrink", 9)
+def _shrink(inputs, attrs, ctx):
+    x = inputs[0]
+    lambd, bias = attrs.get("lambd", 0.5), attrs.get("bias", 0.0)
+    zero = torch.zeros_like(x)
+    return (torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, zero)),)
+
+
+@op("Where", 9)
+def _where(inputs, attrs, ctx):
+    return (torch.where(inputs[0].to(torch.bool), inputs[1], inputs[2]),)
+
+
+def _variadic(fn, mean=False):
+    def handler(inputs, attrs, ctx):
+        xs = [x for x in inputs if x is not None]
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        if mean:
+            out = out / len(xs)
+        return (out,)
+
+    return handler
+
+
+op("Max", 1)(_variadic(torch.maximum))
+op("Min", 1)(_variadic(torch.minimum))
+op("Sum", 1)(_variadic(torch.add))
+op("Mean", 1)(_variadic(torch.add, mean=True))
+
+
+@op("Clip", 1)
+def _clip_attr(inputs, attrs, ctx):
+    return (torch.clamp(inputs[0], attrs.get("min", -math.inf), attrs.get("max", math.inf)),)
+
+
+@op("Clip", 11)
+def _clip(inputs, attrs, ctx):
+    x = inputs[0]
+    lo = inputs[1] if len(inputs) > 1 and not _empty(inputs[1]) else None
+    hi = inputs[2] if len(inputs) > 2 and not _empty(inputs[2]) else None
+    if lo is None and hi is None:
+        return (x,)
+    return (torch.clamp(x, lo.reshape(()) if lo is not None else None, hi.reshape(()) if hi is not None else None),)
+
+
+@op("Cast", 1)
+def _cast(inputs, attrs, ctx):
+    to = attrs["to"]
+    if isinstance(to, str):  # opset 1 named the type
+        to = TensorProto.DataType.Value(to.upper())
+    return (inputs[0].to(_onnx_dtype(to)),)
+
+
+@op("CastLike", 15)
+def _cast_like(inputs, attrs, ctx):
+    return (inputs[0].to(inputs[1].dtype),)
+
+
+@op("Dropout", 1)
+def _dropout(inputs, attrs, ctx):
+    """Inference: the identity, with an all-true mask when the mask output is wanted."""
+    x = inputs[0]
+    if ctx.wants(1):
+        return (x, torch.ones_like(x, dtype=torch.bool if ctx.opset >= 10 else x.dtype))
+    return (x,)
