@@ -160,11 +160,13 @@ def harden(model, output, rounds, no_adaptive, plot, fold, as_json, report, **kw
 
 @main.command()
 @masking_options
+@click.option("--scores", default=",".join(("absdiff", "normalised", "margin", "learned")), show_default=True,
+              help="Comma-separated scores to compare (learned trains a mask first: the slowest).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the curves and the score distribution.")
 @json_option
 @report_option
 @handles_errors
-def sweep(model, plot, as_json, report, **kw) -> None:
+def sweep(model, scores, plot, as_json, report, **kw) -> None:
     """Show the whole trade-off: clean and adversarial accuracy against the share of features masked,
     for every score, on the validation split. Writes no model.
 
@@ -177,7 +179,9 @@ def sweep(model, plot, as_json, report, **kw) -> None:
     from .sweep import sweep as run
 
     data = kw.pop("data")
-    _emit(run(model, data, mask_config(MaskConfig, kw)).to_dict(), as_json, report, format_sweep, plot, plot_sweep)
+    names = tuple(s.strip() for s in scores.split(",") if s.strip())
+    _emit(run(model, data, mask_config(MaskConfig, kw), names).to_dict(), as_json, report, format_sweep, plot,
+          plot_sweep)
 
 
 @main.command()

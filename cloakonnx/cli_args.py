@@ -74,8 +74,9 @@ runtime_options = group(
 mask_options = group(
     click.option("--attack", type=click.Choice(["pgd", "fgsm", "apgd-ce", "apgd-dlr", "square"]), default="pgd",
                  show_default=True, help="Attack used to find the features adversarial noise moves."),
-    click.option("--fraction", type=float, default=0.01, show_default=True,
-                 help="Share of features to zero, in [0, 1) (ignored with --max-clean-drop)."),
+    click.option("--fraction", type=float, default=None,
+                 help="Share of features to zero, in [0, 1) (ignored with --max-clean-drop) [default: 0.01; with "
+                      "--score learned, the features the learning switched off]."),
     click.option("--max-clean-drop", type=float, default=None, metavar="PTS",
                  help="Choose the share on the validation split: best adversarial accuracy with clean accuracy "
                       "at most PTS percentage points below the original's. No gain, no mask."),
@@ -83,14 +84,35 @@ mask_options = group(
                  help="With --max-clean-drop: also require the drop's upper confidence bound (P, one-sided) to be "
                       "within the budget, so that it holds on new data, not just on a lucky validation split. "
                       "0: the validation point estimate alone."),
-    click.option("--score", type=click.Choice(["absdiff", "normalised", "margin"]), default="absdiff",
+    click.option("--score", type=click.Choice(["absdiff", "normalised", "margin", "learned"]), default="absdiff",
                  show_default=True,
                  help="absdiff: mean |f(x') - f(x)| (the paper's); normalised: absdiff / clean std; "
-                      "margin: push of the true-vs-adversarial logit margin through the head's weights."),
+                      "margin: push of the true-vs-adversarial logit margin through the head's weights; "
+                      "learned: mask values trained against an adaptive attacker, weights frozen (slower, "
+                      "usually much stronger)."),
+    click.option("--mask-values", type=click.Choice(["binary", "soft"]), default="binary", show_default=True,
+                 help="binary: the paper's 0/1 mask; soft (with --score learned): the learned multipliers, "
+                      "still one constant Mul per tensor."),
     click.option("--val-split", type=float, default=0.2, show_default=True,
                  help="Share of the data held out for choosing and reporting, never used for scoring."),
-    click.option("--feature-tensor", metavar="NAME",
-                 help="Mask this tensor instead of the head's input (4-D: per channel)."),
+    click.option("--feature-tensor", "feature_tensors", metavar="NAME", multiple=True,
+                 help="Mask this tensor instead of the head's input (4-D: per channel). Several times, or "
+                      "'auto' (the head's input and the last activation of each resolution stage), with "
+                      "--score learned: one mask per tensor, learned jointly."),
+)
+
+learn_options = group(
+    click.option("--learn-steps", type=click.IntRange(min=1), default=300, show_default=True,
+                 help="--score learned: optimiser steps, one calibration batch each."),
+    click.option("--learn-batch", type=click.IntRange(min=1), default=128, show_default=True,
+                 help="--score learned: calibration samples per step."),
+    click.option("--learn-lr", type=float, default=0.1, show_default=True, help="--score learned: Adam's step size."),
+    click.option("--learn-attack", type=click.Choice(["pgd", "fgsm"]), default="pgd", show_default=True,
+                 help="--score learned: the inner attacker (fgsm: random start and one step, faster)."),
+    click.option("--learn-attack-steps", type=click.IntRange(min=1), default=5, show_default=True,
+                 help="--score learned: steps of the inner PGD."),
+    click.option("--learn-sparsity", type=float, default=0.0, show_default=True,
+                 help="--score learned: weight of the mean mask value in the loss (more features off)."),
 )
 
 
@@ -131,14 +153,20 @@ def mask_config(cls, kw: dict, **extra):
     if len(eps) != 1:
         raise CloakError(f"--eps takes one value here, got {len(eps)}")
     common = common_fields(kw, kw.pop("attack"), eps[0])
+    from .config import LearnConfig
+
+    learn = LearnConfig(steps=kw.pop("learn_steps"), batch_size=kw.pop("learn_batch"), lr=kw.pop("learn_lr"),
+                        inner_attack=kw.pop("learn_attack"), inner_steps=kw.pop("learn_attack_steps"),
+                        sparsity=kw.pop("learn_sparsity"))
     return cls(**common, fraction=kw.pop("fraction"), score=kw.pop("score"), val_split=kw.pop("val_split"),
                max_clean_drop=kw.pop("max_clean_drop"), budget_confidence=kw.pop("budget_confidence"),
-               feature_tensor=kw.pop("feature_tensor"), **extra)
+               feature_tensors=tuple(kw.pop("feature_tensors")), mask_values=kw.pop("mask_values"), learn=learn,
+               **extra)
 
 
 # harden and sweep take the same model, data, mask, attack and runtime options.
 masking_options = group(
-    click.argument("model", type=click.Path()), data_options, mask_options,
+    click.argument("model", type=click.Path()), data_options, mask_options, learn_options,
     attack_options(10, "10 here, for speed: it crafts calibration inputs; evaluate defaults to 20 to measure"),
     runtime_options,
 )

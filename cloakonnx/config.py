@@ -15,6 +15,39 @@ from .data import Preprocess
 from .errors import CloakError
 from .mask import SCORES, count_for
 
+LEARNED = "learned"  # the score learned against an adaptive attacker (cloakonnx.learn)
+ALL_SCORES = (*SCORES, LEARNED)
+MASK_VALUES = ("binary", "soft")
+INNER_ATTACKS = ("pgd", "fgsm")
+
+
+@dataclass
+class LearnConfig:
+    """How a mask is learned (``score="learned"``). Defaults follow the procedure measured in the
+    learned-masks issue: 300 steps of 128 samples, PGD-5 against the currently masked model."""
+
+    steps: int = 300  # outer steps, one batch each
+    batch_size: int = 128
+    lr: float = 0.1  # Adam, on theta (m = sigmoid(theta))
+    init: float = 3.0  # sigmoid(3) = 0.95: every feature starts almost fully on
+    inner_attack: str = "pgd"  # "pgd", or "fgsm" (random start, one step of 1.25 eps: faster)
+    inner_steps: int = 5
+    sparsity: float = 0.0  # weight of mean(m) in the loss: pushes more values towards 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise CloakError(f"--learn-steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise CloakError(f"--learn-batch must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise CloakError(f"--learn-lr must be positive, got {self.lr:g}")
+        if self.inner_attack not in INNER_ATTACKS:
+            raise CloakError(f"--learn-attack must be one of {', '.join(INNER_ATTACKS)}, got {self.inner_attack!r}")
+        if self.inner_steps < 1:
+            raise CloakError(f"--learn-attack-steps must be at least 1, got {self.inner_steps}")
+        if self.sparsity < 0:
+            raise CloakError(f"--learn-sparsity must be non-negative, got {self.sparsity:g}")
+
 
 @dataclass
 class CommonConfig:
@@ -42,20 +75,43 @@ class MaskConfig(CommonConfig):
     """How a mask is scored and chosen: shared by ``harden`` and ``sweep``."""
 
     val_split: float = 0.2
-    feature_tensor: str | None = None  # None: the head's input
+    # The tensors to mask: () is the head's input; several (or ("auto",)) need score="learned".
+    feature_tensors: tuple[str, ...] = ()
     score: str = "absdiff"
-    fraction: float = 0.01
+    # Share of features to mask; None: 1% for the statistical scores, and for "learned" the features
+    # the learning switched off (value below 0.5).
+    fraction: float | None = None
+    mask_values: str = "binary"  # "soft" (learned only): the learned multipliers, not just 0/1
+    learn: LearnConfig = field(default_factory=LearnConfig)
     max_clean_drop: float | None = None  # percentage points; None: mask exactly ``fraction``
     # The drop's one-sided upper confidence bound on new data must also be within the budget
     # (cloakonnx.curve.clean_drop_bound); 0 uses the validation point estimate alone.
     budget_confidence: float = 0.9
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidates for max_clean_drop and sweep
 
+    @property
+    def feature_tensor(self) -> str | None:
+        """The one tensor to mask when there is one (None: the head's input, or several)."""
+        return self.feature_tensors[0] if self.single_tensor and self.feature_tensors else None
+
+    @property
+    def single_tensor(self) -> bool:
+        return len(self.feature_tensors) <= 1 and self.feature_tensors != ("auto",)
+
     def validate(self) -> None:
         super().validate()
-        count_for(self.fraction, 1)
-        if self.score not in SCORES:
-            raise CloakError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
+        if self.fraction is not None:
+            count_for(self.fraction, 1)
+        if self.score not in ALL_SCORES:
+            raise CloakError(f"unknown score {self.score!r}; choose one of {', '.join(ALL_SCORES)}")
+        if self.mask_values not in MASK_VALUES:
+            raise CloakError(f"--mask-values must be one of {', '.join(MASK_VALUES)}, got {self.mask_values!r}")
+        if self.score != LEARNED and (self.mask_values == "soft" or not self.single_tensor):
+            raise CloakError("soft mask values and masks on several tensors need learned values: add --score learned")
+        if "auto" in self.feature_tensors and len(self.feature_tensors) > 1:
+            raise CloakError("--feature-tensor auto proposes the tensors itself; give it alone")
+        if self.score == LEARNED:
+            self.learn.validate()
         if self.max_clean_drop is not None and self.max_clean_drop < 0:
             raise CloakError(f"--max-clean-drop must be non-negative, got {self.max_clean_drop:g}")
         if not (self.budget_confidence == 0 or 0.5 <= self.budget_confidence < 1):
@@ -77,6 +133,8 @@ class HardenConfig(MaskConfig):
         super().validate()
         if self.rounds < 1:
             raise CloakError(f"--rounds must be at least 1, got {self.rounds}")
+        if not self.single_tensor and self.rounds > 1:
+            raise CloakError("--rounds > 1 works on one feature tensor; masks on several tensors are learned jointly")
 
 
 def _evaluate_attack() -> AttackConfig:

@@ -60,14 +60,18 @@ def clean_drop_bound(correct_before: np.ndarray, correct_after: np.ndarray, conf
 
 
 def mask_curve(head: Head, order: np.ndarray, counts, f_clean: np.ndarray, f_adv: np.ndarray, y: np.ndarray,
-               existing: np.ndarray | None = None, confidence: float = 0.9) -> list[CurvePoint]:
+               existing: np.ndarray | None = None, confidence: float = 0.9,
+               scale: np.ndarray | None = None) -> list[CurvePoint]:
     """Accuracy of the head on masked clean and adversarial features, for each count of new zeros,
-    with the ``confidence`` bound on each point's clean-accuracy drop."""
+    with the ``confidence`` bound on each point's clean-accuracy drop. With ``scale`` (a soft mask)
+    every point that adds zeros also multiplies the features by it."""
     width = head.width
     before = head.apply(f_clean, mask_top(order, 0, width, existing)).argmax(1) == y
     points = []
     for k in counts:
         mask = mask_top(order, k, width, existing)
+        if scale is not None and k > 0:
+            mask = mask * scale
         masked = int((mask == 0).sum())
         correct = head.apply(f_clean, mask).argmax(1) == y
         adv = float((head.apply(f_adv, mask).argmax(1) == y).mean())

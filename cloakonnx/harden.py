@@ -11,14 +11,16 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .config import HardenConfig
-from .curve import CurvePoint, choose_point, counts_for, mask_curve
+from .config import LEARNED, HardenConfig
+from .curve import CurvePoint, choose_point, clean_drop_bound, counts_for, mask_curve
 from .data import Dataset
 from .errors import CloakError
 from .graph import CloakRecord, apply_mask, check_writable_dir, fold_mask, save_model, uses_external_data
-from .graph.record import FOLDED, MUL
-from .mask import count_for, mask_top, ranking, score_features
-from .pipeline import Prepared, Runner, StageTimer, calibrate, collect_features, prepare
+from .graph.record import FOLDED, MUL, is_soft
+from .layers import search_layers
+from .learn import learn_stage
+from .mask import DEFAULT_FRACTION, count_for, mask_top, ranking, score_features
+from .pipeline import Baseline, MaskSearch, Prepared, StageTimer, calibrate, collect_features, prepare
 
 log = logging.getLogger(__name__)
 
@@ -54,41 +56,11 @@ class HardenReport:
     curve: list[dict] | None = None
     scores: list[float] | None = None  # per-feature scores of the first round, with ``curve``
     stages_cpu: dict = field(default_factory=dict)  # process CPU seconds per stage (for benchmarks)
+    masks: list[dict] = field(default_factory=list)  # per masked tensor: width, values zeroed and scaled
+    learning: dict | None = None  # learned masks: tensors, seconds, steps, loss history
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Baseline:
-    """The original model on the validation split; ``adv`` was crafted on it (the transfer set)."""
-
-    clean: float
-    adv: np.ndarray
-    adv_accuracy: float
-
-
-@dataclass
-class MaskSearch:
-    """Where the rounds of calibrate -> score -> choose ended."""
-
-    mask: np.ndarray | None
-    previously: int  # features already masked in the input model
-    runner: Runner  # the model hardened so far (the original when nothing was added)
-    width: int
-    ndim: int
-    rounds: list[dict]
-    calibration: dict
-    curve: list[CurvePoint] | None
-    scores: np.ndarray | None
-
-    @property
-    def masked(self) -> int:
-        return self.previously if self.mask is None else int((self.mask == 0).sum())
-
-    @property
-    def changed(self) -> bool:
-        return self.masked > self.previously
 
 
 def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> HardenReport:
@@ -105,7 +77,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     check_needs_head(p, config)
     with timer("evaluation"):
         base = evaluate_original(p, config)
-    search = search_mask(p, config, base, timer)
+    search = (search_mask if config.single_tensor else search_layers)(p, config, base, timer)
     with timer("surgery"):
         hardened = hardened_model(p, config, search)
     with timer("evaluation"):
@@ -115,7 +87,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     stages, stages_cpu = timer.rounded()
     width, masked = search.width, search.masked
     return HardenReport(
-        model=str(model_path), output=str(out_path), feature_tensor=p.target.feature, features=width,
+        model=str(model_path), output=str(out_path), feature_tensor=search.primary, features=width,
         masked=masked, newly_masked=masked - search.previously, fraction=masked / width if width else 0.0,
         score=config.score, attack=dict(p.attack.to_dict(), fallback=p.fallback),
         clean_accuracy={"original": base.clean, "hardened": final["clean"]},
@@ -126,8 +98,9 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         seed=config.seed, versions=versions(), inputs_sha256=input_hashes(model_path, data),
         mask_added=search.changed, max_clean_drop=config.max_clean_drop,
         budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
-        rounds=search.rounds, curve=[c.to_dict() for c in search.curve] if search.curve else None,
+        rounds=search.rounds, curve=search.curve,
         scores=search.scores.tolist() if config.curve and search.scores is not None else None, stages_cpu=stages_cpu,
+        masks=search.describe(), learning=search.learning,
     )
 
 
@@ -152,6 +125,13 @@ def check_needs_head(p: Prepared, config: HardenConfig) -> None:
         raise CloakError("--max-clean-drop and --plot need the model's linear head after the feature tensor "
                          "(they evaluate masks in numpy); use --fraction with a custom --feature-tensor")
     n_val = len(p.val)
+    if config.max_clean_drop is not None and config.budget_confidence:
+        floor = clean_drop_bound(np.ones(n_val, bool), np.ones(n_val, bool), config.budget_confidence)
+        if floor > config.max_clean_drop:
+            log.warning("with %d validation samples the clean-drop bound at confidence %g is at least %.2f points "
+                        "even for a mask that changes no prediction, above the %g-point budget: no mask can be "
+                        "chosen; use more data, a larger --val-split, or --budget-confidence 0", n_val,
+                        config.budget_confidence, floor, config.max_clean_drop)
     if config.max_clean_drop is not None and not config.budget_confidence and 100.0 / n_val > config.max_clean_drop / 2:
         log.warning("the validation split has %d samples (one sample = %.2f points), coarse for a %g-point budget: "
                     "the budget holds on this split but may not on new data; use more data, a larger --val-split "
@@ -166,24 +146,26 @@ def evaluate_original(p: Prepared, config: HardenConfig) -> Baseline:
 
 
 def search_mask(p: Prepared, config: HardenConfig, base: Baseline, timer: StageTimer) -> MaskSearch:
-    """Rounds of calibrate -> score -> choose; each round attacks the model hardened so far."""
-    mask = p.target.existing_mask
+    """Rounds of calibrate -> score -> choose on one tensor; each round attacks the model hardened so far."""
+    feature, mask = p.target.feature, p.target.existing_mask
     previously = 0 if mask is None else int((mask == 0).sum())
-    search = MaskSearch(mask, previously, p.runner, 0, 0, [], {}, None, None)
+    search = MaskSearch(feature, p.runner, {feature: mask}, {}, previously)
     f_val_clean = None
     for r in range(config.rounds):
         stats, calib_clean, calib_adv = calibrate(p, search.runner, config.ort_batch_size, timer, f" (round {r + 1})")
-        search.width, search.ndim = stats.width, stats.ndim
+        search.widths[feature], search.ranks[feature] = stats.width, stats.ndim
+        learned = learn_stage(p, config, search, timer, [feature])[feature] if config.score == LEARNED else None
         with timer("selection"):
-            scores = score_features(stats, config.score)
+            scores = 1.0 - learned if learned is not None else score_features(stats, config.score)
+            scale = learned if config.mask_values == "soft" else None
             order = ranking(scores, search.mask)
             adv_val = base.adv if r == 0 else p.craft(search.runner, p.val, f" validation (round {r + 1})")
-            k = count_for(config.fraction, stats.width)
+            k = default_count(config, stats.width, order, learned)
             if config.max_clean_drop is not None or (config.curve and r == 0):
                 if f_val_clean is None:
-                    f_val_clean = collect_features(p.runner.session, p.target.feature, p.val.x, p.runner.feed,
+                    f_val_clean = collect_features(p.runner.session, feature, p.val.x, p.runner.feed,
                                                    config.ort_batch_size)
-                points = _curve(p, config, order, search, f_val_clean, adv_val)
+                points = _curve(p, config, order, search, f_val_clean, adv_val, scale)
                 if config.max_clean_drop is not None:
                     chosen = choose_point(points, base.clean, config.max_clean_drop,
                                           use_bound=bool(config.budget_confidence))
@@ -191,28 +173,42 @@ def search_mask(p: Prepared, config: HardenConfig, base: Baseline, timer: StageT
         if r == 0:
             search.calibration = {"clean_accuracy": calib_clean, "adversarial_accuracy": calib_adv}
             search.scores = scores
-            search.curve = points if config.max_clean_drop is not None or config.curve else None
+            search.curve = [pt.to_dict() for pt in points] if config.max_clean_drop is not None or config.curve else None
         if k == 0:
             log.info("round %d: no mask improves adversarial accuracy within the clean-accuracy budget", r + 1)
             search.rounds.append({"round": r + 1, "added": 0, "masked": search.masked})
             break
-        _add_round(p, config, search, order, k, adv_val, timer)
+        _add_round(p, config, search, order, k, adv_val, timer, scale)
     return search
 
 
-def _curve(p: Prepared, config: HardenConfig, order, search: MaskSearch, f_val_clean, adv_val) -> list[CurvePoint]:
+def default_count(config: HardenConfig, width: int, order: np.ndarray, learned: np.ndarray | None) -> int:
+    """How many features to mask without a budget: ``fraction`` of them; by default 1%, or for a
+    learned mask the features the learning switched off (value below 0.5)."""
+    if config.fraction is not None:
+        return count_for(config.fraction, width)
+    if learned is not None:
+        return int((learned[order] < 0.5).sum())
+    return count_for(DEFAULT_FRACTION, width)
+
+
+def _curve(p: Prepared, config: HardenConfig, order, search: MaskSearch, f_val_clean, adv_val,
+           scale) -> list[CurvePoint]:
     """The trade-off on validation for this round's ranking, computed through the head in numpy."""
     f_val_adv = collect_features(p.runner.session, p.target.feature, adv_val, p.runner.feed, config.ort_batch_size)
     counts = counts_for(config.fractions, search.width, search.masked if search.mask is not None else 0)
     return mask_curve(p.target.head, order, counts, f_val_clean, f_val_adv, p.val.y, search.mask,
-                      config.budget_confidence or 0.9)
+                      config.budget_confidence or 0.9, scale)
 
 
-def _add_round(p: Prepared, config: HardenConfig, search: MaskSearch, order, k: int, adv_val, timer) -> None:
-    """Mask ``k`` more features and move the search to the model hardened so far."""
+def _add_round(p: Prepared, config: HardenConfig, search: MaskSearch, order, k: int, adv_val, timer,
+               scale: np.ndarray | None) -> None:
+    """Mask ``k`` more features (soft: and scale the rest) and move the search to the model hardened so far."""
+    feature = search.primary
     with timer("surgery"):
-        search.mask = mask_top(order, k, search.width, search.mask)
-        current = apply_mask(search.runner.model, p.target.feature, search.mask, search.ndim)
+        mask = mask_top(order, k, search.width, search.mask)
+        search.masks[feature] = mask if scale is None else (mask * scale).astype(np.float32)
+        current = apply_mask(search.runner.model, feature, search.mask, search.ranks[feature])
     before, search.runner = search.runner, p.runner_for(current, config)
     with timer("evaluation"):
         search.rounds.append({"round": len(search.rounds) + 1, "added": k, "masked": search.masked})
@@ -224,18 +220,28 @@ def _add_round(p: Prepared, config: HardenConfig, search: MaskSearch, order, k: 
 
 
 def hardened_model(p: Prepared, config: HardenConfig, search: MaskSearch) -> onnx.ModelProto:
-    """The original graph with the final mask (Mul or folded) and its record; unchanged if nothing helps."""
+    """The original graph with the final masks (Mul, or the head's folded) and their record;
+    unchanged if nothing helps."""
     if not search.changed:
         return p.model
+    several = len(search.masks) > 1
+    soft = any(is_soft(m) for m in search.masks.values() if m is not None)
     record = CloakRecord(
-        feature_tensor=p.target.feature, features=search.width, masked=search.masked, score=config.score,
-        attack=p.attack.to_dict(), seed=config.seed, rounds=len(search.rounds), max_clean_drop=config.max_clean_drop,
+        feature_tensor=",".join(search.masks) if several else search.primary, features=search.width,
+        masked=search.masked, score=config.score, attack=p.attack.to_dict(), seed=config.seed,
+        rounds=len(search.rounds), max_clean_drop=config.max_clean_drop,
         budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
-        form=FOLDED if config.fold else MUL)
-    meta = record.metadata(p.model)
-    if config.fold:
-        return fold_mask(p.model, search.mask, meta)
-    return apply_mask(p.model, p.target.feature, search.mask, search.ndim, meta)
+        form=FOLDED if config.fold else MUL, mask_values="soft" if soft else None,
+        masks=search.describe() if several else None)
+    model, meta = p.model, record.metadata(p.model)
+    for tensor, mask in search.masks.items():
+        if mask is None:
+            continue
+        if config.fold and p.target.head is not None and tensor == p.target.feature:
+            model = fold_mask(model, mask, meta)
+        else:
+            model = apply_mask(model, tensor, mask, search.ranks.get(tensor, 2), meta)
+    return model
 
 
 def evaluate_hardened(p: Prepared, config: HardenConfig, base: Baseline, search: MaskSearch) -> dict:

@@ -28,6 +28,7 @@ def _margin(stats: FeatureStats) -> np.ndarray:
     return stats.sum_margin / max(stats.count, 1)
 
 
+DEFAULT_FRACTION = 0.01  # of features masked by the statistical scores when no fraction or budget is given
 SCORES = {"absdiff": _absdiff, "normalised": _normalised, "margin": _margin}
 
 
@@ -61,8 +62,9 @@ def ranking(scores: np.ndarray, existing: np.ndarray | None = None) -> np.ndarra
 
 
 def mask_top(order: np.ndarray, k: int, width: int, existing: np.ndarray | None = None) -> np.ndarray:
-    """The existing mask with the first ``k`` features of ``order`` zeroed as well."""
-    keep = base_mask(width, existing)
+    """The existing mask (its soft values kept) with the first ``k`` features of ``order`` zeroed as well."""
+    base_mask(width, existing)  # checks the width
+    keep = np.ones(width, np.float32) if existing is None else np.asarray(existing, np.float32).reshape(-1).copy()
     keep[order[:k]] = 0.0
     return keep
 

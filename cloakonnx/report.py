@@ -103,6 +103,13 @@ def format_inspect(info: dict) -> str:
                      f"zeroes {m['masked']} of {head['features']} features ({100 * m['fraction']:.1f}%)")
     else:
         lines.append(f"  head: not found: {info['head_error']}")
+    masks = info.get("masks") or []
+    if len(masks) > 1 or any(m["scaled"] for m in masks):
+        lines.append(f"  cloak masks: {len(masks)}")
+        for m in masks:
+            where = "folded into the head weights" if m["form"] == "folded" else f"{m['tensor']} (Mul {m['node']})"
+            scaled = f", scales {m['scaled']}" if m["scaled"] else ""
+            lines.append(f"    {where}: zeroes {m['zeroed']} of {m['width']}{scaled}")
     meta = info["metadata"]
     for k, v in meta.items():
         if k.startswith("cloakonnx.") and k != "cloakonnx.history":

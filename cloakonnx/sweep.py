@@ -6,11 +6,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .config import MaskConfig
+from .config import ALL_SCORES, LEARNED, MaskConfig
 from .curve import choose_point, counts_for, mask_curve
 from .data import Dataset
 from .errors import CloakError
-from .mask import SCORES, ranking, score_features
+from .learn import learn_on
+from .mask import ranking, score_features
 from .pipeline import StageTimer, calibrate, collect_features, prepare
 
 
@@ -36,10 +37,13 @@ class SweepReport:
 
 
 def sweep(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig,
-          scores: Sequence[str] = tuple(SCORES)) -> SweepReport:
+          scores: Sequence[str] = ALL_SCORES) -> SweepReport:
     """The whole curve for every score, from one attack of each split: no model is written."""
     t0 = time.perf_counter()
     p = prepare(model_path, data, config)
+    unknown = [s for s in scores if s not in ALL_SCORES]
+    if unknown:
+        raise CloakError(f"unknown score {unknown[0]!r}; choose from {', '.join(ALL_SCORES)}")
     if p.target.head is None:
         raise CloakError("sweep evaluates masks through the linear head in numpy; it needs the head's input as "
                          "the feature tensor (not a custom --feature-tensor)")
@@ -54,10 +58,15 @@ def sweep(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig
     budget = 1.0 if config.max_clean_drop is None else config.max_clean_drop
     curves, chosen, values = {}, {}, {}
     for score in scores:
-        s = score_features(stats, score)
+        scale = None
+        if score == LEARNED:
+            learned = learn_on(p, config, p.model, [p.target.feature]).values[p.target.feature]
+            s, scale = 1.0 - learned, learned if config.mask_values == "soft" else None
+        else:
+            s = score_features(stats, score)
         values[score] = s.tolist()
         points = mask_curve(head, ranking(s, existing), counts_for(config.fractions, stats.width, already),
-                            f_clean, f_adv, val.y, existing, config.budget_confidence or 0.9)
+                            f_clean, f_adv, val.y, existing, config.budget_confidence or 0.9, scale)
         curves[score] = [pt.to_dict() for pt in points]
         best = choose_point(points, clean, budget, use_bound=bool(config.budget_confidence))
         chosen[score] = best.to_dict() if best else None

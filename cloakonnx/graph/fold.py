@@ -28,7 +28,8 @@ from onnx import numpy_helper
 
 from ..errors import CloakError
 from .head import PASS_THROUGH, Head, find_head
-from .record import FOLDED, FOLDED_MASK_KEY, FORM_KEY, encode_folded, folded_mask, set_metadata
+from .record import (FOLDED, FOLDED_MASK_KEY, FORM_KEY, check_mask_values, encode_folded, folded_mask, is_soft,
+                     set_metadata)
 from .tensors import constants, per_axis
 
 
@@ -50,21 +51,18 @@ def fold_mask(model: onnx.ModelProto, mask: np.ndarray, metadata: dict[str, str]
     ``cloakonnx.form = folded`` and ``cloakonnx.folded_mask`` record what was done.
     """
     head = _find_head(model)
-    mask = np.asarray(mask).reshape(-1)
-    if mask.size != head.width:
-        raise CloakError(f"the mask has {mask.size} entries but the head has {head.width} features")
-    if not np.all((mask == 0) | (mask == 1)):
-        raise CloakError("a cloak mask must hold only 0 and 1")
-    keep = mask != 0
+    values = check_mask_values(mask)
+    if values.size != head.width:
+        raise CloakError(f"the mask has {values.size} entries but the head has {head.width} features")
     if head.mask is not None:
         if head.mask.size != head.width:
             raise CloakError(f"the existing cloak mask has {head.mask.size} entries, the head {head.width} features")
-        keep &= head.mask != 0
+        values = values * head.mask
     earlier = folded_mask(model)
     if earlier is not None:
         if earlier.size != head.width:
             raise CloakError(f"the recorded folded mask has {earlier.size} entries, the head {head.width} features")
-        keep &= earlier != 0
+        values = values * earlier
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -72,10 +70,10 @@ def fold_mask(model: onnx.ModelProto, mask: np.ndarray, metadata: dict[str, str]
     target = _locate(graph, head)
     if head.mask is not None:
         _remove_mask_node(graph, head, target.node)
-    _zero_weight(graph, target, np.flatnonzero(~keep), head.width)
+    _scale_weight(graph, target, values, head.width)
 
     set_metadata(out, metadata or {})
-    set_metadata(out, {FORM_KEY: FOLDED, FOLDED_MASK_KEY: encode_folded(keep)})
+    set_metadata(out, {FORM_KEY: FOLDED, FOLDED_MASK_KEY: encode_folded(values)})
     return out
 
 
@@ -185,13 +183,18 @@ def _drop_value_info(graph: onnx.GraphProto, name: str) -> None:
             del graph.value_info[i]
 
 
-def _zero_weight(graph: onnx.GraphProto, target: _Target, zero: np.ndarray, width: int) -> None:
-    """Zero ``zero`` along the weight's feature axis, in place or, if the weight is shared, in a new tensor."""
+def _scale_weight(graph: onnx.GraphProto, target: _Target, values: np.ndarray, width: int) -> None:
+    """Zero (and, for a soft mask, scale) the weight along its feature axis, in place or, if the
+    weight is shared, in a new tensor."""
+    zero = np.flatnonzero(values == 0)
     name = target.node.input[target.slot]
     init = next((t for t in graph.initializer if t.name == name), None)
     if init is None:
         dq = next((n for n in graph.node if n.op_type == "DequantizeLinear" and name in n.output), None)
         if dq is not None:
+            if is_soft(values):
+                raise CloakError("cannot fold a soft mask into quantized (QDQ) weights: integer weights cannot be "
+                                 "scaled exactly; use the Mul form or --mask-values binary")
             _zero_quantized_weight(graph, target, dq, zero, width)
             return
         maker = next((n for n in graph.node if n.op_type == "Constant" and name in n.output), None)
@@ -210,12 +213,18 @@ def _zero_weight(graph: onnx.GraphProto, target: _Target, zero: np.ndarray, widt
     if weight.ndim != 2 or weight.shape[target.feature_axis] != width:
         raise CloakError(f"the head weight {name!r} has shape {list(weight.shape)}, expected {width} features "
                          f"along axis {target.feature_axis}")
-    if zero.size == 0:
+    soft = np.flatnonzero((values > 0) & (values < 1))
+    if zero.size == 0 and soft.size == 0:
         return  # nothing to fold: the weight stays byte for byte as it was
-    folded = np.array(weight, copy=True)  # same dtype (fp16, bf16...): entries are set, not multiplied
+    folded = np.array(weight, copy=True)  # same dtype (fp16, bf16...): zeros are set, not multiplied
     index = [slice(None)] * 2
     index[target.feature_axis] = zero
     folded[tuple(index)] = 0
+    if soft.size:
+        index[target.feature_axis] = soft
+        shape = (-1, 1) if target.feature_axis == 0 else (1, -1)
+        scaled = weight[tuple(index)].astype(np.float64) * values[soft].reshape(shape)
+        folded[tuple(index)] = scaled.astype(weight.dtype)
 
     shared = [n for n, i in _consumers(graph, name) if not (n is target.node and i == target.slot)]
     exposed = name in {v.name for v in graph.input} or name in {v.name for v in graph.output}

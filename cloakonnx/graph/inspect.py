@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from ..errors import CloakError
 from .head import Head, find_head
 from .io import load_model
-from .record import folded_mask
+from .record import all_masks, folded_mask
 from .tensors import TensorInfo, model_inputs, opset_version, tensor_infos
 
 
@@ -24,6 +24,7 @@ class ModelInfo:
     head: dict | None
     head_error: str | None
     metadata: dict[str, str]
+    masks: list[dict]  # every cloak mask: Mul nodes on any tensor, and a mask folded into the head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,4 +73,5 @@ def inspect_model(path: str | os.PathLike, logits: str | None = None) -> ModelIn
         head=head,
         head_error=err,
         metadata={p.key: p.value for p in model.metadata_props},
+        masks=all_masks(model),
     )

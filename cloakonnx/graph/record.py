@@ -25,6 +25,21 @@ FOLDED = "folded"
 MUL = "mul"
 
 
+def check_mask_values(mask: np.ndarray) -> np.ndarray:
+    """A mask as a flat float64 vector, refused unless every value is in [0, 1]: 0 masks a feature,
+    1 keeps it, and values between scale it (a soft mask)."""
+    values = np.asarray(mask, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
+        raise CloakError("a cloak mask must hold values in [0, 1] (0 masks a feature, 1 keeps it, "
+                         "values between scale it)")
+    return values
+
+
+def is_soft(mask: np.ndarray) -> bool:
+    """Whether a mask scales some features instead of only keeping or zeroing them."""
+    return bool(np.any((mask > 0) & (mask < 1)))
+
+
 def is_mask_node(node: onnx.NodeProto) -> bool:
     return node.op_type == "Mul" and node.name.startswith(MASK_NODE_PREFIX)
 
@@ -44,6 +59,8 @@ class CloakRecord:
     max_clean_drop: float | None
     budget_confidence: float | None
     form: str = MUL  # MUL or FOLDED
+    mask_values: str | None = None  # "soft" when some values scale rather than zero
+    masks: list[dict] | None = None  # with several masked tensors: one entry each
 
     def metadata(self, model: onnx.ModelProto) -> dict[str, str]:
         """The metadata entries to set on the hardened copy of ``model``."""
@@ -52,6 +69,8 @@ class CloakRecord:
                  "feature_tensor": self.feature_tensor, "attack": self.attack, "seed": self.seed,
                  "rounds": self.rounds, "max_clean_drop": self.max_clean_drop,
                  "budget_confidence": self.budget_confidence, "form": self.form}
+        extra = {k: v for k, v in (("mask_values", self.mask_values), ("masks", self.masks)) if v is not None}
+        entry.update(extra)
         return {
             METADATA_PREFIX + "version": __version__,
             METADATA_PREFIX + "feature_tensor": self.feature_tensor,
@@ -62,6 +81,7 @@ class CloakRecord:
             METADATA_PREFIX + "attack": json.dumps(self.attack, sort_keys=True),
             FORM_KEY: self.form,
             HISTORY_KEY: history_entry(model, entry),
+            **{METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in extra.items()},
         }
 
 
@@ -100,6 +120,30 @@ def find_mask(model: onnx.ModelProto, feature: str) -> tuple[str, np.ndarray] | 
     return None
 
 
+def all_masks(model: onnx.ModelProto) -> list[dict]:
+    """Every cloak mask in the graph: one entry per Mul node (the tensor it masks, how many values it
+    zeroes and scales), and the folded one if the metadata records it."""
+    consts = constants(model)
+    found = []
+    for node in model.graph.node:
+        if not is_mask_node(node):
+            continue
+        for i, j in ((0, 1), (1, 0)):
+            values = const_array(consts, node.input[j])
+            if values is not None:
+                found.append(_describe(values.reshape(-1), "mul", node.input[i], node.name))
+                break
+    folded = folded_mask(model)
+    if folded is not None:
+        found.append(_describe(folded, FOLDED, None, None))
+    return found
+
+
+def _describe(values: np.ndarray, form: str, tensor: str | None, node: str | None) -> dict:
+    return {"form": form, "tensor": tensor, "node": node, "width": int(values.size),
+            "zeroed": int((values == 0).sum()), "scaled": int(((values > 0) & (values < 1)).sum())}
+
+
 def folded_mask(model: onnx.ModelProto) -> np.ndarray | None:
     """The 0/1 mask (float32, one entry per feature) folded into this model's head, or None."""
     record = next((p.value for p in model.metadata_props if p.key == FOLDED_MASK_KEY), None)
@@ -115,9 +159,16 @@ def folded_mask(model: onnx.ModelProto) -> np.ndarray | None:
         raise CloakError(f"the model's {FOLDED_MASK_KEY} metadata is not a valid folded-mask record: {exc}") from exc
     mask = np.ones(width, np.float32)
     mask[zero] = 0
+    for index, value in data.get("scale", []):
+        mask[int(index)] = value
     return mask
 
 
-def encode_folded(keep: np.ndarray) -> str:
-    """``{"features": F, "zero": [indices of masked features]}``: small for the usual 1-10% masks."""
-    return json.dumps({"features": int(keep.size), "zero": np.flatnonzero(~keep).tolist()}, separators=(",", ":"))
+def encode_folded(values: np.ndarray) -> str:
+    """``{"features": F, "zero": [indices of masked features]}``: small for the usual 1-10% masks.
+    A soft mask adds ``"scale": [[index, value], ...]`` for the features it scales."""
+    record = {"features": int(values.size), "zero": np.flatnonzero(values == 0).tolist()}
+    soft = np.flatnonzero((values > 0) & (values < 1))
+    if soft.size:
+        record["scale"] = [[int(i), float(values[i])] for i in soft]
+    return json.dumps(record, separators=(",", ":"))

@@ -1,0 +1,169 @@
+"""Learned masks: train the mask values against an adaptive attacker, with the model's weights frozen.
+
+The paper scores features one at a time by how far adversarial noise moves them; on many models that
+buys nothing. Here the mask is relaxed to m = sigmoid(theta) (theta starts at ``init``, so m is about
+0.95) and trained: each step crafts a short PGD against the *currently masked* model (the adaptive
+attacker) on a batch of calibration samples, then takes a gradient step on theta alone with the loss
+CE(masked(x_adv)) + CE(masked(x)) (+ an optional sparsity term). The learned values then order the
+features: the lowest are masked first.
+
+Masks can sit on several tensors at once: one value per feature of a 2-D tensor, per channel of a
+4-D one. Gradients flow to them through the torch executor, which runs a copy of the graph where each
+tensor is multiplied by a new graph input (:func:`cloakonnx.graph.surgery.with_mask_inputs`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .attacks import PGD, AttackConfig
+from .config import LearnConfig, MaskConfig
+from .data import Dataset, Preprocess
+from .errors import CloakError
+from .graph import select_input
+from .graph.surgery import mask_shape, with_mask_inputs
+from .pipeline import MaskSearch, Prepared, StageTimer
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class LearnedMasks:
+    """The learned multipliers per tensor (flat, in (0, 1)), each tensor's rank, and the cost."""
+
+    values: dict[str, np.ndarray]
+    ranks: dict[str, int]
+    seconds: float
+    steps: int
+    history: list[float] = field(default_factory=list)  # the training loss every 10 steps
+
+
+def inner_attack_config(attack: AttackConfig, config: LearnConfig, seed: int) -> AttackConfig:
+    """The attacker inside the learning loop: the run's eps and norm, few steps."""
+    if config.inner_attack == "fgsm":  # FGSM with a random start (Wong et al., 2020)
+        return AttackConfig(name="pgd", eps=attack.eps, norm=attack.norm, steps=1, step_size=1.25 * attack.eps,
+                            seed=seed)
+    return AttackConfig(name="pgd", eps=attack.eps, norm=attack.norm, steps=config.inner_steps, seed=seed)
+
+
+def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preprocess: Preprocess, data: Dataset,
+                attack: AttackConfig, config: LearnConfig, device: str = "cpu", seed: int = 0,
+                input_name: str | None = None) -> LearnedMasks:
+    """Learn one mask per tensor in ``tensors`` jointly, on ``data`` (the calibration split)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from .torch_exec import OnnxTorchModule
+
+    config.validate()
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    image = select_input(model, input_name).name
+    shapes = tensor_widths(model, tensors, preprocess, data.x[:1], image)
+    masked, value_inputs = with_mask_inputs(model, {t: mask_shape(w, r) for t, (w, r) in shapes.items()})
+    module = OnnxTorchModule(masked, outputs=[logits]).to(device).eval()
+    masked_net = _MaskedModel(module, image, dict(zip(value_inputs, tensors)), shapes, config.init).to(device)
+    net = preprocess.torch_wrap(masked_net, data.x.ndim)  # box-space inputs, as the attacks expect
+    inner = PGD(net, inner_attack_config(attack, config, seed), preprocess.bounds)
+    optimiser = torch.optim.Adam(masked_net.thetas.parameters(), lr=config.lr)
+    rng = np.random.default_rng(seed)
+    batch = min(config.batch_size, len(data))
+    history = []
+    for step in tqdm(range(config.steps), desc="learning the mask", unit="step", leave=False, disable=None):
+        idx = np.sort(rng.choice(len(data), size=batch, replace=False))
+        x = torch.from_numpy(data.x[idx]).to(device)
+        y = torch.from_numpy(data.y[idx]).to(device)
+        x_adv = inner(x, y)
+        loss = F.cross_entropy(net(x_adv), y) + F.cross_entropy(net(x), y)
+        if config.sparsity:
+            loss = loss + config.sparsity * torch.cat(masked_net.masks()).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 10 == 0:
+            history.append(round(loss.item(), 4))
+    values = {t: m.detach().cpu().numpy().reshape(-1).astype(np.float64) for t, m in zip(tensors, masked_net.masks())}
+    seconds = time.perf_counter() - start
+    log.info("learned masks on %s in %.1f s (%d steps): %s", ", ".join(map(repr, tensors)), seconds, config.steps,
+             "; ".join(f"{int((v < 0.5).sum())} of {v.size} below 0.5" for v in values.values()))
+    return LearnedMasks(values, {t: r for t, (_, r) in shapes.items()}, seconds, config.steps, history)
+
+
+def learn_on(p: Prepared, config: MaskConfig, model: onnx.ModelProto, tensors: list[str]) -> LearnedMasks:
+    """Learn masks for ``tensors`` of ``model`` on the calibration split, with the run's attack budget."""
+    return learn_masks(model, tensors, p.target.logits, config.preprocess, p.calib, p.attack, config.learn, p.device,
+                       config.seed, config.input_name)
+
+
+def learn_stage(p: Prepared, config: MaskConfig, search: MaskSearch, timer: StageTimer, tensors: list[str]) -> dict:
+    """Learn mask values for ``tensors`` against an adaptive attacker on the model hardened so far."""
+    with timer("learning"):
+        result = learn_on(p, config, search.runner.model, tensors)
+    previous = search.learning or {"seconds": 0.0, "steps": 0}
+    search.learning = {"tensors": tensors, "seconds": round(previous["seconds"] + result.seconds, 3),
+                       "steps": previous["steps"] + result.steps, "loss": result.history}
+    search.ranks.update(result.ranks)
+    return result.values
+
+
+def tensor_shapes(model: onnx.ModelProto, tensors: list[str], preprocess: Preprocess, sample: np.ndarray,
+                  image: str) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in one forward pass of ``sample`` through the torch executor."""
+    import torch
+
+    from .torch_exec import OnnxTorchModule
+
+    module = OnnxTorchModule(model, outputs=list(tensors)).eval()
+    if list(module.input_names) != [image]:
+        raise CloakError(f"mask learning needs a model with one input, this one takes {module.input_names}")
+    with torch.no_grad():
+        outs = module(torch.from_numpy(preprocess.to_model(sample)))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return {name: tuple(out.shape) if out.is_floating_point() else () for name, out in zip(tensors, outs)}
+
+
+def tensor_widths(model: onnx.ModelProto, tensors: list[str], preprocess: Preprocess, sample: np.ndarray,
+                  image: str) -> dict[str, tuple[int, int]]:
+    """(mask width, rank) per tensor: channels for 4-D, features for 2-D."""
+    widths = {}
+    for name, shape in tensor_shapes(model, tensors, preprocess, sample, image).items():
+        if len(shape) not in (2, 4):
+            raise CloakError(f"tensor {name!r} has shape {list(shape) or 'non-float'}; a learned mask needs a "
+                             "float tensor of rank 2 (features) or 4 (channels)")
+        widths[name] = (int(shape[1]), len(shape))
+    return widths
+
+
+def _masked_model_class():
+    import torch
+
+    class MaskedModel(torch.nn.Module):
+        """Model input -> logits of the graph with each tensor multiplied by sigmoid(theta)."""
+
+        def __init__(self, module, image: str, tensor_of: dict[str, str], shapes, init: float):
+            super().__init__()
+            self.module, self.image, self.tensor_of = module, image, tensor_of
+            self.shapes = {t: mask_shape(w, r) for t, (w, r) in shapes.items()}
+            self.thetas = torch.nn.ParameterDict(
+                {str(i): torch.nn.Parameter(torch.full((shapes[t][0],), float(init))) for i, t in
+                 enumerate(tensor_of.values())})
+
+        def masks(self):
+            return [torch.sigmoid(self.thetas[str(i)]) for i in range(len(self.thetas))]
+
+        def forward(self, x):
+            masks = dict(zip(self.tensor_of, self.masks()))
+            feeds = {self.image: x}
+            for name, tensor in self.tensor_of.items():
+                feeds[name] = masks[name].reshape(self.shapes[tensor])
+            return self.module(*[feeds[n] for n in self.module.input_names])
+
+    return MaskedModel
+
+
+def _MaskedModel(*args):  # noqa: N802 - a class built on first use, so torch loads lazily
+    return _masked_model_class()(*args)
