@@ -160,8 +160,9 @@ def harden(model, output, rounds, no_adaptive, plot, fold, as_json, report, **kw
 
 @main.command()
 @masking_options
-@click.option("--scores", default=",".join(("absdiff", "normalised", "margin", "learned")), show_default=True,
-              help="Comma-separated scores to compare (learned trains a mask first: the slowest).")
+@click.option("--scores", default="absdiff,normalised,margin", show_default=True,
+              help="Comma-separated scores to compare; add 'learned' to compare the learned mask too (it trains "
+                   "a mask first, so it is much the slowest).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the curves and the score distribution.")
 @json_option
 @report_option

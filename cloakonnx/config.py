@@ -5,7 +5,7 @@ onnxruntime batch, ``logits`` the graph output that carries the logits, ``output
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -158,5 +158,7 @@ class EvaluateConfig(CommonConfig):
     def validate(self) -> None:
         if not self.eps:
             raise CloakError("--eps needs at least one value")
+        for eps in self.eps:  # the shared settings, with each budget in turn
+            CommonConfig.validate(replace(self, attack=replace(self.attack, eps=eps)))
         if self.max_samples is not None and self.max_samples < 1:
             raise CloakError(f"--max-samples must be at least 1, got {self.max_samples}")

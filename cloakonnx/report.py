@@ -66,9 +66,17 @@ def format_harden(report: dict) -> str:
     a = report["attack"]
     adv = report["adversarial_accuracy"]
     clean = report["clean_accuracy"]
+    masks = report.get("masks") or []
+    if len(masks) > 1:
+        what = f"masked {report['masked']} of {report['features']} values in {len(masks)} tensors (" + ", ".join(
+            f"{m['tensor']!r}: {m['zeroed']} of {m['width']}" + (f", {m['scaled']} scaled" if m["scaled"] else "")
+            for m in masks) + ")"
+    else:
+        scaled = f", {masks[0]['scaled']} scaled" if masks and masks[0]["scaled"] else ""
+        what = f"masked {report['masked']} of {report['features']} features of {report['feature_tensor']!r}{scaled}"
+    learning = f"; learned in {report['learning']['seconds']:.1f} s" if report.get("learning") else ""
     head = (f"{report['model']} -> {report['output']}\n"
-            f"masked {report['masked']} of {report['features']} features of {report['feature_tensor']!r} "
-            f"(score {report['score']}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
+            f"{what} (score {report['score']}{learning}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
             + (f" steps={a['steps']}" if a["name"] != "fgsm" else "")
             + f"; {report['samples']['validation']} validation samples\n")
     if report.get("max_clean_drop") is not None:

@@ -11,7 +11,7 @@ from .curve import choose_point, counts_for, mask_curve
 from .data import Dataset
 from .errors import CloakError
 from .learn import learn_on
-from .mask import ranking, score_features
+from .mask import SCORES, ranking, score_features
 from .pipeline import StageTimer, calibrate, collect_features, prepare
 
 
@@ -37,7 +37,7 @@ class SweepReport:
 
 
 def sweep(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig,
-          scores: Sequence[str] = ALL_SCORES) -> SweepReport:
+          scores: Sequence[str] = tuple(SCORES)) -> SweepReport:
     """The whole curve for every score, from one attack of each split: no model is written."""
     t0 = time.perf_counter()
     p = prepare(model_path, data, config)

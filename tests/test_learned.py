@@ -14,12 +14,13 @@ from cloakonnx.harden import harden
 from cloakonnx.runtime import make_session, run_batch
 
 ATTACK = AttackConfig(name="pgd", eps=0.1, steps=5, seed=0)
-FAST = LearnConfig(steps=40, batch_size=64, inner_steps=3)
+FAST = LearnConfig(steps=60, batch_size=64, inner_steps=3, lr=0.3, sparsity=2.0)
 CONV = "/5/Relu_output_0"  # the second conv block's output (64 channels, 8x8) in the fixture's export
 
 
 def _config(tmp_path, name, **kw) -> HardenConfig:
-    return HardenConfig(output=tmp_path / name, attack=ATTACK, score="learned", learn=FAST, seed=0, **kw)
+    return HardenConfig(**{"output": tmp_path / name, "attack": ATTACK, "score": "learned", "learn": FAST, "seed": 0,
+                           **kw})
 
 
 def _outputs(path, x) -> np.ndarray:

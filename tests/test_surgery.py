@@ -77,8 +77,8 @@ def test_reharden_updates_the_one_mask(digits_files, digits):
 def test_mask_must_be_binary(digits_files):
     model = load_model(digits_files[0])
     head = find_head(model)
-    with pytest.raises(CloakError, match="only 0 and 1"):
-        apply_mask(model, head.feature, np.full(head.width, 0.5))
+    with pytest.raises(CloakError, match=r"values in \[0, 1\]"):
+        apply_mask(model, head.feature, np.full(head.width, 1.5))
 
 
 def test_fp16_feature_gets_fp16_mask():

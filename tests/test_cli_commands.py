@@ -1,0 +1,148 @@
+"""sweep, harden and evaluate from the command line: JSON, plots, --eps parsing, the standard preset,
+and the option groups the three commands share."""
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from cloakonnx.cli import main
+from cloakonnx.graph import cloak_metadata
+
+FAST = ["--attack", "fgsm", "--eps", "0.1", "--seed", "0"]
+SCORES = ("absdiff", "normalised", "margin")
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, (result.output, result.exception)
+    return result
+
+
+def _is_png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+# --- sweep ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept(digits_files, tmp_path_factory):
+    model, data = digits_files
+    plot = tmp_path_factory.mktemp("sweep") / "sweep.png"
+    # sweep's default: the three statistical scores (--scores adds the slow learned one)
+    choose = []
+    result = run("-q", "sweep", model, "--data", data, *FAST, *choose, "--json", "--plot", plot)
+    return json.loads(result.stdout), plot
+
+
+def test_sweep_json_has_a_curve_per_score_starting_at_no_mask(swept):
+    report, _ = swept
+    assert set(report["curves"]) == set(SCORES) == set(report["scores"])
+    for score in SCORES:
+        curve = report["curves"][score]
+        assert curve[0]["masked"] == 0 and curve[0]["added"] == 0 and curve[0]["fraction"] == 0.0
+        assert curve[0]["clean_accuracy"] == report["clean_accuracy"]
+        assert curve[0]["adversarial_accuracy"] == report["adversarial_accuracy"]
+        assert [p["masked"] for p in curve] == sorted({p["masked"] for p in curve})  # increasing, no repeats
+        assert curve[-1]["masked"] == 32  # the largest candidate, half of 64 features
+        assert len(report["scores"][score]) == 64
+    assert report["adversarial_accuracy"] < report["clean_accuracy"]
+    assert report["attack"]["name"] == "fgsm" and report["features"] == 64
+    assert report["scores"]["absdiff"] != report["scores"]["margin"]
+
+
+def test_sweep_plot_writes_a_png(swept):
+    _, plot = swept
+    assert _is_png(plot)
+
+
+# --- harden ----------------------------------------------------------------------------------------------------
+
+
+def test_harden_with_the_margin_score(digits_files, tmp_path):
+    model, data = digits_files
+    out = tmp_path / "m.onnx"
+    report = json.loads(run("-q", "harden", model, "--data", data, "-o", out, *FAST, "--fraction", "0.05",
+                            "--no-adaptive", "--score", "margin", "--json").stdout)
+    assert report["score"] == "margin" and report["masked"] == 3
+    meta = cloak_metadata(onnx.load(str(out)))
+    assert meta["cloakonnx.score"] == "margin" and json.loads(meta["cloakonnx.history"])[0]["score"] == "margin"
+
+
+def test_harden_plot_writes_a_png(digits_files, tmp_path):
+    model, data = digits_files
+    result = run("-q", "harden", model, "--data", data, "-o", tmp_path / "m.onnx", *FAST, "--no-adaptive",
+                 "--plot", tmp_path / "curve.png")
+    assert _is_png(tmp_path / "curve.png")
+    assert "accuracy on validation" in result.stdout  # the table is still printed
+
+
+def test_harden_eps_as_a_fraction_equals_the_decimal(digits_files, tmp_path):
+    model, data = digits_files
+    reports = []
+    for name, eps in (("frac.onnx", "8/255"), ("dec.onnx", "0.03137254901960784")):
+        reports.append(json.loads(run("-q", "harden", model, "--data", data, "-o", tmp_path / name, "--attack",
+                                      "fgsm", "--eps", eps, "--no-adaptive", "--json").stdout))
+    assert reports[0]["attack"]["eps"] == reports[1]["attack"]["eps"] == 8 / 255
+    assert reports[0]["attack"] == reports[1]["attack"]
+    assert (tmp_path / "frac.onnx").read_bytes() == (tmp_path / "dec.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("eps, message", [
+    ("0.1,0.2", "cloakonnx: error: --eps takes one value here, got 2\n"),
+    ("8/0", "cloakonnx: error: --eps takes numbers or fractions such as 8/255, got '8/0'\n"),
+    ("a/255", "cloakonnx: error: --eps takes numbers or fractions such as 8/255, got 'a/255'\n"),
+])
+def test_harden_bad_eps_is_one_clear_line(digits_files, tmp_path, eps, message):
+    model, data = digits_files
+    result = run("harden", model, "--data", data, "-o", tmp_path / "m.onnx", "--eps", eps, code=1)
+    assert result.output == message
+    assert "Traceback" not in result.output and not (tmp_path / "m.onnx").exists()
+
+
+# --- evaluate --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # APGD-CE/DLR 100 steps and Square 5000 queries: 16 s on a quiet 2-core machine, 60 s when loaded
+def test_evaluate_standard_preset(digits_files):
+    model, data = digits_files
+    report = json.loads(run("-q", "evaluate", model, "--data", data, "--preset", "standard", "--max-samples", "8",
+                            "--eps", "0.1", "--json").stdout)
+    assert report["samples"] == 8 and report["eps"] == [0.1]
+    assert {(r["attack"], r["threat"]) for r in report["results"]} == {
+        ("apgd-ce", "adaptive"), ("apgd-dlr", "adaptive"), ("square", "gradient-free")}
+    assert report["attacks"]["apgd-ce"]["steps"] == report["attacks"]["apgd-dlr"]["steps"] == 100
+    assert report["attacks"]["square"]["queries"] == 5000
+    robust = report["robust_accuracy"]["0.1"]
+    assert robust <= report["clean_accuracy"]
+    assert robust <= min(r["accuracy"] for r in report["results"])  # the worst case per sample
+    assert robust < 1.0  # eps 0.1 breaks some digits
+
+
+# --- the shared option groups -------------------------------------------------------------------------------------
+
+
+def _help(command: str) -> str:
+    return " ".join(run(command, "--help").output.split())
+
+
+def _steps_help(text: str) -> str:
+    return text[text.index("--steps INTEGER"):text.index("--step-size")]
+
+
+@pytest.mark.parametrize("command", ["harden", "sweep", "evaluate"])
+def test_help_shows_the_shared_groups(command):
+    text = _help(command)
+    for option in ("--data PATH", "--bounds TEXT", "--mean", "--seed", "--eps EPS", "--norm", "--steps INTEGER",
+                   "--queries", "--batch-size", "--device TEXT", "--providers"):
+        assert option in text, (command, option)
+    assert "[default: 8/255]" in text and "[default: 0,1]" in text
+
+
+def test_steps_defaults_differ_with_the_reason():
+    harden, sweep, evaluate = (_steps_help(_help(c)) for c in ("harden", "sweep", "evaluate"))
+    assert "[default: 10]" in harden and "10 here, for speed" in harden and "evaluate defaults to 20" in harden
+    assert sweep == harden
+    assert "[default: 20]" in evaluate and "20 here, to measure robustness" in evaluate
+    assert "harden and sweep default to 10" in evaluate
