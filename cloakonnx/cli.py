@@ -245,6 +245,8 @@ def demo(out, epochs, seed, as_json, report) -> None:
     if not as_json:
         click.echo(f"next: cloakonnx evaluate {result.report['output']} --data {result.test_data} "
                    f"--reference {result.model} --eps 0.05,0.1")
+        click.echo(f"      cloakonnx harden {result.model} --data {result.data} --eps 0.1 --score learned "
+                   "(a learned mask: stronger, about 30 s more)")
 
 
 @main.command()
