@@ -45,3 +45,20 @@ def sha256(path) -> str:
     import hashlib
 
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def with_lrn(path):
+    """The model at ``path`` with an LRN after its first Relu: an op onnxruntime runs and the torch
+    executor lacks, for the gradient-free fallback."""
+    import onnx
+
+    model = onnx.load(str(path))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    lrn_out = relu.output[0] + "_lrn"
+    for node in model.graph.node:
+        node.input[:] = [lrn_out if i == relu.output[0] else i for i in node.input]
+    index = list(model.graph.node).index(relu) + 1
+    model.graph.node.insert(index, onnx.helper.make_node("LRN", [relu.output[0]], [lrn_out], size=1, bias=1.0,
+                                                         alpha=1e-4, beta=0.75))
+    onnx.checker.check_model(model)
+    return model

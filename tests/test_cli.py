@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cloakonnx.cli import main
 
-from .conftest import sha256
+from .conftest import sha256, with_lrn
 
 FAST = ["--attack", "fgsm", "--eps", "0.1", "--fraction", "0.05", "--seed", "0"]
 
@@ -172,14 +172,7 @@ def test_fold_matches_mul_form_with_the_original_node_count(digits_files, digits
 
 def test_unsupported_op_falls_back_to_square(digits_files, tmp_path):
     """A graph with an op the torch executor lacks (LRN) is still hardened, gradient-free, and says so."""
-    model = onnx.load(str(digits_files[0]))
-    relu = next(n for n in model.graph.node if n.op_type == "Relu")
-    lrn_out = relu.output[0] + "_lrn"
-    for node in model.graph.node:
-        node.input[:] = [lrn_out if i == relu.output[0] else i for i in node.input]
-    index = list(model.graph.node).index(relu) + 1
-    model.graph.node.insert(index, onnx.helper.make_node("LRN", [relu.output[0]], [lrn_out], size=1, bias=1.0,
-                                                         alpha=1e-4, beta=0.75))
+    model = with_lrn(digits_files[0])
     path = tmp_path / "lrn.onnx"
     onnx.save(model, str(path))
     check = CliRunner().invoke(main, ["check", str(path), "--json"])

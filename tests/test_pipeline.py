@@ -13,6 +13,8 @@ from cloakonnx.errors import CloakError
 from cloakonnx.graph import load_model, resolve_target
 from cloakonnx.pipeline import Runner, StageTimer, choose_attack, load_checked, prepare
 
+from .conftest import with_lrn
+
 FGSM = AttackConfig(name="fgsm", eps=0.1)
 
 
@@ -212,25 +214,11 @@ def test_prepare_validates_the_config_first(digits_files, tmp_path):
 # --- choose_attack ----------------------------------------------------------------------------------------
 
 
-def _lrn_model(path) -> onnx.ModelProto:
-    """The digits model with an LRN (which onnxruntime runs and the torch executor lacks) after its first Relu."""
-    model = onnx.load(str(path))
-    relu = next(n for n in model.graph.node if n.op_type == "Relu")
-    lrn_out = relu.output[0] + "_lrn"
-    for node in model.graph.node:
-        node.input[:] = [lrn_out if i == relu.output[0] else i for i in node.input]
-    index = list(model.graph.node).index(relu) + 1
-    model.graph.node.insert(index, onnx.helper.make_node("LRN", [relu.output[0]], [lrn_out], size=1, bias=1.0,
-                                                         alpha=1e-4, beta=0.75))
-    onnx.checker.check_model(model)
-    return model
-
-
 def test_choose_attack_falls_back_to_square_without_torch_support(digits_files, data):
     from cloakonnx.torch_exec import supported_ops
 
     assert "LRN" not in supported_ops()
-    runner, _ = _runner(None, model=_lrn_model(digits_files[0]))
+    runner, _ = _runner(None, model=with_lrn(digits_files[0]))
     assert runner.torch_model is None and runner.unsupported is not None
     assert runner.accuracy(data) > 0.9  # onnxruntime still runs it
     attack, reason = choose_attack(runner, AttackConfig(name="pgd", eps=0.1, norm="l2", steps=7))
