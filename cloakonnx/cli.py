@@ -190,9 +190,10 @@ def sweep(model, scores, plot, as_json, report, **kw) -> None:
 @data_options
 @click.option("--reference", type=click.Path(), help="The original (unhardened) model: adds transfer attacks crafted on it.")
 @click.option("--attack", "attacks", default="fgsm,pgd,square", show_default=True,
-              help="Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, square.")
-@click.option("--preset", type=click.Choice(["standard"]), default=None,
-              help="A fixed, documented set (APGD-CE, APGD-DLR 100 steps; Square 5000 queries), worst case per sample.")
+              help="Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, square.")
+@click.option("--preset", type=click.Choice(["standard", "fast"]), default=None,
+              help="A fixed, documented set, worst case per sample. standard: APGD-CE and APGD-DLR (100 steps), "
+                   "Square (5000 queries). fast: APGD-CE and APGD-T (100 steps, 9 target classes).")
 @attack_options(20, "20 here, to measure robustness; harden and sweep default to 10 for speed")
 @runtime_options
 @click.option("--max-samples", type=int, default=None, help="Evaluate a random subset of this size.")
@@ -204,7 +205,8 @@ def evaluate(model, reference, attacks, preset, max_samples, plot, as_json, repo
     """Measure what MODEL resists: clean accuracy, and accuracy under adaptive (white-box, through
     MODEL itself, mask included), transfer (crafted on --reference) and gradient-free attacks.
 
-    --eps takes several budgets, comma-separated, e.g. 0.03,0.06,0.1.
+    --eps takes several budgets, comma-separated, e.g. 0.03,0.06,0.1. Exit status: 0, or 3 when an attack
+    could not run (the others' results are still reported, and the failure is named).
 
     \b
     Example:
@@ -218,7 +220,10 @@ def evaluate(model, reference, attacks, preset, max_samples, plot, as_json, repo
     names = tuple(a.strip() for a in attacks.split(",") if a.strip())
     config = EvaluateConfig(**common_fields(kw, "pgd", eps[0]), attacks=names, eps=eps, preset=preset,
                             reference=Path(reference) if reference else None, max_samples=max_samples)
-    _emit(run(model, data, config).to_dict(), as_json, report, format_evaluate, plot, plot_evaluate)
+    result = run(model, data, config).to_dict()
+    _emit(result, as_json, report, format_evaluate, plot, plot_evaluate)
+    if result["failures"]:
+        sys.exit(3)
 
 
 @main.command()

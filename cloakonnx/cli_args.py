@@ -72,7 +72,8 @@ runtime_options = group(
 )
 
 mask_options = group(
-    click.option("--attack", type=click.Choice(["pgd", "fgsm", "apgd-ce", "apgd-dlr", "square"]), default="pgd",
+    click.option("--attack", type=click.Choice(["pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square"]),
+                 default="pgd",
                  show_default=True, help="Attack used to find the features adversarial noise moves."),
     click.option("--fraction", type=float, default=None,
                  help="Share of features to zero, in [0, 1) (ignored with --max-clean-drop) [default: 0.01; with "

@@ -165,6 +165,9 @@ def format_evaluate(report: dict) -> str:
         text += f"\n{'ok  ' if c['ok'] else 'FAIL'}  {c['name']}: {c['detail']}"
     for note in report.get("notes", []):
         text += f"\nnote: {note}"
+    for fail in report.get("failures", []):
+        at = f", eps={fail['eps']:g}" if fail["eps"] is not None else ""
+        text += f"\nfailed: {fail['attack']} ({fail['threat']}{at}): {fail['error']}"
     return text
 
 

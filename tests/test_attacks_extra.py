@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from cloakonnx.attacks import AttackConfig
-from cloakonnx.attacks.apgd import APGD, APGDDLR, checkpoints, dlr_loss
+from cloakonnx.attacks.apgd import APGD, APGDDLR, APGDT, checkpoints, dlr_loss, dlr_targeted_loss
 from cloakonnx.attacks.fgsm import FGSM
 from cloakonnx.attacks.square import Square, p_selection
 from cloakonnx.errors import CloakError
 
-EXTRA = {"square": Square, "apgd-ce": APGD, "apgd-dlr": APGDDLR}
+EXTRA = {"square": Square, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "apgd-t": APGDT}
 EPS = {"linf": 0.1, "l2": 1.0}
 
 
@@ -230,3 +230,42 @@ def test_square_searches_on_one_thread_but_queries_the_model_on_the_callers(digi
         Square.search_threads = 1
         torch.set_num_threads(before)
     assert torch.equal(a, b)  # the thread count changes speed only
+
+
+def test_apgd_t_targets_the_runner_up_classes_and_beats_untargeted_dlr(digits_mlp):
+    """APGD-T runs the targeted DLR loss towards each of the 9 next classes: at least as strong as
+    one untargeted APGD-DLR run with the same steps, and it leaves misclassified samples as they are."""
+    net, x, y = digits_mlp
+    eps = 0.05
+    dlr = accuracy(net, run(APGDDLR, net, x, y, eps=eps, steps=20), y)
+    adv = run(APGDT, net, x, y, eps=eps, steps=20)
+    assert accuracy(net, adv, y) <= dlr
+    with torch.no_grad():
+        shifted = y.clone()
+        shifted[:8] = (net(x[:8]).argmax(1) + 1) % 10  # labels the model gets wrong already
+    adv = run(APGDT, net, x[:32], shifted[:32], eps=eps, steps=5)
+    assert torch.equal(adv[:8], x[:8]) and not torch.equal(adv[8:], x[8:32])
+    two = lambda z: net(z)[:, :2]  # noqa: E731 - a binary classifier
+    with pytest.raises(CloakError, match="APGD-T needs a model with at least 3 classes"):
+        APGDT(two, AttackConfig(eps=0.1, steps=2))(x[:4], y[:4] % 2)
+
+
+def test_dlr_targeted_loss_values():
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [1.0, 3.0, 0.0, -1.0]])
+    y, target = torch.tensor([0, 0]), torch.tensor([1, 2])
+    # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
+    expected = torch.tensor([-(3.0 - 1.0) / (3.0 - (0.0 - 1.0) / 2), -(1.0 - 0.0) / (3.0 - (0.0 - 1.0) / 2)])
+    torch.testing.assert_close(dlr_targeted_loss(logits, y, target), expected)
+    three = logits[:, :3]  # three classes: the untargeted denominator z_pi1 - z_pi3
+    torch.testing.assert_close(dlr_targeted_loss(three, y, target), torch.tensor([-(2.0) / 3.0, -(1.0) / 3.0]))
+
+
+def test_apgd_t_agrees_with_torchattacks(digits_mlp):
+    """Independent implementation: torchattacks' APGDT (fra31's port) on the same net, samples and budget."""
+    torchattacks = pytest.importorskip("torchattacks")
+    net, x, y = digits_mlp
+    eps, steps = 0.05, 20
+    ours = accuracy(net, run(APGDT, net, x, y, eps=eps, steps=steps), y)
+    theirs = accuracy(net, torchattacks.APGDT(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0,
+                                              n_classes=10)(x, y), y)
+    assert abs(ours - theirs) <= 0.02, (ours, theirs)

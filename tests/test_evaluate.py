@@ -86,3 +86,73 @@ def test_cli_evaluate_json_and_preset_validation(digits_files, tmp_path):
     assert data["eps"] == [0.02, 0.1] and json.loads((tmp_path / "r.json").read_text())["samples"] == 64
     r = CliRunner().invoke(main, ["evaluate", str(digits_files[0]), "--data", str(digits_files[1]), "--attack", "nope"])
     assert r.exit_code == 1 and "unknown attack" in r.output
+
+
+def _two_class_model(path, tmp_path):
+    """The digits model cut to its first two logits: a real 2-class classifier (labels 0 and 1)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    out = model.graph.output[0]
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "s0"),
+                                    numpy_helper.from_array(np.array([2], np.int64), "s2"),
+                                    numpy_helper.from_array(np.array([1], np.int64), "ax")])
+    model.graph.node.append(helper.make_node("Slice", [out.name + "_all", "s0", "s2", "ax"], [out.name]))
+    for node in model.graph.node[:-1]:
+        node.output[:] = [out.name + "_all" if o == out.name else o for o in node.output]
+    out.type.tensor_type.shape.dim[1].dim_value = 2
+    two = tmp_path / "two.onnx"
+    onnx.save(model, str(two))
+    return two
+
+
+def test_two_classes_skip_dlr_attacks_with_a_note_and_keep_the_rest(digits_files, tmp_path):
+    """A 2-class model: APGD-DLR and APGD-T cannot run; they are skipped and said so, nothing is lost."""
+    two = _two_class_model(digits_files[0], tmp_path)
+    d = np.load(digits_files[1])
+    keep = d["y"] < 2
+    data = Dataset(d["x"][keep][:60], d["y"][keep][:60])
+    config = EvaluateConfig(attacks=("apgd-ce", "apgd-dlr", "apgd-t"), eps=(0.1,), attack=AttackConfig(steps=5),
+                            sanity=False)
+    report = evaluate(two, data, config).to_dict()
+    assert [r["attack"] for r in report["results"]] == ["apgd-ce"]
+    assert any("apgd-dlr was skipped" in n and "2" in n for n in report["notes"])
+    assert any("apgd-t was skipped" in n for n in report["notes"])
+    assert report["failures"] == [] and report["robust_accuracy"]["0.1"] <= report["clean_accuracy"]
+
+
+def test_a_failing_attack_keeps_the_others_and_exits_3(digits_files, tmp_path, monkeypatch):
+    """One attack that fails (here: out of memory the retry cannot cure) is named; the others' results stay."""
+    from click.testing import CliRunner
+
+    from cloakonnx import pipeline
+    from cloakonnx.cli import main
+    from cloakonnx.errors import CloakError
+
+    real = pipeline.Runner.craft
+
+    def craft(self, cfg, ds, device, desc, batch):
+        if cfg.name == "pgd":
+            raise CloakError("cpu ran out of memory attacking a batch of 1")
+        return real(self, cfg, ds, device, desc, batch)
+
+    monkeypatch.setattr(pipeline.Runner, "craft", craft)
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(digits_files[0]), "--data", str(digits_files[1]),
+                                       "--attack", "fgsm,pgd", "--eps", "0.1", "--max-samples", "40", "--json"])
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    assert [r["attack"] for r in report["results"]] == ["fgsm"]
+    assert report["failures"][0] == {"eps": 0.1, "attack": "pgd", "threat": "adaptive",
+                                     "error": "cpu ran out of memory attacking a batch of 1"}
+    assert [f["threat"] for f in report["failures"]] == ["adaptive", "sanity: large eps"]
+    assert any("upper bound" in n for n in report["notes"])
+
+
+def test_fast_preset_runs_apgd_ce_and_apgd_t(digits_files):
+    report = evaluate(digits_files[0], digits_files[1], EvaluateConfig(preset="fast", eps=(0.1,), max_samples=30,
+                                                                      sanity=False)).to_dict()
+    assert [r["attack"] for r in report["results"]] == ["apgd-ce", "apgd-t"]
+    assert report["attacks"]["apgd-t"]["steps"] == 100
+    worst = min(r["accuracy"] for r in report["results"])
+    assert report["robust_accuracy"]["0.1"] <= worst

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 
 from ..errors import CloakError, first_line
-from .apgd import APGD, APGDDLR
+from .apgd import APGD, APGDDLR, APGDT
 from .base import Attack, AttackConfig
 from .fgsm import FGSM
 from .pgd import PGD
@@ -14,7 +14,8 @@ from .square import Square
 
 log = logging.getLogger(__name__)
 
-ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "square": Square}
+ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "apgd-t": APGDT,
+                                    "square": Square}
 
 
 def make_attack(model, config: AttackConfig, bounds=(0.0, 1.0)) -> Attack:
@@ -67,4 +68,4 @@ def craft(model, config: AttackConfig, x: np.ndarray, y: np.ndarray, bounds=(0.0
     return out
 
 
-__all__ = ["APGD", "APGDDLR", "Attack", "AttackConfig", "ATTACKS", "FGSM", "PGD", "Square", "craft", "make_attack"]
+__all__ = ["APGD", "APGDDLR", "APGDT", "Attack", "AttackConfig", "ATTACKS", "FGSM", "PGD", "Square", "craft", "make_attack"]

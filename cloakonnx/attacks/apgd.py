@@ -26,7 +26,7 @@ import math
 from ..errors import CloakError
 from .base import Attack
 
-LOSSES = ("ce", "dlr")
+LOSSES = ("ce", "dlr", "dlr-targeted")
 MOMENTUM = 0.75  # alpha in the paper: weight of the new step
 RHO = 0.75  # a step size is halved when the loss went up in fewer than RHO of the steps since the last check
 
@@ -54,10 +54,22 @@ def dlr_loss(logits, y):
     return -(z_y - best_other) / (z[:, -1] - z[:, -3] + 1e-12)
 
 
+def dlr_targeted_loss(logits, y, target):
+    """Targeted DLR (APGD-T): ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``; with 3 classes the
+    denominator is ``z_pi1 - z_pi3``, as in the untargeted loss."""
+    import torch
+
+    z, _ = logits.sort(dim=1)
+    u = torch.arange(len(y), device=logits.device)
+    low = 0.5 * (z[:, -3] + z[:, -4]) if logits.shape[1] >= 4 else z[:, -3]
+    return -(logits[u, y] - logits[u, target]) / (z[:, -1] - low + 1e-12)
+
+
 class APGD(Attack):
     """APGD with ``loss="ce"`` (APGD-CE) or ``loss="dlr"`` (APGD-DLR, needs at least 3 classes)."""
 
     default_loss = "ce"
+    name = "APGD"
 
     def __init__(self, model, config, bounds=(0.0, 1.0), loss: str | None = None):
         super().__init__(model, config, bounds)
@@ -73,11 +85,13 @@ class APGD(Attack):
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self.model(x_adv)
+            if self.loss != "ce" and logits.shape[1] < 3:
+                raise CloakError(f"{self.name} needs a model with at least 3 classes, this one has "
+                                 f"{logits.shape[1]}; use apgd-ce")
             if self.loss == "dlr":
-                if logits.shape[1] < 3:
-                    raise CloakError(f"APGD-DLR needs a model with at least 3 classes, this one has "
-                                     f"{logits.shape[1]}; use apgd-ce")
                 losses = dlr_loss(logits, y)
+            elif self.loss == "dlr-targeted":
+                losses = dlr_targeted_loss(logits, y, self.target)
             else:
                 losses = F.cross_entropy(logits, y, reduction="none")
             (grad,) = torch.autograd.grad(losses.sum(), x_adv)
@@ -157,16 +171,57 @@ class APGD(Attack):
             idx = (~fooled).nonzero().flatten() if r else torch.arange(len(x), device=x.device)
             if len(idx) == 0:
                 break
-            x_best, loss_best, now, x_fool = self._run(x[idx], y[idx])
-            better = (loss_best > best_loss[idx]) & ~now
-            out[idx[better]] = x_best[better]
-            best_loss[idx[better]] = loss_best[better]
-            out[idx[now]] = x_fool[now]
-            fooled[idx[now]] = True
+            self._keep_worst(x, y, idx, out, best_loss, fooled)
         return out.detach()
+
+    def _keep_worst(self, x, y, idx, out, best_loss, fooled) -> None:
+        """One run on the samples ``idx``; keep each one's fooling iterate, else its highest-loss point."""
+        x_best, loss_best, now, x_fool = self._run(x[idx], y[idx])
+        better = (loss_best > best_loss[idx]) & ~now
+        out[idx[better]] = x_best[better]
+        best_loss[idx[better]] = loss_best[better]
+        out[idx[now]] = x_fool[now]
+        fooled[idx[now]] = True
 
 
 class APGDDLR(APGD):
     """APGD with the DLR loss (robust to logit scaling); needs at least 3 classes."""
 
     default_loss = "dlr"
+    name = "APGD-DLR"
+
+
+class APGDT(APGD):
+    """APGD-T (AutoAttack's targeted APGD): the targeted DLR loss towards each of the ``n_targets``
+    classes with the highest clean logits after the top one (9, or the number of classes - 1 when
+    that is smaller), one run per target and restart, each on the samples not yet fooled.
+
+    Samples the model already misclassifies come back unchanged. Needs at least 3 classes."""
+
+    default_loss = "dlr-targeted"
+    name = "APGD-T"
+    n_targets = 9
+
+    def perturb(self, x, y):
+        import torch
+
+        x = x.detach()
+        if self.config.eps == 0 or len(x) == 0:
+            return x.clone()
+        with torch.no_grad():
+            logits = self.model(x)
+        if logits.shape[1] < 3:
+            raise CloakError(f"APGD-T needs a model with at least 3 classes, this one has {logits.shape[1]}; "
+                             "use apgd-ce")
+        order = logits.argsort(dim=1, descending=True)
+        out = x.clone()
+        best_loss = torch.full((len(x),), -float("inf"), device=x.device)
+        fooled = logits.argmax(1) != y
+        for k in range(1, min(self.n_targets, logits.shape[1] - 1) + 1):
+            for _ in range(max(1, self.config.restarts)):
+                idx = (~fooled).nonzero().flatten()
+                if len(idx) == 0:
+                    return out.detach()
+                self.target = order[idx, k]
+                self._keep_worst(x, y, idx, out, best_loss, fooled)
+        return out.detach()
