@@ -13,9 +13,9 @@ from .attacks import ATTACKS, AttackConfig
 from .config import EvaluateConfig
 from .data import Dataset
 from .errors import CloakError
-from .graph import load_model, logits_output
+from .graph import find_head, load_model, logits_output
 from .pipeline import Runner, load_checked, resolve_device
-from .runtime import resolve_providers
+from .runtime import resolve_providers, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class EvaluateReport:
     notes: list[str]
     seconds: float
     failures: list[dict] = field(default_factory=list)  # {eps, attack, threat, error}: attacks that could not run
+    # RobustBench-style: clean and robust accuracy, norm, eps, n, the attacks run, and whether a check
+    # or an attack failed (then the evaluation may be unreliable)
+    summary: dict = field(default_factory=dict)
     providers: list[str] = field(default_factory=list)
     device: str = "cpu"
     seed: int = 0
@@ -88,6 +91,8 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     if config.max_samples is not None and len(ds) > config.max_samples:
         ds = ds.subset(np.sort(np.random.default_rng(config.seed).permutation(len(ds))[: config.max_samples]))
     notes: list[str] = []
+    runner = on_logits(runner, ds, config, device, notes)
+    reference = on_logits(reference, ds, config, device, notes) if reference is not None else None
     if runner.torch_model is None:
         notes.append(f"{runner.unsupported}: gradient attacks were skipped, only gradient-free ones ran")
     if runner.computes_in_float32:
@@ -124,7 +129,7 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
                 survived &= ok
                 results.append({"eps": eps, "attack": cfg.name, "threat": threat, "accuracy": float(ok.mean())})
         robust[repr(eps)] = float(survived.mean())
-    checks = sanity_checks(results, robust, clean, len(ds))
+    checks = sanity_checks(results, robust, clean, len(ds)) + model_checks(runner, ds)
     if config.sanity and runner.torch_model is not None:
         try:
             checks.append(_large_eps_check(runner, ds, config, device, n_classes))
@@ -140,7 +145,10 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
         norm=config.attack.norm, eps=list(config.eps), clean_accuracy=clean, results=results, robust_accuracy=robust,
         checks=checks, attacks={c.name: c.to_dict() for c in attack_cfgs}, notes=notes,
         seconds=round(time.perf_counter() - t0, 3), failures=failures, providers=list(providers), device=device,
-        seed=config.seed,
+        seed=config.seed, summary={
+            "clean_accuracy": clean, "robust_accuracy": robust, "norm": config.attack.norm, "eps": list(config.eps),
+            "n": len(ds), "attacks": sorted({r["attack"] for r in results}),
+            "unreliable": bool(failures) or not all(c["ok"] for c in checks)},
     )
 
 
@@ -197,6 +205,51 @@ def _large_eps_check(runner: Runner, ds: Dataset, config: EvaluateConfig, device
     ok = acc <= chance + 0.1
     return {"name": "a large eps brings accuracy to about chance", "ok": ok,
             "detail": f"PGD at eps={eps:g}: {100 * acc:.1f}% (chance {100 * chance:.1f}%)"}
+
+
+def on_logits(runner: Runner, ds: Dataset, config: EvaluateConfig, device: str, notes: list[str]) -> Runner:
+    """AutoAttack's "use logits" check: when the output holds probabilities (non-negative rows that
+    sum to 1), attack the linear head's output before the Softmax instead, when the head is known."""
+    (out,) = run_batch(runner.session, runner.feed(ds.x[:64]), [runner.logits])
+    out = out.reshape(len(out), -1).astype(np.float64)
+    if not (np.all(out >= 0) and np.allclose(out.sum(1), 1.0, atol=1e-3)):
+        return runner
+    try:
+        head = find_head(runner.model, config.logits)
+    except CloakError:
+        head = None
+    if head is None or head.output == runner.logits:
+        log.warning("the output %r holds probabilities and no pre-Softmax tensor was found: gradient attacks run "
+                    "on probabilities, which weakens them", runner.logits)
+        notes.append(f"the output {runner.logits!r} holds probabilities and no pre-Softmax tensor was found: "
+                     "gradient attacks ran on probabilities (weaker); export the logits")
+        return runner
+    log.warning("the output %r holds probabilities: attacking the pre-Softmax tensor %r", runner.logits, head.output)
+    notes.append(f"the output {runner.logits!r} holds probabilities (non-negative, rows sum to 1): attacks ran on "
+                 f"the pre-Softmax tensor {head.output!r}")
+    return Runner.for_config(runner.model, head.output, [head.output], config, device)
+
+
+def model_checks(runner: Runner, ds: Dataset) -> list[dict]:
+    """AutoAttack's automatic checks on the model itself: the same outputs for the same input (no
+    randomness), and the share of samples whose input gradient is exactly zero."""
+    import torch
+    import torch.nn.functional as F
+
+    x = ds.x[:200]
+    first, second = (run_batch(runner.session, runner.feed(x), [runner.logits])[0] for _ in range(2))
+    checks = [{"name": "the same input gives the same output", "ok": bool(np.array_equal(first, second)),
+               "detail": "ok" if np.array_equal(first, second) else "onnxruntime outputs differ between two runs"}]
+    if runner.torch_model is None:
+        return checks
+    xt = torch.from_numpy(x).to(runner.device).requires_grad_(True)
+    loss = F.cross_entropy(runner.torch_model(xt), torch.from_numpy(ds.y[:200]).to(runner.device), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, xt)
+    zero = float((grad.flatten(1).abs().amax(1) == 0).float().mean())
+    checks.append({"name": "input gradients are non-zero", "ok": zero == 0.0,
+                   "detail": "ok" if zero == 0 else f"{100 * zero:.1f}% of samples have an exactly zero input "
+                                                    "gradient (masked gradients, or a model saturated on them)"})
+    return checks
 
 
 def _runner(model_path: str | Path, config: EvaluateConfig, device: str) -> Runner:

@@ -161,6 +161,12 @@ def format_evaluate(report: dict) -> str:
         rows.append([attack, threat, *[pct(accs.get(e)) for e in eps]])
     rows.append(["robust (worst case per sample)", "", *[pct(report["robust_accuracy"][repr(e)]) for e in eps]])
     text = head + table(rows, ["accuracy", "threat", *[f"eps={e:g}" for e in eps]])
+    s = report.get("summary")
+    if s:
+        robust = ", ".join(f"{pct(s['robust_accuracy'][repr(e)]).strip()} at eps {e:g}" for e in s["eps"])
+        text += (f"\nsummary: clean {pct(s['clean_accuracy']).strip()}, robust {robust} ({s['norm']}), n={s['n']}, "
+                 f"attacks {', '.join(s['attacks'])}"
+                 + ("; EVALUATION MAY BE UNRELIABLE (a check or an attack failed)" if s["unreliable"] else ""))
     for c in report["checks"]:
         text += f"\n{'ok  ' if c['ok'] else 'FAIL'}  {c['name']}: {c['detail']}"
     for note in report.get("notes", []):

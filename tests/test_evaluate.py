@@ -35,7 +35,7 @@ def test_evaluate_threat_models_and_checks(digits_files, hardened_model, tmp_pat
         assert report["robust_accuracy"][eps] <= worst  # worst case per sample is no better than any attack
     assert report["robust_accuracy"]["0.15"] < report["robust_accuracy"]["0.05"]
     assert all(c["ok"] for c in report["checks"]), report["checks"]
-    assert len(report["checks"]) == 4
+    assert len(report["checks"]) == 6  # 3 on the results, 2 on the model (randomness, zero gradients), large eps
     from cloakonnx.report import format_evaluate, plot_evaluate
 
     assert "robust (worst case per sample)" in format_evaluate(report)
@@ -156,3 +156,56 @@ def test_fast_preset_runs_apgd_ce_and_apgd_t(digits_files):
     assert report["attacks"]["apgd-t"]["steps"] == 100
     worst = min(r["accuracy"] for r in report["results"])
     assert report["robust_accuracy"]["0.1"] <= worst
+
+
+def _with_nodes(path, tmp_path, name, make):
+    """A copy of the model whose logits pass through the nodes ``make(logits_in, logits_out)`` returns."""
+    import onnx
+
+    model = onnx.load(str(path))
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [out + "_raw" if o == out else o for o in node.output]
+    model.graph.node.extend(make(out + "_raw", out, model))
+    onnx.checker.check_model(model)
+    dest = tmp_path / name
+    onnx.save(model, str(dest))
+    return dest
+
+
+def test_probability_outputs_are_attacked_on_the_logits(digits_files, tmp_path):
+    """A model ending in Softmax is attacked through its pre-Softmax tensor: the same robust accuracy as
+    the model without the Softmax, and the report says so."""
+    from onnx import helper
+
+    soft = _with_nodes(digits_files[0], tmp_path, "soft.onnx",
+                       lambda i, o, m: [helper.make_node("Softmax", [i], [o], axis=1)])
+    config = EvaluateConfig(attacks=("pgd",), eps=(0.1,), attack=AttackConfig(steps=5), max_samples=80, sanity=False)
+    with_softmax = evaluate(soft, digits_files[1], config).to_dict()
+    plain = evaluate(digits_files[0], digits_files[1], config).to_dict()
+    assert with_softmax["results"] == plain["results"]
+    assert with_softmax["robust_accuracy"] == plain["robust_accuracy"]
+    assert with_softmax["robust_accuracy"]["0.1"] < with_softmax["clean_accuracy"]
+    assert any("holds probabilities" in n and "pre-Softmax" in n for n in with_softmax["notes"])
+    assert not any("probabilities" in n for n in plain["notes"])
+
+
+def test_zero_gradients_and_randomness_fail_their_checks(digits_files, tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def flat(i, o, m):  # logits that do not depend on the input: every input gradient is exactly zero
+        m.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 10), np.float32), "zero"))
+        return [helper.make_node("Mul", [i, "zero"], [o])]
+
+    def noisy(i, o, m):  # a randomised forward pass
+        return [helper.make_node("RandomUniformLike", [i], [i + "_noise"], dtype=onnx.TensorProto.FLOAT),
+                helper.make_node("Add", [i, i + "_noise"], [o])]
+
+    config = EvaluateConfig(attacks=("fgsm",), eps=(0.1,), max_samples=40, sanity=False)
+    checks = {c["name"]: c for c in evaluate(_with_nodes(digits_files[0], tmp_path, "flat.onnx", flat),
+                                             digits_files[1], config).checks}
+    assert not checks["input gradients are non-zero"]["ok"] and "100.0%" in checks["input gradients are non-zero"]["detail"]
+    report = evaluate(_with_nodes(digits_files[0], tmp_path, "noisy.onnx", noisy), digits_files[1], config)
+    checks = {c["name"]: c["ok"] for c in report.checks}
+    assert checks["the same input gives the same output"] is False and report.summary["unreliable"] is True
