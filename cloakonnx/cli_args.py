@@ -7,14 +7,18 @@ import click
 from .errors import CloakError
 
 
-def parse_pair(text: str | None, what: str, cast=float):
+def parse_pair(text: str | None, what: str, cast=float, square: bool = False):
+    """``LOW,HIGH`` or ``H,W``; with ``square`` a single value N means ``N,N`` (as image tools read a size)."""
     if text is None:
         return None
     from .data import parse_floats
 
     values = parse_floats(text, what)
+    if square and values is not None and len(values) == 1:
+        values = values * 2
     if values is None or len(values) != 2:
-        raise CloakError(f"{what} takes two comma-separated values, got {text!r}")
+        raise CloakError(f"{what} takes two comma-separated values{' (or one, for a square)' if square else ''}, "
+                         f"got {text!r}")
     return tuple(cast(v) for v in values)
 
 
@@ -39,7 +43,8 @@ data_options = group(
     click.option("--mean", default=None,
                  help="Per-channel mean applied between the box and the model, e.g. 0.485,0.456,0.406."),
     click.option("--std", default=None, help="Per-channel std, with --mean."),
-    click.option("--size", default=None, metavar="H,W", help="Resize images from an image folder to H,W."),
+    click.option("--size", default=None, metavar="H,W",
+                 help="Resize images from an image folder to H,W (one value N: N,N)."),
     click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several)."),
     click.option("--logits", "logits", metavar="NAME",
                  help="Graph output that carries the logits (if there are several)."),
@@ -142,7 +147,8 @@ def common_fields(kw: dict, name: str, eps: float) -> dict:
                             batch_size=kw.pop("batch_size")),
         preprocess=Preprocess(parse_pair(kw.pop("bounds"), "--bounds"), parse_floats(kw.pop("mean"), "--mean"),
                               parse_floats(kw.pop("std"), "--std")),
-        input_name=kw.pop("input_name"), logits=kw.pop("logits"), image_size=parse_pair(kw.pop("size"), "--size", int),
+        input_name=kw.pop("input_name"), logits=kw.pop("logits"),
+        image_size=parse_pair(kw.pop("size"), "--size", int, square=True),
         seed=kw.pop("seed"), device=kw.pop("device"),
         providers=tuple(p for p in providers.split(",") if p) if providers else None,
     )

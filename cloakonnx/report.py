@@ -134,8 +134,11 @@ def format_check(result: dict) -> str:
             for o in result.get("outputs", [])]
     if rows:
         lines.append(table(rows, ["output", "max abs diff", "max rel diff", "tolerance", ""]))
-    lines.append(f"  input gradients: {'finite' if result.get('grad_finite') else 'NOT finite'}, "
-                 f"{'non-zero' if result.get('grad_nonzero') else 'ZERO'}")
+    if result.get("unsupported") or result.get("error"):
+        lines.append("  input gradients: not computed (the executor cannot run this graph)")
+    else:
+        lines.append(f"  input gradients: {'finite' if result.get('grad_finite') else 'NOT finite'}, "
+                     f"{'non-zero' if result.get('grad_nonzero') else 'ZERO'}")
     if result.get("computes_in_float32"):
         lines.append("  note: the model is fp16; the executor computes in float32 for gradients")
     q = result.get("quantized")

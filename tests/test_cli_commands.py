@@ -146,3 +146,36 @@ def test_steps_defaults_differ_with_the_reason():
     assert sweep == harden
     assert "[default: 20]" in evaluate and "20 here, to measure robustness" in evaluate
     assert "harden and sweep default to 10" in evaluate
+
+
+def test_size_takes_one_value_for_a_square(tmp_path):
+    from cloakonnx.cli_args import parse_pair
+    from cloakonnx.errors import CloakError
+
+    assert parse_pair("16", "--size", int, square=True) == (16, 16)
+    assert parse_pair("16,24", "--size", int, square=True) == (16, 24)
+    with pytest.raises(CloakError, match="two comma-separated values"):
+        parse_pair("0.5", "--bounds")  # a box needs both ends
+
+
+def test_inspect_reads_a_batch_of_minus_one_as_dynamic(digits_files, tmp_path):
+    """Paddle writes a dynamic batch as dim_value -1; inspect and the rest treat it as dynamic."""
+    model = onnx.load(str(digits_files[0]))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = -1
+    path = tmp_path / "paddle_batch.onnx"
+    onnx.save(model, str(path))
+    info = json.loads(run("inspect", path, "--json").stdout)
+    assert info["dynamic_batch"] is True and info["inputs"][0]["shape"][0] is None
+    assert "batch dimension: dynamic" in run("inspect", path).stdout
+
+
+def test_check_says_not_computed_when_ops_are_unsupported(digits_files, tmp_path):
+    from .conftest import with_lrn
+
+    path = tmp_path / "lrn.onnx"
+    onnx.save(with_lrn(digits_files[0]), str(path))
+    out = run("check", path, code=1).stdout
+    assert "input gradients: not computed" in out and "NOT finite" not in out and "ZERO" not in out

@@ -59,8 +59,7 @@ def inspect_model(path: str | os.PathLike, logits: str | None = None) -> ModelIn
                 head["mask"] = {"form": "folded", "node": None, "masked": masked, "fraction": masked / found.width}
     except CloakError as exc:
         err = str(exc)
-    dyn = bool(inputs) and bool(inputs[0].shape) and not isinstance(inputs[0].shape[0], int) or (
-        bool(inputs) and bool(inputs[0].shape) and inputs[0].shape[0] == 0)
+    dyn = bool(inputs) and bool(inputs[0].shape) and not isinstance(inputs[0].shape[0], int)
     return ModelInfo(
         path=str(path),
         ir_version=model.ir_version,

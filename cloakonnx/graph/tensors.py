@@ -99,7 +99,9 @@ def tensor_infos(values) -> list[TensorInfo]:
     infos = []
     for v in values:
         tt = v.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        # -1 and 0 (as Paddle writes a dynamic batch), a dim_param and an absent dim all mean dynamic
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                 for d in tt.shape.dim]
         infos.append(TensorInfo(v.name, shape, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
                                 if tt.elem_type else "unknown"))
     return infos
