@@ -3,7 +3,6 @@ checking data against the model, the calibration/validation split, and the attac
 import time
 
 import numpy as np
-import onnx
 import pytest
 
 from cloakonnx.attacks import AttackConfig
