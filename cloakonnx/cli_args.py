@@ -77,7 +77,7 @@ runtime_options = group(
 )
 
 mask_options = group(
-    click.option("--attack", type=click.Choice(["pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square"]),
+    click.option("--attack", type=click.Choice(["pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square"]),
                  default="pgd",
                  show_default=True, help="Attack used to find the features adversarial noise moves."),
     click.option("--fraction", type=float, default=None,

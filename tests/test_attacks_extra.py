@@ -5,11 +5,12 @@ import torch
 
 from cloakonnx.attacks import AttackConfig
 from cloakonnx.attacks.apgd import APGD, APGDDLR, APGDT, checkpoints, dlr_loss, dlr_targeted_loss
+from cloakonnx.attacks.fab import FABT, project_l2, project_linf
 from cloakonnx.attacks.fgsm import FGSM
 from cloakonnx.attacks.square import Square, p_selection
 from cloakonnx.errors import CloakError
 
-EXTRA = {"square": Square, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "apgd-t": APGDT}
+EXTRA = {"square": Square, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "apgd-t": APGDT, "fab-t": FABT}
 EPS = {"linf": 0.1, "l2": 1.0}
 
 
@@ -112,7 +113,10 @@ def test_repeatable_with_the_same_seed(digits_mlp, name):
     b = run(EXTRA[name], net, x, y, eps=0.05, seed=7, queries=100, steps=10)
     c = run(EXTRA[name], net, x, y, eps=0.05, seed=8, queries=100, steps=10)
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    if name == "fab-t":  # one run per target from the clean point: nothing random to seed
+        assert torch.equal(a, c)
+    else:
+        assert not torch.equal(a, c)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -269,3 +273,29 @@ def test_apgd_t_agrees_with_torchattacks(digits_mlp):
     theirs = accuracy(net, torchattacks.APGDT(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0,
                                               n_classes=10)(x, y), y)
     assert abs(ours - theirs) <= 0.02, (ours, theirs)
+
+
+@pytest.mark.parametrize("project, norm", [(project_linf, "linf"), (project_l2, "l2")])
+def test_fab_projections_reach_the_plane_inside_the_box_with_the_smallest_step(project, norm):
+    g = torch.Generator().manual_seed(0)
+    p, w = torch.rand(64, 30, generator=g), torch.randn(64, 30, generator=g)
+    b = (w * torch.rand(64, 30, generator=g)).sum(1)  # a plane through a point of the box: reachable
+    d = project(p, w, b)
+    torch.testing.assert_close((w * (p + d)).sum(1), b, atol=1e-4, rtol=0)
+    assert (p + d).min() >= -1e-6 and (p + d).max() <= 1 + 1e-6
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    # no feasible step is smaller: scaled down by 2%, the step falls short of the plane
+    short = (w * (p + 0.98 * d)).sum(1) - b
+    assert ((short.abs() > 1e-5) | (size < 1e-6)).all()
+
+
+def test_fab_t_agrees_with_torchattacks(digits_mlp):
+    """Independent implementation: torchattacks' FAB with multi_targeted=True (fra31's FAB-T) on the same
+    net, samples and budget, in both norms."""
+    torchattacks = pytest.importorskip("torchattacks")
+    net, x, y = digits_mlp
+    for norm, eps in (("linf", 0.05), ("l2", 0.5)):
+        ours = accuracy(net, FABT(net, AttackConfig(eps=eps, norm=norm, steps=20))(x, y), y)
+        theirs = accuracy(net, torchattacks.FAB(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=20,
+                                                n_restarts=1, multi_targeted=True, n_classes=10, seed=0)(x, y), y)
+        assert abs(ours - theirs) <= 0.02, (norm, ours, theirs)

@@ -158,6 +158,30 @@ def test_fast_preset_runs_apgd_ce_and_apgd_t(digits_files):
     assert report["robust_accuracy"]["0.1"] <= worst
 
 
+def test_standard_preset_is_autoattacks_run_on_the_points_still_robust(digits_files, monkeypatch):
+    """APGD-CE, APGD-T, FAB-T, Square-5000 in that order, each crafted only on the points the ones before
+    left robust: every row is the robust accuracy so far, and the last one is the worst case."""
+    from cloakonnx import pipeline
+
+    sizes = []
+    real = pipeline.Runner.craft
+
+    def craft(self, cfg, ds, device, desc, batch):
+        sizes.append((cfg.name, len(ds)))
+        return real(self, cfg, ds, device, desc, batch)
+
+    monkeypatch.setattr(pipeline.Runner, "craft", craft)
+    report = evaluate(digits_files[0], digits_files[1], EvaluateConfig(preset="standard", eps=(0.1,), max_samples=40,
+                                                                      sanity=False)).to_dict()
+    rows = [r["accuracy"] for r in report["results"]]
+    assert [r["attack"] for r in report["results"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert report["attacks"]["square"]["queries"] == 5000 and report["attacks"]["fab-t"]["steps"] == 100
+    assert rows == sorted(rows, reverse=True) and rows[-1] == report["robust_accuracy"]["0.1"] and report["cumulative"]
+    n = report["samples"]
+    assert sizes[0] == ("apgd-ce", round(report["clean_accuracy"] * n))
+    assert [s for _, s in sizes[1:]] == [round(r * n) for r in rows[:-1]], (sizes, rows)
+
+
 def _with_nodes(path, tmp_path, name, make):
     """A copy of the model whose logits pass through the nodes ``make(logits_in, logits_out)`` returns."""
     import onnx
