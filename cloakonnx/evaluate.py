@@ -30,6 +30,7 @@ PRESETS = {
                  ("fab-t", dict(steps=100, restarts=1)), ("square", dict(queries=5000))),
     "fast": (("apgd-ce", dict(steps=100, restarts=1)), ("apgd-t", dict(steps=100, restarts=1))),
 }
+THREAT_ORDER = ("adaptive", "transfer", "gradient-free")
 MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 3}  # DLR losses compare the top three logits
 
 
@@ -117,22 +118,24 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     results: list[dict] = []
     failures: list[dict] = []
     robust: dict[str, float] = {}
+    runs = [(base, threat, source) for base in runnable for threat, source in _sources(base.name, runner, reference)]
+    if cumulative:  # AutoAttack's order: every white-box attack first, then transfer, then gradient-free
+        runs.sort(key=lambda run: THREAT_ORDER.index(run[1]))
     for eps in config.eps:
         survived = clean_pred == ds.y
-        for base in runnable:
-            for threat, source in _sources(base.name, runner, reference):
-                cfg = replace(base, eps=eps)
-                idx = np.flatnonzero(survived) if cumulative else np.arange(len(ds))
-                try:
-                    ok = _survivors(runner, source, cfg, ds.subset(idx), device, threat, config)
-                except CloakError as exc:  # keep what finished; name what did not
-                    log.warning("%s (%s, eps=%g) failed: %s", cfg.name, threat, eps, exc)
-                    failures.append({"eps": eps, "attack": cfg.name, "threat": threat, "error": str(exc)})
-                    continue
-                now = survived.copy() if cumulative else np.zeros(len(ds), bool)
-                now[idx] = ok
-                survived &= now
-                results.append({"eps": eps, "attack": cfg.name, "threat": threat, "accuracy": float(now.mean())})
+        for base, threat, source in runs:
+            cfg = replace(base, eps=eps)
+            idx = np.flatnonzero(survived) if cumulative else np.arange(len(ds))
+            try:
+                ok = _survivors(runner, source, cfg, ds.subset(idx), device, threat, config)
+            except CloakError as exc:  # keep what finished; name what did not
+                log.warning("%s (%s, eps=%g) failed: %s", cfg.name, threat, eps, exc)
+                failures.append({"eps": eps, "attack": cfg.name, "threat": threat, "error": str(exc)})
+                continue
+            now = survived.copy() if cumulative else np.zeros(len(ds), bool)
+            now[idx] = ok
+            survived &= now
+            results.append({"eps": eps, "attack": cfg.name, "threat": threat, "accuracy": float(now.mean())})
         robust[repr(eps)] = float(survived.mean())
     checks = sanity_checks(results, robust, clean, len(ds), cumulative) + model_checks(runner, ds)
     if config.sanity and runner.torch_model is not None:
