@@ -166,13 +166,26 @@ class APGD(Attack):
             return x.clone()
         out = x.clone()
         best_loss = torch.full((len(x),), -float("inf"), device=x.device)
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for r in range(max(1, self.config.restarts)):
-            idx = (~fooled).nonzero().flatten() if r else torch.arange(len(x), device=x.device)
-            if len(idx) == 0:
-                break
+        fooled, runs = self._schedule(x, y)
+        for idx, target, _ in runs:
+            self.target = target
             self._keep_worst(x, y, idx, out, best_loss, fooled)
         return out.detach()
+
+    def _schedule(self, x, y):
+        """``restarts`` runs: the first on every sample, the others on the samples not yet fooled."""
+        import torch
+
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+        def runs():
+            for restart in range(max(1, self.config.restarts)):
+                idx = (~fooled).nonzero().flatten() if restart else torch.arange(len(x), device=x.device)
+                if len(idx) == 0:
+                    return
+                yield idx, None, restart
+
+        return fooled, runs()
 
     def _keep_worst(self, x, y, idx, out, best_loss, fooled) -> None:
         """One run on the samples ``idx``; keep each one's fooling iterate, else its highest-loss point."""
@@ -202,26 +215,5 @@ class APGDT(APGD):
     name = "APGD-T"
     n_targets = 9
 
-    def perturb(self, x, y):
-        import torch
-
-        x = x.detach()
-        if self.config.eps == 0 or len(x) == 0:
-            return x.clone()
-        with torch.no_grad():
-            logits = self.model(x)
-        if logits.shape[1] < 3:
-            raise CloakError(f"APGD-T needs a model with at least 3 classes, this one has {logits.shape[1]}; "
-                             "use apgd-ce")
-        order = logits.argsort(dim=1, descending=True)
-        out = x.clone()
-        best_loss = torch.full((len(x),), -float("inf"), device=x.device)
-        fooled = logits.argmax(1) != y
-        for k in range(1, min(self.n_targets, logits.shape[1] - 1) + 1):
-            for _ in range(max(1, self.config.restarts)):
-                idx = (~fooled).nonzero().flatten()
-                if len(idx) == 0:
-                    return out.detach()
-                self.target = order[idx, k]
-                self._keep_worst(x, y, idx, out, best_loss, fooled)
-        return out.detach()
+    def _schedule(self, x, y):
+        return self.target_schedule(x, y, min_classes=3, n_targets=self.n_targets)

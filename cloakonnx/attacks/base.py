@@ -74,6 +74,34 @@ class Attack:
     def perturb(self, x, y):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def target_schedule(self, x, y, min_classes: int, n_targets: int = 9):
+        """AutoAttack's targeted schedule (APGD-T, FAB-T): for each of the ``n_targets`` classes with
+        the highest clean logits after the top one (or the number of classes - 1 when that is
+        smaller), and for each restart, the samples not yet fooled and their target class.
+
+        Returns ``fooled`` (samples already misclassified; the caller marks the ones it fools) and a
+        generator of ``(idx, target, restart)``; it stops early once every sample is fooled."""
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(x)
+        classes = logits.shape[1]
+        if classes < min_classes:
+            raise CloakError(f"{getattr(self, 'name', type(self).__name__)} needs a model with at least "
+                             f"{min_classes} classes, this one has {classes}; use apgd-ce")
+        order = logits.argsort(dim=1, descending=True)
+        fooled = logits.argmax(1) != y
+
+        def runs():
+            for k in range(1, min(n_targets, classes - 1) + 1):
+                for restart in range(max(1, self.config.restarts)):
+                    idx = (~fooled).nonzero().flatten()
+                    if len(idx) == 0:
+                        return
+                    yield idx, order[idx, k], restart
+
+        return fooled, runs()
+
     # helpers shared by the gradient attacks
     def project(self, x_adv, x):
         """Back into the eps ball around x (in the configured norm) and into the box."""

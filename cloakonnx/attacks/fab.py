@@ -15,7 +15,6 @@ counts as fooled only when its perturbation is at most eps.
 """
 from __future__ import annotations
 
-from ..errors import CloakError
 from .base import Attack
 
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9
@@ -69,6 +68,7 @@ class FABT(Attack):
     """Targeted FAB (AutoAttack's FAB-T). ``config.steps`` iterations per target; ``restarts`` > 1
     adds runs from random starts around the original."""
 
+    name = "FAB-T"
     n_targets = 9
 
     def _diff_and_grad(self, x, y, target):
@@ -122,25 +122,14 @@ class FABT(Attack):
         return best.reshape(x.shape), best_dist
 
     def perturb(self, x, y):
-        import torch
-
         x = x.detach()
         if self.config.eps == 0 or len(x) == 0:
             return x.clone()
-        with torch.no_grad():
-            logits = self.model(x)
-        if logits.shape[1] < 2:
-            raise CloakError("FAB-T needs a model with at least 2 classes")
-        order = logits.argsort(dim=1, descending=True)
         out = x.clone()
-        fooled = logits.argmax(1) != y
-        for k in range(1, min(self.n_targets, logits.shape[1] - 1) + 1):
-            for r in range(max(1, self.config.restarts)):
-                idx = (~fooled).nonzero().flatten()
-                if len(idx) == 0:
-                    return out.detach()
-                adv, dist = self._run(x[idx], y[idx], order[idx, k], random_start=r > 0)
-                now = dist <= self.config.eps * (1 + 1e-6)
-                out[idx[now]] = adv[now]
-                fooled[idx[now]] = True
+        fooled, runs = self.target_schedule(x, y, min_classes=2, n_targets=self.n_targets)
+        for idx, target, restart in runs:
+            adv, dist = self._run(x[idx], y[idx], target, random_start=restart > 0)
+            now = dist <= self.config.eps * (1 + 1e-6)
+            out[idx[now]] = adv[now]
+            fooled[idx[now]] = True
         return out.detach()
