@@ -110,9 +110,10 @@ def test_evaluate_standard_preset(digits_files):
     report = json.loads(run("-q", "evaluate", model, "--data", data, "--preset", "standard", "--max-samples", "8",
                             "--eps", "0.1", "--json").stdout)
     assert report["samples"] == 8 and report["eps"] == [0.1]
-    assert {(r["attack"], r["threat"]) for r in report["results"]} == {
-        ("apgd-ce", "adaptive"), ("apgd-dlr", "adaptive"), ("square", "gradient-free")}
-    assert report["attacks"]["apgd-ce"]["steps"] == report["attacks"]["apgd-dlr"]["steps"] == 100
+    assert [(r["attack"], r["threat"]) for r in report["results"]] == [
+        ("apgd-ce", "adaptive"), ("apgd-t", "adaptive"), ("fab-t", "adaptive"), ("square", "gradient-free")]
+    assert report["attacks"]["apgd-ce"]["steps"] == report["attacks"]["apgd-t"]["steps"] == 100
+    assert report["attacks"]["fab-t"]["steps"] == 100 and report["cumulative"] is True
     assert report["attacks"]["square"]["queries"] == 5000
     robust = report["robust_accuracy"]["0.1"]
     assert robust <= report["clean_accuracy"]
