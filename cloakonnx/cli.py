@@ -190,11 +190,13 @@ def sweep(model, scores, plot, as_json, report, **kw) -> None:
 @data_options
 @click.option("--reference", type=click.Path(), help="The original (unhardened) model: adds transfer attacks crafted on it.")
 @click.option("--attack", "attacks", default="fgsm,pgd,square", show_default=True,
-              help="Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, square.")
-@click.option("--preset", type=click.Choice(["standard", "fast"]), default=None,
+              help="Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square.")
+@click.option("--preset", type=click.Choice(["standard", "plus", "fast"]), default=None,
               help="A fixed, documented set, each attack only on the points still robust (AutoAttack's way). "
                    "standard: AutoAttack's standard version: APGD-CE, APGD-T and FAB-T (100 steps, 9 target "
-                   "classes), Square (5000 queries). fast: APGD-CE and APGD-T.")
+                   "classes), Square (5000 queries). plus: AutoAttack's plus version: APGD-CE, APGD-DLR and "
+                   "untargeted FAB with 5 restarts each, Square (5000 queries), APGD-T, FAB-T. "
+                   "fast: APGD-CE and APGD-T.")
 @attack_options(20, "20 here, to measure robustness; harden and sweep default to 10 for speed")
 @runtime_options
 @click.option("--max-samples", type=int, default=None, help="Evaluate a random subset of this size.")
