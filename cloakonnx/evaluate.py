@@ -23,11 +23,17 @@ __all__ = ["EvaluateConfig", "EvaluateReport", "evaluate", "sanity_checks"]
 
 # Fixed, documented sets with fixed settings, run AutoAttack's way: each attack only on the points
 # still robust after the ones before it, so each row is the robust accuracy so far.
-# "standard" is AutoAttack's standard version (Croce & Hein 2020): APGD-CE, APGD-T (9 targets),
-# FAB-T (9 targets), Square with 5,000 queries. "fast", for quick iterations: APGD-CE and APGD-T.
+# The settings are the reference implementation's (fra31/auto-attack, 100 iterations; torchattacks'
+# AutoAttack class keeps its attacks' default of 10). "standard" is AutoAttack's standard version
+# (Croce & Hein 2020): APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square with 5,000 queries.
+# "plus" is its plus version: APGD-CE, APGD-DLR and untargeted FAB with 5 restarts, Square, then
+# APGD-T and FAB-T. "fast", for quick iterations: APGD-CE and APGD-T.
 PRESETS = {
     "standard": (("apgd-ce", dict(steps=100, restarts=1)), ("apgd-t", dict(steps=100, restarts=1)),
                  ("fab-t", dict(steps=100, restarts=1)), ("square", dict(queries=5000))),
+    "plus": (("apgd-ce", dict(steps=100, restarts=5)), ("apgd-dlr", dict(steps=100, restarts=5)),
+             ("fab", dict(steps=100, restarts=5)), ("square", dict(queries=5000)),
+             ("apgd-t", dict(steps=100, restarts=1)), ("fab-t", dict(steps=100, restarts=1))),
     "fast": (("apgd-ce", dict(steps=100, restarts=1)), ("apgd-t", dict(steps=100, restarts=1))),
 }
 THREAT_ORDER = ("adaptive", "transfer", "gradient-free")

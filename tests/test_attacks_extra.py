@@ -5,12 +5,12 @@ import torch
 
 from cloakonnx.attacks import AttackConfig
 from cloakonnx.attacks.apgd import APGD, APGDDLR, APGDT, checkpoints, dlr_loss, dlr_targeted_loss
-from cloakonnx.attacks.fab import FABT, project_l2, project_linf
+from cloakonnx.attacks.fab import FAB, FABT, project_l2, project_linf
 from cloakonnx.attacks.fgsm import FGSM
 from cloakonnx.attacks.square import Square, p_selection
 from cloakonnx.errors import CloakError
 
-EXTRA = {"square": Square, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "apgd-t": APGDT, "fab-t": FABT}
+EXTRA = {"square": Square, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "apgd-t": APGDT, "fab": FAB, "fab-t": FABT}
 EPS = {"linf": 0.1, "l2": 1.0}
 
 
@@ -113,7 +113,7 @@ def test_repeatable_with_the_same_seed(digits_mlp, name):
     b = run(EXTRA[name], net, x, y, eps=0.05, seed=7, queries=100, steps=10)
     c = run(EXTRA[name], net, x, y, eps=0.05, seed=8, queries=100, steps=10)
     assert torch.equal(a, b)
-    if name == "fab-t":  # one run per target from the clean point: nothing random to seed
+    if name in ("fab", "fab-t"):  # one run (per target) from the clean point: nothing random to seed
         assert torch.equal(a, c)
     else:
         assert not torch.equal(a, c)
@@ -299,3 +299,34 @@ def test_fab_t_agrees_with_torchattacks(digits_mlp):
         theirs = accuracy(net, torchattacks.FAB(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=20,
                                                 n_restarts=1, multi_targeted=True, n_classes=10, seed=0)(x, y), y)
         assert abs(ours - theirs) <= 0.02, (norm, ours, theirs)
+
+
+def test_fab_agrees_with_torchattacks(digits_mlp):
+    """Untargeted FAB (AutoAttack's plus set) against torchattacks' FAB with multi_targeted=False, same
+    net, samples and budget, in both norms."""
+    torchattacks = pytest.importorskip("torchattacks")
+    net, x, y = digits_mlp
+    for norm, eps in (("linf", 0.05), ("l2", 0.5)):
+        ours = accuracy(net, FAB(net, AttackConfig(eps=eps, norm=norm, steps=20))(x, y), y)
+        theirs = accuracy(net, torchattacks.FAB(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=20,
+                                                n_restarts=1, multi_targeted=False, n_classes=10, seed=0)(x, y), y)
+        assert abs(ours - theirs) <= 0.02, (norm, ours, theirs)
+
+
+def test_fab_steps_towards_the_nearest_linearised_boundary():
+    """On a linear model the closest boundary is known in closed form: FAB must pick that class, not
+    the one with the smallest logit gap."""
+    # raw logit gaps 0.85, 0.63, 1.9; L-inf distances 0.77, 0.9, 0.63: the largest gap is the nearest
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.1], [0.3, 0.0], [0.0, -2.0]])
+    net = torch.nn.Linear(2, 4, bias=False)
+    net.weight.data = w
+    x, y = torch.tensor([[0.9, 0.5]]), torch.tensor([0])
+    attack = FAB(net, AttackConfig(eps=1.0, norm="linf"))
+    diff, grad, _ = attack._diff_and_grad(x, y, None)
+    # boundaries to class k: (w_k - w_0) . x = 0; L-inf distance |f_k - f_0| / ||w_k - w_0||_1
+    f = x @ w.T
+    dist = [(f[0, 0] - f[0, k]).abs() / (w[k] - w[0]).abs().sum() for k in (1, 2, 3)]
+    k = 1 + int(torch.tensor(dist).argmin())
+    assert k == 3
+    torch.testing.assert_close(diff, f[:, k] - f[:, 0])
+    torch.testing.assert_close(grad, (w[k] - w[0])[None])

@@ -1,5 +1,6 @@
 """cloakonnx evaluate: threat models, worst case, sanity checks, and a cross-check against torchattacks."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -180,6 +181,20 @@ def test_standard_preset_is_autoattacks_run_on_the_points_still_robust(digits_fi
     n = report["samples"]
     assert sizes[0] == ("apgd-ce", round(report["clean_accuracy"] * n))
     assert [s for _, s in sizes[1:]] == [round(r * n) for r in rows[:-1]], (sizes, rows)
+
+
+@pytest.mark.slow
+def test_plus_preset_is_autoattacks_plus_version(digits_files):
+    """AutoAttack's plus version: APGD-CE, APGD-DLR, untargeted FAB (5 restarts each), APGD-T, FAB-T, with
+    Square moved after the white-box attacks (the order every preset keeps); no weaker than standard."""
+    config = EvaluateConfig(preset="plus", eps=(0.1,), max_samples=24, sanity=False)
+    report = evaluate(digits_files[0], digits_files[1], config).to_dict()
+    assert [r["attack"] for r in report["results"]] == ["apgd-ce", "apgd-dlr", "fab", "apgd-t", "fab-t", "square"]
+    settings = report["attacks"]
+    assert [settings[a]["restarts"] for a in ("apgd-ce", "apgd-dlr", "fab", "apgd-t", "fab-t")] == [5, 5, 5, 1, 1]
+    assert settings["square"]["queries"] == 5000 and all(settings[a]["steps"] == 100 for a in ("fab", "fab-t"))
+    standard = evaluate(digits_files[0], digits_files[1], replace(config, preset="standard")).to_dict()
+    assert report["robust_accuracy"]["0.1"] <= standard["robust_accuracy"]["0.1"]
 
 
 def _with_nodes(path, tmp_path, name, make):

@@ -1,4 +1,4 @@
-"""Adversarial attacks in PyTorch (FGSM, PGD, APGD, APGD-T, FAB-T, Square) and the helper that crafts a whole dataset in batches."""
+"""Adversarial attacks in PyTorch (FGSM, PGD, APGD, APGD-T, FAB, FAB-T, Square) and the helper that crafts a whole dataset in batches."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import numpy as np
 from ..errors import CloakError, first_line
 from .apgd import APGD, APGDDLR, APGDT
 from .base import Attack, AttackConfig
-from .fab import FABT
+from .fab import FAB, FABT
 from .fgsm import FGSM
 from .pgd import PGD
 from .square import Square
@@ -16,7 +16,7 @@ from .square import Square
 log = logging.getLogger(__name__)
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "apgd-ce": APGD, "apgd-dlr": APGDDLR, "apgd-t": APGDT,
-                                    "fab-t": FABT, "square": Square}
+                                    "fab": FAB, "fab-t": FABT, "square": Square}
 
 
 def make_attack(model, config: AttackConfig, bounds=(0.0, 1.0)) -> Attack:
@@ -69,4 +69,4 @@ def craft(model, config: AttackConfig, x: np.ndarray, y: np.ndarray, bounds=(0.0
     return out
 
 
-__all__ = ["APGD", "APGDDLR", "APGDT", "FABT", "Attack", "AttackConfig", "ATTACKS", "FGSM", "PGD", "Square", "craft", "make_attack"]
+__all__ = ["APGD", "APGDDLR", "APGDT", "FAB", "FABT", "Attack", "AttackConfig", "ATTACKS", "FGSM", "PGD", "Square", "craft", "make_attack"]

@@ -1,5 +1,6 @@
-"""FAB-T (Croce & Hein, ICML 2020, "Minimally distorted adversarial examples with a fast adaptive
-boundary attack"), targeted, in L-inf and L2: the fourth attack of AutoAttack's standard set.
+"""FAB (Croce & Hein, ICML 2020, "Minimally distorted adversarial examples with a fast adaptive
+boundary attack") in L-inf and L2: targeted FAB-T (AutoAttack's standard set) and untargeted FAB
+(its plus set).
 
 Each step linearises the decision boundary between the true class y and a target class t at the
 current point, and projects both the current point and the original onto that hyperplane (inside
@@ -9,12 +10,15 @@ projections, biased towards the original by ``alpha`` (at most ``ALPHA_MAX``) an
 ``ETA``. When a point crosses the boundary it is kept if it is the closest so far, and pulled back
 towards the original by ``BETA`` to search for a smaller perturbation.
 
-As in AutoAttack, the targets are the classes with the highest clean logits after the top one (9,
-or the number of classes - 1), one run each on the samples not yet fooled within eps; a sample
-counts as fooled only when its perturbation is at most eps.
+As in AutoAttack, FAB-T's targets are the classes with the highest clean logits after the top one
+(9, or the number of classes - 1), one run each on the samples not yet fooled within eps. Untargeted
+FAB instead linearises, at every step, the boundary to the class that looks closest (the smallest
+|f_k - f_y| / ||grad (f_k - f_y)||, dual norm), which needs the whole Jacobian: one backward pass per
+class. A sample counts as fooled only when its perturbation is at most eps.
 """
 from __future__ import annotations
 
+from ..errors import CloakError
 from .base import Attack
 
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9
@@ -83,6 +87,10 @@ class FABT(Attack):
             (grad,) = torch.autograd.grad(diff.sum(), x)
         return diff.detach(), grad.detach(), logits.detach()
 
+    def schedule(self, x, y):
+        """``fooled`` and the ``(idx, target, restart)`` runs: AutoAttack's targeted schedule."""
+        return self.target_schedule(x, y, min_classes=2, n_targets=self.n_targets)
+
     def _norm(self, d):
         return d.abs().amax(1) if self.config.norm == "linf" else d.norm(dim=1)
 
@@ -126,10 +134,58 @@ class FABT(Attack):
         if self.config.eps == 0 or len(x) == 0:
             return x.clone()
         out = x.clone()
-        fooled, runs = self.target_schedule(x, y, min_classes=2, n_targets=self.n_targets)
+        fooled, runs = self.schedule(x, y)
         for idx, target, restart in runs:
             adv, dist = self._run(x[idx], y[idx], target, random_start=restart > 0)
             now = dist <= self.config.eps * (1 + 1e-6)
             out[idx[now]] = adv[now]
             fooled[idx[now]] = True
         return out.detach()
+
+
+class FAB(FABT):
+    """Untargeted FAB (AutoAttack's plus set): ``restarts`` runs on the samples not yet fooled, the
+    first from the original point, the others from random starts."""
+
+    name = "FAB"
+
+    def _diff_and_grad(self, x, y, target):
+        """For the class k != y with the nearest linearised boundary: f_k - f_y and its gradient."""
+        import torch
+
+        x = x.detach().requires_grad_(True)
+        u = torch.arange(len(y), device=x.device)
+        with torch.enable_grad():
+            logits = self.model(x)
+            classes = logits.shape[1]
+            grads = []
+            for k in range(classes):  # the Jacobian, one class at a time
+                (g,) = torch.autograd.grad(logits[:, k].sum(), x, retain_graph=k < classes - 1)
+                grads.append(g.reshape(len(y), -1))
+        jac = torch.stack(grads, 1)  # n, classes, d
+        logits = logits.detach()
+        diff = logits - logits[u, y][:, None]
+        dgrad = jac - jac[u, y][:, None]
+        dual = dgrad.abs().sum(2) if self.config.norm == "linf" else dgrad.norm(dim=2)
+        ratio = diff.abs() / (dual + 1e-12)
+        ratio[u, y] = float("inf")
+        k = ratio.argmin(1)
+        return diff[u, k], dgrad[u, k].reshape(x.shape), logits
+
+    def schedule(self, x, y):
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(x)
+        if logits.shape[1] < 2:
+            raise CloakError(f"FAB needs a model with at least 2 classes, this one has {logits.shape[1]}")
+        fooled = logits.argmax(1) != y
+
+        def runs():
+            for restart in range(max(1, self.config.restarts)):
+                idx = (~fooled).nonzero().flatten()
+                if len(idx) == 0:
+                    return
+                yield idx, None, restart
+
+        return fooled, runs()
