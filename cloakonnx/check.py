@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import CloakError
-from .graph import is_qdq
+from .graph import fixed_size, is_qdq, model_inputs, show_shape, without_unset_dims
 
 # Tolerance as a fraction of max(1, max |reference|): float32 graphs agree to about 1e-6 relative
 # per op; the margin covers deep graphs. Half-precision graphs are compared with onnxruntime
@@ -49,6 +49,7 @@ class OutputDiff:
 class CheckResult:
     model: str
     batch: int
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # the shapes fed
     unsupported: list[tuple[str, int]] = field(default_factory=list)
     outputs: list[OutputDiff] = field(default_factory=list)
     grad_finite: bool = False
@@ -89,39 +90,33 @@ class CheckResult:
         return clean(d)
 
 
-def _input_shapes(graph: onnx.GraphProto, inputs, batch: int, overrides) -> tuple[dict[str, list[int]], int]:
-    """Concrete shapes: the first dim (and dims sharing its symbol) -> batch, fixed dims as given."""
+def _input_shapes(model: onnx.ModelProto, batch: int, given) -> tuple[dict[str, list[int]], int]:
+    """Concrete shapes to feed: the ``given`` ones (checked against the model), fixed dims as
+    declared, and the batch: the first dim and dims sharing its name become ``batch``."""
+    inputs = model_inputs(model, given)
+    given = given or {}
+    batch_names = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], str)}
+    undeclared = {vi.name for vi in model.graph.input if not vi.type.tensor_type.HasField("shape")}
     shapes: dict[str, list[int]] = {}
-    used_batch = None
-    batch_symbols: set[str] = set()
-    for vi in inputs:
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_param"):
-            batch_symbols.add(dims[0].dim_param)
-    for vi in inputs:
-        if overrides and vi.name in overrides:
-            shapes[vi.name] = [int(d) for d in overrides[vi.name]]
+    for info in inputs:
+        if info.name in given:
+            shapes[info.name] = list(info.shape)
             continue
-        if not vi.type.tensor_type.HasField("shape"):
-            raise CloakError(f"input {vi.name!r} has no declared shape; pass its shape explicitly")
-        shape = []
-        for i, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(int(d.dim_value))
-                if i == 0 and used_batch is None:
-                    used_batch = int(d.dim_value)  # a fixed batch dim is the batch (1 means 1)
-            elif i == 0 or (d.HasField("dim_param") and d.dim_param in batch_symbols):
-                shape.append(batch)
-                if i == 0 and used_batch is None:
-                    used_batch = batch
-            else:
-                what = d.dim_param or "unknown"
-                raise CloakError(
-                    f"input {vi.name!r} has a dynamic dimension {i} ({what!r}) besides the batch; "
-                    "re-export the model with a fixed input shape, or pass the shape explicitly"
-                )
-        shapes[vi.name] = shape
-    return shapes, used_batch if used_batch is not None else batch
+        if info.name in undeclared:
+            raise CloakError(f"input {info.name!r} has no declared shape; give it with "
+                             f"--input-shapes {info.name}:[D0,D1,...]")
+        shape = [fixed_size(d) or (batch if i == 0 or d in batch_names else None) for i, d in enumerate(info.shape)]
+        if None in shape:
+            i = shape.index(None)
+            example = show_shape([s if s is not None else d for s, d in zip(shape, info.shape)])
+            raise CloakError(
+                f"input {info.name!r} has a dynamic dimension {i} ({info.shape[i] or 'unknown'!r}) besides the batch; "
+                f"give its shape with --input-shapes {info.name}:{example} (a number for each dynamic dim), "
+                "or re-export the model with a fixed input shape"
+            )
+        shapes[info.name] = shape
+    used_batch = next((s[0] for s in shapes.values() if s), batch)  # a fixed batch dim is the batch (1 means 1)
+    return shapes, used_batch
 
 
 def _random_input(rng: np.random.Generator, elem_type: int, shape: list[int], bounds) -> np.ndarray:
@@ -178,8 +173,9 @@ def check_model(
     """Compare the torch executor with onnxruntime on random inputs in ``bounds``.
 
     Dynamic batch dims become ``batch``; a fixed batch dim is used as is. Unsupported ops are
-    reported in the result (not raised). ``input_shapes`` fixes shapes of inputs with other
-    dynamic dims. The gradient check backpropagates a fixed random weighting of the first
+    reported in the result (not raised). ``input_shapes`` (name -> shape, as ``--input-shapes``
+    gives them) sets the shapes of inputs with other dynamic dims; each must agree with the dims
+    the model fixes. The gradient check backpropagates a fixed random weighting of the first
     float output (a plain sum would be constant for softmax outputs and give zero gradients).
     """
     import torch
@@ -198,8 +194,9 @@ def check_model(
     graph = model.graph
     inits = {t.name for t in graph.initializer}
     inputs = [vi for vi in graph.input if vi.name not in inits]
-    shapes, used_batch = _input_shapes(graph, inputs, batch, input_shapes)
-    result = CheckResult(model=name, batch=used_batch, computes_in_float32=_uses_wide_or_narrow_floats(model))
+    shapes, used_batch = _input_shapes(model, batch, input_shapes)
+    result = CheckResult(model=name, batch=used_batch, input_shapes=shapes,
+                         computes_in_float32=_uses_wide_or_narrow_floats(model))
 
     try:
         module = OnnxTorchModule(model)
@@ -211,11 +208,12 @@ def check_model(
     rng = np.random.default_rng(seed)
     feeds = {vi.name: _random_input(rng, vi.type.tensor_type.elem_type, shapes[vi.name], bounds) for vi in inputs}
     qdq = is_qdq(model)
-    session = runtime.make_session(model, providers, fuse=not qdq)
+    runnable = without_unset_dims(model)  # onnxruntime would read a 0 dim as fixed
+    session = runtime.make_session(runnable, providers, fuse=not qdq)
     out_names = [o.name for o in session.get_outputs()]
     refs = session.run(out_names, feeds)
     if qdq:
-        fused = runtime.make_session(model, providers).run(out_names, feeds)
+        fused = runtime.make_session(runnable, providers).run(out_names, feeds)
         result.quantized = {"reference": "onnxruntime with basic graph optimizations (unfused QDQ)",
                             "fused_max_abs": max(float(np.abs(np.asarray(f, np.float64) - np.asarray(r, np.float64)).max(initial=0.0))
                                                  for f, r in zip(fused, refs)),

@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .cli_args import (attack_options, common_fields, data_options, mask_config, masking_options, parse_eps, parse_pair,
-                       runtime_options)
+from .cli_args import (JoinsInputShapes, attack_options, common_fields, data_options, input_shapes_option, mask_config,
+                       masking_options, parse_eps, parse_input_shapes, parse_pair, runtime_options)
 from .errors import CloakError
 
 log = logging.getLogger("cloakonnx")
@@ -92,7 +92,12 @@ def _emit(data: dict, as_json: bool, report: str | None, human, plot: str | None
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of the table.")
 report_option = click.option("--report", type=click.Path(dir_okay=False), help="Also write the JSON report to PATH.")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class _Group(click.Group):
+    command_class = JoinsInputShapes  # every command reads --input-shapes as Polygraphy does
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="cloakonnx")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only print results and errors (no progress or status).")
@@ -116,14 +121,16 @@ def main(debug: bool, quiet: bool) -> None:
 @main.command()
 @click.argument("model", type=click.Path())
 @click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits (if there are several).")
+@input_shapes_option("inspect checks them against the model and shows them next to the declared shapes.")
 @json_option
 @handles_errors
-def inspect(model: str, logits: str | None, as_json: bool) -> None:
+def inspect(model: str, logits: str | None, input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Show MODEL's inputs, outputs, opset, classification head, feature tensor and any cloak mask."""
     from .graph import inspect_model
     from .report import format_inspect
 
-    _emit(inspect_model(model, logits).to_dict(), as_json, None, format_inspect)
+    info = inspect_model(model, logits, parse_input_shapes(input_shapes))
+    _emit(info.to_dict(), as_json, None, format_inspect)
 
 
 
@@ -261,19 +268,26 @@ def demo(out, epochs, seed, as_json, report) -> None:
 @click.argument("model", type=click.Path())
 @click.option("--batch", type=int, default=2, show_default=True, help="Batch size for dynamic batch dimensions.")
 @click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box to draw random inputs from.")
+@input_shapes_option("Needed for inputs with dynamic dims besides the batch (height, width); a given shape sets "
+                     "its batch too.")
 @json_option
 @handles_errors
-def check(model, batch, bounds, as_json) -> None:
+def check(model, batch, bounds, input_shapes, as_json) -> None:
     """Check that cloakonnx's torch executor reproduces MODEL (outputs and usable gradients).
 
     Exit 0 only when every output matches onnxruntime within tolerance and input gradients are
     finite and non-zero. Unsupported ops are all listed at once.
+
+    \b
+    Example, for a model exported with a dynamic height and width:
+      cloakonnx check model.onnx --input-shapes 'input:[2,3,224,224]'
     """
     from .check import check_model
     from .graph import load_model
     from .report import format_check
 
-    result = check_model(load_model(model), batch=batch, bounds=parse_pair(bounds, "--bounds"))
+    shapes = parse_input_shapes(input_shapes)
+    result = check_model(load_model(model), batch=batch, bounds=parse_pair(bounds, "--bounds"), input_shapes=shapes)
     data = dict(result.to_dict(), model=model, ok=result.ok)
     _emit(data, as_json, None, format_check)
     if not result.ok:

@@ -2,6 +2,8 @@
 ``args/``): each group declares its click options once and builds its part of the typed config."""
 from __future__ import annotations
 
+import re
+
 import click
 
 from .errors import CloakError
@@ -22,6 +24,53 @@ def parse_pair(text: str | None, what: str, cast=float, square: bool = False):
     return tuple(cast(v) for v in values)
 
 
+INPUT_SHAPES_SYNTAX = "NAME:[D0,D1,...]"
+_SHAPE_ITEM = r"\s*(\S+?):\[([^\]]*)\]\s*"  # NAME:[...]; the name is everything before ":[" (``input:0`` works)
+
+
+def join_input_shapes(args: list[str]) -> list[str]:
+    """Polygraphy takes several shapes after one ``--input-shapes``; a click option takes one value, so
+    the ``NAME:[...]`` words that follow it are joined into its value (space-separated)."""
+    out: list[str] = []
+    joining = False
+    for arg in args:
+        if joining and re.fullmatch(_SHAPE_ITEM, arg):
+            out[-1] += " " + arg
+            continue
+        joining = arg.startswith("--input-shapes=") or (bool(out) and out[-1] == "--input-shapes")
+        out.append(arg)
+    return out
+
+
+class JoinsInputShapes(click.Command):
+    """A command that reads ``--input-shapes a:[...] b:[...]`` as Polygraphy does."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, join_input_shapes(args))
+
+
+def parse_input_shapes(values) -> dict[str, tuple[int, ...]]:
+    """Polygraphy's ``--input-shapes NAME:[D0,D1,...]``: each value holds one or more shapes,
+    space-separated, and the option may be repeated."""
+
+    def malformed(value: str) -> CloakError:
+        return CloakError(f"--input-shapes takes {INPUT_SHAPES_SYNTAX} for each input, e.g. "
+                          f"--input-shapes input:[1,3,224,224]; got {value!r}")
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        if not re.fullmatch(f"(?:{_SHAPE_ITEM})+", value):
+            raise malformed(value)
+        for name, body in re.findall(_SHAPE_ITEM, value):
+            dims = [d.strip() for d in body.split(",")] if body.strip() else []
+            if not all(re.fullmatch(r"[+-]?\d+", d) for d in dims):
+                raise malformed(value)
+            if name in shapes:
+                raise CloakError(f"--input-shapes gives {name!r} twice")
+            shapes[name] = tuple(int(d) for d in dims)
+    return shapes
+
+
 def group(*decorators):
     """One decorator from several click options (a Polygraphy-style argument group)."""
 
@@ -31,6 +80,15 @@ def group(*decorators):
         return fn
 
     return apply
+
+
+def input_shapes_option(use: str):
+    """``--input-shapes``, with what the command does with it (``use``) in its help."""
+    return click.option(
+        "--input-shapes", "input_shapes", multiple=True, metavar=INPUT_SHAPES_SYNTAX,
+        help=f"Shapes to run inputs with, in Polygraphy's syntax, e.g. --input-shapes input:[1,3,224,224]. "
+             f"Several inputs: space-separated after one --input-shapes (a:[1,3] b:[1,5]), or the option "
+             f"repeated. {use} Quote a value where the shell expands [...].")
 
 
 # --- argument groups, shared by harden, sweep and evaluate ----------------------------------------------
@@ -46,6 +104,8 @@ data_options = group(
     click.option("--size", default=None, metavar="H,W",
                  help="Resize images from an image folder to H,W (one value N: N,N)."),
     click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several)."),
+    input_shapes_option("Every dim but the batch must match the data's samples (an image folder is resized to "
+                        "the given H,W unless --size is given)."),
     click.option("--logits", "logits", metavar="NAME",
                  help="Graph output that carries the logits (if there are several)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Makes splits and attacks repeatable."),
@@ -148,6 +208,7 @@ def common_fields(kw: dict, name: str, eps: float) -> dict:
         preprocess=Preprocess(parse_pair(kw.pop("bounds"), "--bounds"), parse_floats(kw.pop("mean"), "--mean"),
                               parse_floats(kw.pop("std"), "--std")),
         input_name=kw.pop("input_name"), logits=kw.pop("logits"),
+        input_shapes=parse_input_shapes(kw.pop("input_shapes")),
         image_size=parse_pair(kw.pop("size"), "--size", int, square=True),
         seed=kw.pop("seed"), device=kw.pop("device"),
         providers=tuple(p for p in providers.split(",") if p) if providers else None,

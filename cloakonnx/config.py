@@ -13,6 +13,7 @@ from .attacks.base import AttackConfig
 from .curve import DEFAULT_FRACTIONS
 from .data import Preprocess
 from .errors import CloakError
+from .graph import check_input_shapes
 from .mask import SCORES, count_for
 
 LEARNED = "learned"  # the score learned against an adaptive attacker (cloakonnx.learn)
@@ -59,6 +60,8 @@ class CommonConfig:
     input_name: str | None = None
     logits: str | None = None  # the graph output that carries the logits; None: found from the head
     image_size: tuple[int, int] | None = None  # for image folders
+    # input name -> the shape to run it with (--input-shapes); all but the batch dim must match the data
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
     ort_batch_size: int = 256  # onnxruntime batches (statistics, accuracy)
     device: str | None = None  # torch device for attacks; None: cuda when available
@@ -66,6 +69,7 @@ class CommonConfig:
 
     def validate(self) -> None:
         self.attack.validate(self.preprocess.bounds)
+        check_input_shapes(self.input_shapes)
         if self.ort_batch_size < 1:
             raise CloakError(f"the onnxruntime batch must be at least 1, got {self.ort_batch_size}")
 

@@ -203,9 +203,11 @@ def load_data(path: str | os.PathLike, size: tuple[int, int] | None = None, chan
 def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], num_classes: int | None) -> None:
     """Refuse data that would silently give a wrong mask: wrong shape, NaN, out of box, bad labels
     (labels are checked when ``num_classes`` is given)."""
+    from .graph import fixed_size
+
     if len(ds) == 0:
         raise CloakError(f"the dataset {ds.source} is empty")
-    want = [d if isinstance(d, int) and d > 0 else None for d in list(input_shape)[1:]]
+    want = [fixed_size(d) for d in list(input_shape)[1:]]
     got = list(ds.x.shape[1:])
     if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
         shown = ["N"] + [w if w is not None else "?" for w in want]

@@ -20,7 +20,8 @@ from .batching import BatchChoice
 from .config import CommonConfig, MaskConfig
 from .data import Dataset, Preprocess, load_data, split, validate
 from .errors import CloakError
-from .graph import Target, is_qdq, load_model, resolve_target, select_input, with_outputs
+from .graph import (Target, fixed_size, is_qdq, load_model, resolve_target, select_input, show_shape, with_outputs,
+                    without_unset_dims)
 from .runtime import batch_size_for, run_batch
 
 log = logging.getLogger(__name__)
@@ -76,18 +77,22 @@ def collect_features(session, feature: str, x: np.ndarray, feed, batch_size: int
 
 class Runner:
     """One model two ways: an onnxruntime session (the truth at serving time) and a torch callable
-    with gradients (for attacks), both taking box-space inputs."""
+    with gradients (for attacks), both taking box-space inputs. ``input_shapes`` (--input-shapes) are
+    checked against the model here, before any session is built; the input's shape is the given one."""
 
     def __init__(self, model: onnx.ModelProto, logits: str, extra_outputs: Sequence[str], preprocess: Preprocess,
-                 input_name: str | None = None, providers: Sequence[str] | None = None, device: str = "cpu"):
+                 input_name: str | None = None, providers: Sequence[str] | None = None, device: str = "cpu",
+                 input_shapes: dict | None = None):
         from .runtime import make_session
         from .torch_exec import OnnxTorchModule, UnsupportedOpsError
 
         self.model = model
-        self.input = select_input(model, input_name)
+        declared = select_input(model, input_name)
+        self.input = select_input(model, input_name, input_shapes)
         self.preprocess = preprocess
         self.logits = logits
-        self.session = make_session(with_outputs(model, list(extra_outputs)) if extra_outputs else model, providers)
+        runnable = with_outputs(model, list(extra_outputs)) if extra_outputs else model
+        self.session = make_session(without_unset_dims(runnable), providers)
         self.input_dtype = np.dtype(self.input.dtype) if self.input.dtype != "unknown" else np.dtype(np.float32)
         self.device = device
         self.unsupported: UnsupportedOpsError | None = None
@@ -101,13 +106,14 @@ class Runner:
             self.computes_in_float32 = False
         self._batch_choices: dict = {}
         self.quantized = is_qdq(model)
-        first = self.input.shape[0] if self.input.shape else None
-        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+        # the model's declared batch: the data sets the batch, whatever batch --input-shapes was written with
+        self.fixed_batch = fixed_size(declared.shape[0]) if declared.shape else None
 
     @classmethod
     def for_config(cls, model: onnx.ModelProto, logits: str, extra_outputs: Sequence[str], config: CommonConfig,
                    device: str) -> "Runner":
-        return cls(model, logits, extra_outputs, config.preprocess, config.input_name, config.providers, device)
+        return cls(model, logits, extra_outputs, config.preprocess, config.input_name, config.providers, device,
+                   config.input_shapes)
 
     def attack_batch(self, requested: int | None, attack_name: str, sample_shape: tuple[int, ...]) -> BatchChoice:
         """The attack batch: the model's fixed batch, the user's ``requested`` size, or for gradient
@@ -182,17 +188,24 @@ def resolve_device(device: str | None) -> str:
 
 def load_checked(data: str | Path | Dataset, runner: Runner, config: CommonConfig) -> tuple[Dataset, int]:
     """The data, checked against the model (shape, NaN, box) and its classes (labels); and the
-    number of classes."""
+    number of classes. A shape given with --input-shapes must match the data's in all but the batch
+    dim; an image folder is resized to its H,W unless --size is given."""
     bounds = config.preprocess.bounds
+    shape = runner.input.shape
+    given = config.input_shapes.get(runner.input.name)
     if isinstance(data, Dataset):
         ds = data
     else:
-        shape = runner.input.shape
-        channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else 3
-        ds = load_data(data, config.image_size, channels, bounds)
-    validate(ds, runner.input.shape, bounds, None)
+        channels = (fixed_size(shape[1]) or 3) if len(shape) == 4 else 3
+        size = config.image_size or (tuple(given[2:]) if given is not None and len(given) == 4 else None)
+        ds = load_data(data, size, channels, bounds)
+    if given is not None and tuple(ds.x.shape[1:]) != tuple(given[1:]):
+        raise CloakError(f"--input-shapes gives {runner.input.name!r} as {show_shape(given)}, but the data's samples "
+                         f"are {show_shape(ds.x.shape[1:])} (x is {tuple(ds.x.shape)}): they must agree in every "
+                         "dim but the batch")
+    validate(ds, shape, bounds, None)
     n_classes = runner.num_classes(ds)
-    validate(ds, runner.input.shape, bounds, n_classes)
+    validate(ds, shape, bounds, n_classes)
     return ds, n_classes
 
 
@@ -243,7 +256,7 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     model_path = Path(model_path)
     model = load_model(model_path)
     target = resolve_target(model, config.feature_tensor, config.logits)
-    select_input(model, config.input_name)
+    select_input(model, config.input_name, config.input_shapes)
     device = resolve_device(config.device)
     providers = resolve_providers(config.providers)
     torch.manual_seed(config.seed)

@@ -98,7 +98,9 @@ def format_inspect(info: dict) -> str:
     for kind in ("inputs", "outputs"):
         for t in info[kind]:
             shape = "[" + ", ".join("?" if d is None else str(d) for d in t["shape"]) + "]"
-            lines.append(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {shape}")
+            given = (info.get("input_shapes") or {}).get(t["name"]) if kind == "inputs" else None
+            lines.append(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {shape}"
+                         + (f", run as [{', '.join(map(str, given))}] (--input-shapes)" if given is not None else ""))
     lines.append(f"  batch dimension: {'dynamic' if info['dynamic_batch'] else 'fixed'}")
     head = info["head"]
     if head:
@@ -126,7 +128,8 @@ def format_inspect(info: dict) -> str:
 
 
 def format_check(result: dict) -> str:
-    lines = [f"{result['model']}: batch {result['batch']}"]
+    shapes = ", ".join(f"{n} [{', '.join(map(str, s))}]" for n, s in (result.get("input_shapes") or {}).items())
+    lines = [f"{result['model']}: batch {result['batch']}" + (f"; inputs {shapes}" if shapes else "")]
     if result.get("unsupported"):
         ops = ", ".join(f"{op} (opset {v})" for op, v in result["unsupported"])
         lines.append(f"  unsupported ops: {ops}")

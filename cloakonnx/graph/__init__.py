@@ -14,10 +14,11 @@ from .inspect import ModelInfo, describe_head, inspect_model
 from .io import check_writable_dir, load_model, save_model, uses_external_data
 from .record import CloakRecord, cloak_metadata, find_mask, folded_mask
 from .surgery import apply_mask
-from .tensors import TensorInfo, constants, is_qdq, model_inputs, per_axis, select_input, tensor_elem_type, with_outputs
+from .tensors import (TensorInfo, check_input_shapes, constants, fixed_size, is_qdq, model_inputs, per_axis,
+                      select_input, show_shape, tensor_elem_type, with_outputs, without_unset_dims)
 
 __all__ = ["CloakRecord", "Head", "ModelInfo", "PASS_THROUGH", "Target", "TensorInfo", "apply_mask",
-           "check_writable_dir", "cloak_metadata", "constants", "describe_head", "find_head", "find_mask",
-           "fold_mask", "folded_mask", "inspect_model", "is_qdq", "load_model", "logits_output", "model_inputs",
-           "per_axis", "resolve_target", "save_model", "select_input", "tensor_elem_type", "uses_external_data",
-           "with_outputs"]
+           "check_input_shapes", "check_writable_dir", "cloak_metadata", "constants", "describe_head", "find_head",
+           "find_mask", "fixed_size", "fold_mask", "folded_mask", "inspect_model", "is_qdq", "load_model",
+           "logits_output", "model_inputs", "per_axis", "resolve_target", "save_model", "select_input", "show_shape",
+           "tensor_elem_type", "uses_external_data", "with_outputs", "without_unset_dims"]

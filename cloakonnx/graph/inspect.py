@@ -8,7 +8,7 @@ from ..errors import CloakError
 from .head import Head, find_head
 from .io import load_model
 from .record import all_masks, folded_mask
-from .tensors import TensorInfo, model_inputs, opset_version, tensor_infos
+from .tensors import TensorInfo, fixed_size, model_inputs, opset_version, tensor_infos
 
 
 @dataclass
@@ -25,6 +25,7 @@ class ModelInfo:
     head_error: str | None
     metadata: dict[str, str]
     masks: list[dict]  # every cloak mask: Mul nodes on any tensor, and a mask folded into the head
+    input_shapes: dict[str, list[int]]  # the shapes --input-shapes gave, checked against the model; {} if none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,10 +45,14 @@ def describe_head(head: Head) -> dict:
     }
 
 
-def inspect_model(path: str | os.PathLike, logits: str | None = None) -> ModelInfo:
-    """Everything a user needs to know before hardening: signature, opset, head, feature tensor, mask."""
+def inspect_model(path: str | os.PathLike, logits: str | None = None,
+                  input_shapes: dict | None = None) -> ModelInfo:
+    """Everything a user needs to know before hardening: signature, opset, head, feature tensor, mask;
+    and the ``input_shapes`` the model would run with, checked, so that a wrong one fails here."""
     model = load_model(path)
     inputs = model_inputs(model)
+    input_shapes = input_shapes or {}
+    given = {i.name: i.shape for i in model_inputs(model, input_shapes) if i.name in input_shapes}
     head, err = None, None
     try:
         found = find_head(model, logits)
@@ -59,7 +64,7 @@ def inspect_model(path: str | os.PathLike, logits: str | None = None) -> ModelIn
                 head["mask"] = {"form": "folded", "node": None, "masked": masked, "fraction": masked / found.width}
     except CloakError as exc:
         err = str(exc)
-    dyn = bool(inputs) and bool(inputs[0].shape) and not isinstance(inputs[0].shape[0], int)
+    dyn = bool(inputs) and bool(inputs[0].shape) and fixed_size(inputs[0].shape[0]) is None
     return ModelInfo(
         path=str(path),
         ir_version=model.ir_version,
@@ -73,4 +78,5 @@ def inspect_model(path: str | os.PathLike, logits: str | None = None) -> ModelIn
         head_error=err,
         metadata={p.key: p.value for p in model.metadata_props},
         masks=all_masks(model),
+        input_shapes=given,
     )

@@ -95,26 +95,92 @@ def per_axis(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return v.reshape(shape)
 
 
+def fixed_size(dim) -> int | None:
+    """The size of a fixed dimension, or None for a dynamic one. -1 and 0 (as Paddle writes a dynamic
+    batch), a dim_param and an absent value all mean dynamic, whether ``dim`` is an ONNX Dimension,
+    an entry of a TensorInfo's shape or of onnxruntime's."""
+    if isinstance(dim, onnx.TensorShapeProto.Dimension):
+        dim = dim.dim_value if dim.HasField("dim_value") else None
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
+
+
 def tensor_infos(values) -> list[TensorInfo]:
     infos = []
     for v in values:
         tt = v.type.tensor_type
-        # -1 and 0 (as Paddle writes a dynamic batch), a dim_param and an absent dim all mean dynamic
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
-                 for d in tt.shape.dim]
+        shape = [fixed_size(d) or d.dim_param or None for d in tt.shape.dim]
         infos.append(TensorInfo(v.name, shape, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
                                 if tt.elem_type else "unknown"))
     return infos
 
 
-def model_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
-    """Graph inputs that are real inputs, not initializers listed as inputs (old exporters do that)."""
+def without_unset_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with input dims written as 0 or -1 left without a value, for onnxruntime: it reads 0
+    as a fixed size 0, where cloakonnx reads it as dynamic. The model itself when there are none."""
+
+    def unset(vi):
+        return [d for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value") and fixed_size(d) is None]
+
+    if not any(unset(vi) for vi in model.graph.input):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        for d in unset(vi):
+            d.ClearField("dim_value")
+    return out
+
+
+def show_shape(shape) -> str:
+    """``[batch,3,?,?]``: as --input-shapes takes it, a dynamic dim by its name or ``?``."""
+    return "[" + ",".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+def check_input_shapes(input_shapes: dict) -> None:
+    """Given shapes are shapes to run with: positive integer dims, no dynamic ones."""
+    for name, shape in input_shapes.items():
+        if not isinstance(name, str) or not name:
+            raise CloakError(f"--input-shapes needs an input name for each shape, got {name!r}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise CloakError(f"--input-shapes {name}:{show_shape(shape)}: every dim must be a positive integer "
+                             "(a shape to run with, not a dynamic one)")
+
+
+def model_inputs(model: onnx.ModelProto, input_shapes: dict | None = None) -> list[TensorInfo]:
+    """Graph inputs that are real inputs, not initializers listed as inputs (old exporters do that).
+
+    With ``input_shapes`` (name -> shape, as --input-shapes gives them) those inputs carry the given
+    shapes, checked first: every name must be an input, and a given shape must keep the input's rank
+    and every dim the model fixes."""
     inits = {t.name for t in model.graph.initializer}
-    return [i for i in tensor_infos(model.graph.input) if i.name not in inits]
+    values = [vi for vi in model.graph.input if vi.name not in inits]
+    infos = tensor_infos(values)
+    if not input_shapes:
+        return infos
+    check_input_shapes(input_shapes)
+    by_name = {info.name: (vi, info) for vi, info in zip(values, infos)}
+    for name, shape in input_shapes.items():
+        if name not in by_name:
+            raise CloakError(f"--input-shapes names {name!r}, which is not a model input; "
+                             f"inputs: {', '.join(i.name for i in infos) or 'none'}")
+        vi, info = by_name[name]
+        shape = [int(d) for d in shape]
+        if vi.type.tensor_type.HasField("shape"):  # an input with no declared shape takes any
+            declared = info.shape
+            if len(shape) != len(declared):
+                raise CloakError(f"--input-shapes gives {name!r} {len(shape)} dims, {show_shape(shape)}, but the "
+                                 f"model declares {len(declared)}: {show_shape(declared)}")
+            for i, (want, have) in enumerate(zip(shape, declared)):
+                if fixed_size(have) is not None and want != have:
+                    raise CloakError(f"--input-shapes gives {name!r} dim {i} = {want}, but the model fixes dim {i} "
+                                     f"to {have} (declared shape {show_shape(declared)})")
+        info.shape = shape
+    return infos
 
 
-def select_input(model: onnx.ModelProto, name: str | None = None) -> TensorInfo:
-    inputs = model_inputs(model)
+def select_input(model: onnx.ModelProto, name: str | None = None, input_shapes: dict | None = None) -> TensorInfo:
+    """The image input (``name``, or the only one), with its given shape if ``input_shapes`` has one."""
+    inputs = model_inputs(model, input_shapes)
     if name:
         for i in inputs:
             if i.name == name:
