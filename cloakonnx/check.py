@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import CloakError
-from .graph import fixed_size, is_qdq, model_inputs, show_shape, without_unset_dims
+from .graph import fixed_size, is_qdq, model_inputs, show_shape
 
 # Tolerance as a fraction of max(1, max |reference|): float32 graphs agree to about 1e-6 relative
 # per op; the margin covers deep graphs. Half-precision graphs are compared with onnxruntime
@@ -208,12 +208,11 @@ def check_model(
     rng = np.random.default_rng(seed)
     feeds = {vi.name: _random_input(rng, vi.type.tensor_type.elem_type, shapes[vi.name], bounds) for vi in inputs}
     qdq = is_qdq(model)
-    runnable = without_unset_dims(model)  # onnxruntime would read a 0 dim as fixed
-    session = runtime.make_session(runnable, providers, fuse=not qdq)
+    session = runtime.make_session(model, providers, fuse=not qdq)
     out_names = [o.name for o in session.get_outputs()]
     refs = session.run(out_names, feeds)
     if qdq:
-        fused = runtime.make_session(runnable, providers).run(out_names, feeds)
+        fused = runtime.make_session(model, providers).run(out_names, feeds)
         result.quantized = {"reference": "onnxruntime with basic graph optimizations (unfused QDQ)",
                             "fused_max_abs": max(float(np.abs(np.asarray(f, np.float64) - np.asarray(r, np.float64)).max(initial=0.0))
                                                  for f, r in zip(fused, refs)),

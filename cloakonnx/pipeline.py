@@ -20,8 +20,7 @@ from .batching import BatchChoice
 from .config import CommonConfig, MaskConfig
 from .data import Dataset, Preprocess, load_data, split, validate
 from .errors import CloakError
-from .graph import (Target, fixed_size, is_qdq, load_model, resolve_target, select_input, show_shape, with_outputs,
-                    without_unset_dims)
+from .graph import Target, fixed_size, is_qdq, load_model, resolve_target, select_input, show_shape, with_outputs
 from .runtime import batch_size_for, run_batch
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class Runner:
         self.preprocess = preprocess
         self.logits = logits
         runnable = with_outputs(model, list(extra_outputs)) if extra_outputs else model
-        self.session = make_session(without_unset_dims(runnable), providers)
+        self.session = make_session(runnable, providers)
         self.input_dtype = np.dtype(self.input.dtype) if self.input.dtype != "unknown" else np.dtype(np.float32)
         self.device = device
         self.unsupported: UnsupportedOpsError | None = None

@@ -31,7 +31,6 @@ def _ort():
 
 
 def _tiny_model_bytes() -> bytes:
-    import onnx
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
@@ -113,12 +112,15 @@ def make_session(model, providers: Sequence[str] | None = None, fuse: bool = Tru
 
     ``fuse=False`` stops at onnxruntime's basic graph optimizations, which keep every op's ONNX
     semantics; the default also fuses QDQ patterns into integer kernels, whose rounding differs.
+    Input dims written as 0 or -1 are cleared first: onnxruntime would read 0 as a fixed size 0.
     """
     ort = _ort()
     import onnx
 
+    from .graph import without_unset_dims
+
     if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
+        model = without_unset_dims(model).SerializeToString()
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # run-time failures become CloakErrors; no raw log lines on stderr
     if not fuse:
@@ -131,8 +133,10 @@ def make_session(model, providers: Sequence[str] | None = None, fuse: bool = Tru
 
 def fixed_batch(session) -> int | None:
     """The model's batch size if the first input's batch dimension is fixed, else None."""
-    dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
-    return dim if isinstance(dim, int) and dim > 0 else None
+    from .graph import fixed_size
+
+    shape = session.get_inputs()[0].shape
+    return fixed_size(shape[0]) if shape else None
 
 
 def run_batch(session, xb: np.ndarray, outputs: Sequence[str] | None = None,
