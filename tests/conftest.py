@@ -47,18 +47,32 @@ def sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def with_lrn(path):
-    """The model at ``path`` with an LRN after its first Relu: an op onnxruntime runs and the torch
-    executor lacks, for the gradient-free fallback."""
+# An op onnxruntime's CPU provider runs and the torch executor does not, for the tests of the
+# gradient-free fallback. A 1x1 LpPool with p=1 is |x|, the identity on a Relu's output, so the model
+# still predicts as before. with_unsupported_op checks the executor still refuses it: should LpPool
+# ever be supported, pick another op here rather than let those tests pass without a fallback.
+UNSUPPORTED_OP = "LpPool"
+
+
+def with_unsupported_op(path):
+    """The model at ``path`` with a 1x1 LpPool (p=1, the identity on non-negative values) after its
+    first Relu: an op onnxruntime runs and the torch executor lacks, for the gradient-free fallback."""
     import onnx
+
+    from cloakonnx.torch_exec import OnnxTorchModule, UnsupportedOpsError
 
     model = onnx.load(str(path))
     relu = next(n for n in model.graph.node if n.op_type == "Relu")
-    lrn_out = relu.output[0] + "_lrn"
+    new_out = relu.output[0] + "_lppool"
     for node in model.graph.node:
-        node.input[:] = [lrn_out if i == relu.output[0] else i for i in node.input]
+        node.input[:] = [new_out if i == relu.output[0] else i for i in node.input]
     index = list(model.graph.node).index(relu) + 1
-    model.graph.node.insert(index, onnx.helper.make_node("LRN", [relu.output[0]], [lrn_out], size=1, bias=1.0,
-                                                         alpha=1e-4, beta=0.75))
+    model.graph.node.insert(index, onnx.helper.make_node(UNSUPPORTED_OP, [relu.output[0]], [new_out], kernel_shape=[1, 1], p=1))
     onnx.checker.check_model(model)
+    try:
+        OnnxTorchModule(model)
+    except UnsupportedOpsError as exc:
+        assert [op for op, _ in exc.ops] == [UNSUPPORTED_OP], exc.ops
+    else:
+        raise AssertionError(f"the torch executor now runs {UNSUPPORTED_OP}: the fallback tests need another unsupported op")
     return model

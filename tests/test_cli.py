@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cloakonnx.cli import main
 
-from .conftest import sha256, with_lrn
+from .conftest import UNSUPPORTED_OP, sha256, with_unsupported_op
 
 FAST = ["--attack", "fgsm", "--eps", "0.1", "--fraction", "0.05", "--seed", "0"]
 
@@ -171,15 +171,15 @@ def test_fold_matches_mul_form_with_the_original_node_count(digits_files, digits
 
 
 def test_unsupported_op_falls_back_to_square(digits_files, tmp_path):
-    """A graph with an op the torch executor lacks (LRN) is still hardened, gradient-free, and says so."""
-    model = with_lrn(digits_files[0])
-    path = tmp_path / "lrn.onnx"
+    """A graph with an op the torch executor lacks (LpPool) is still hardened, gradient-free, and says so."""
+    model = with_unsupported_op(digits_files[0])
+    path = tmp_path / "unsupported.onnx"
     onnx.save(model, str(path))
     check = CliRunner().invoke(main, ["check", str(path), "--json"])
-    assert check.exit_code == 1 and ["LRN", 17] in json.loads(check.stdout)["unsupported"]
+    assert check.exit_code == 1 and [UNSUPPORTED_OP, 17] in json.loads(check.stdout)["unsupported"]
     report = json.loads(run("-q", "harden", path, "--data", digits_files[1], "-o", tmp_path / "h.onnx", "--eps", "0.1",
                             "--queries", "30", "--fraction", "0.05", "--json").stdout)
-    assert report["attack"]["name"] == "square" and "LRN" in report["attack"]["fallback"]
+    assert report["attack"]["name"] == "square" and UNSUPPORTED_OP in report["attack"]["fallback"]
     assert report["adversarial_accuracy"]["original"] < report["clean_accuracy"]["original"]
     assert report["adversarial_accuracy"]["hardened_adaptive"] is not None
     onnx.checker.check_model(onnx.load(str(tmp_path / "h.onnx")))

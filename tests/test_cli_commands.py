@@ -174,9 +174,9 @@ def test_inspect_reads_a_batch_of_minus_one_as_dynamic(digits_files, tmp_path):
 
 
 def test_check_says_not_computed_when_ops_are_unsupported(digits_files, tmp_path):
-    from .conftest import with_lrn
+    from .conftest import with_unsupported_op
 
-    path = tmp_path / "lrn.onnx"
-    onnx.save(with_lrn(digits_files[0]), str(path))
+    path = tmp_path / "unsupported.onnx"
+    onnx.save(with_unsupported_op(digits_files[0]), str(path))
     out = run("check", path, code=1).stdout
     assert "input gradients: not computed" in out and "NOT finite" not in out and "ZERO" not in out

@@ -12,7 +12,7 @@ from cloakonnx.errors import CloakError
 from cloakonnx.graph import load_model, resolve_target
 from cloakonnx.pipeline import Runner, StageTimer, choose_attack, load_checked, prepare
 
-from .conftest import with_lrn
+from .conftest import UNSUPPORTED_OP, with_unsupported_op
 
 FGSM = AttackConfig(name="fgsm", eps=0.1)
 
@@ -216,14 +216,14 @@ def test_prepare_validates_the_config_first(digits_files, tmp_path):
 def test_choose_attack_falls_back_to_square_without_torch_support(digits_files, data):
     from cloakonnx.torch_exec import supported_ops
 
-    assert "LRN" not in supported_ops()
-    runner, _ = _runner(None, model=with_lrn(digits_files[0]))
+    assert UNSUPPORTED_OP not in supported_ops()
+    runner, _ = _runner(None, model=with_unsupported_op(digits_files[0]))
     assert runner.torch_model is None and runner.unsupported is not None
     assert runner.accuracy(data) > 0.9  # onnxruntime still runs it
     attack, reason = choose_attack(runner, AttackConfig(name="pgd", eps=0.1, norm="l2", steps=7))
     assert attack.name == "square" and attack.norm == "linf"
     assert attack.eps == 0.1 and attack.steps == 7  # the other settings are kept
-    assert "LRN" in reason and "opset" in reason
+    assert UNSUPPORTED_OP in reason and "opset" in reason
     with pytest.raises(CloakError, match="gradient-free attack"):
         runner.model_for("pgd")
     # a gradient-free attack needs no fallback

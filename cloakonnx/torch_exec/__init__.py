@@ -9,7 +9,9 @@ So this package interprets the graph itself:
   supporting a new op version is one small function plus one decorator line in its family's
   module under ops/;
 * a plan built once per model (plan.py): topological node order, the handler resolved per node,
-  attributes parsed once, all-constant subgraphs folded, constants registered as buffers (so
+  attributes parsed once, all-constant subgraphs folded, BatchNormalization folded into the
+  convolution before it and hard-swish/hard-sigmoid/GELU written out as arithmetic turned back into
+  one op (fuse.py; ``fuse=False`` keeps the graph as written), constants registered as buffers (so
   ``.to(device)`` moves them), and for every step the intermediates whose last reader it is, freed
   right after; :class:`OnnxTorchModule` (module.py) runs it;
 * float16/bfloat16/float64 tensors are computed in float32 (``computes_in_float32`` says so).

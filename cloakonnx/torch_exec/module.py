@@ -20,11 +20,14 @@ class OnnxTorchModule(torch.nn.Module):
     ``outputs`` may name any tensor of the graph (for example a feature tensor before the head);
     only the nodes it depends on run. Floating-point tensors are computed in float32; the flag
     ``computes_in_float32`` is True when the model had float16, bfloat16 or float64 tensors.
+    ``fuse=False`` runs the graph node for node as written: no BatchNormalization folded into the
+    convolution before it, no decomposed HardSwish/HardSigmoid/GELU turned into one op (fuse.py);
+    for comparing against, the default is faster and gives the same outputs and input gradients.
     """
 
-    def __init__(self, model: onnx.ModelProto, outputs: Sequence[str] | None = None):
+    def __init__(self, model: onnx.ModelProto, outputs: Sequence[str] | None = None, fuse: bool = True):
         super().__init__()
-        plan = build_plan(model, outputs)
+        plan = build_plan(model, outputs, fuse=fuse)
         self.computes_in_float32 = plan.computes_in_float32
         self.opset = plan.opset
         self.input_names = plan.input_names

@@ -3,8 +3,8 @@
 Everything that reads the model happens here, once per model, so that running it (module.py) is
 a plain loop over steps: inline local functions, list every unsupported op at once, order the
 nodes, resolve each node's handler, parse its attributes, fold all-constant subgraphs, prune what
-the requested outputs do not need, keep constant shape inputs on the host, assign slots and work
-out where each intermediate can be freed.
+the requested outputs do not need, fuse what third-party exports leave unfused (fuse.py), keep
+constant shape inputs on the host, assign slots and work out where each intermediate can be freed.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto
 
 from ..errors import CloakError
+from .fuse import PlanNode, fuse as fuse_nodes
 from .registry import Handler, NodeContext, _OpVersion, _resolve
 from .tensors import _FLOAT32_STANDINS, _UNPARSED, _attrs, _sparse_to_dense, tensor_from_proto
 
@@ -201,8 +202,9 @@ def _try_fold(entry: _OpVersion, node: onnx.NodeProto, attrs: dict, ctx: NodeCon
     return [o.contiguous() if isinstance(o, torch.Tensor) and not o.is_contiguous() else o for o in outs]
 
 
-def build_plan(model: onnx.ModelProto, outputs: Sequence[str] | None = None) -> Plan:
-    """The execution plan for ``model``, computing ``outputs`` (default: the graph's outputs)."""
+def build_plan(model: onnx.ModelProto, outputs: Sequence[str] | None = None, fuse: bool = True) -> Plan:
+    """The execution plan for ``model``, computing ``outputs`` (default: the graph's outputs);
+    ``fuse=False`` runs the nodes as written (no BatchNorm folding or activation fusion)."""
     model = _prepared(model)
     _raise_if_unsupported(model)
     graph = model.graph
@@ -225,7 +227,7 @@ def build_plan(model: onnx.ModelProto, outputs: Sequence[str] | None = None) -> 
         raise CloakError(f"no tensor named {', '.join(map(repr, missing))} in the graph")
 
     # Resolve handlers and fold nodes whose inputs are all constant (Constant nodes included).
-    steps: list[tuple[onnx.NodeProto, _OpVersion, dict, NodeContext]] = []
+    steps: list[PlanNode] = []
     for node in nodes:
         entry = _resolve(node.op_type, opset)
         attrs = _attrs(node)
@@ -237,16 +239,18 @@ def build_plan(model: onnx.ModelProto, outputs: Sequence[str] | None = None) -> 
                     if name:
                         consts[name] = value
                 continue
-        steps.append((node, entry, attrs, ctx))
+        steps.append(PlanNode(node, entry, attrs, ctx))
 
     # Keep only what the requested outputs depend on.
     needed = set(output_names)
-    kept = []
-    for node, entry, attrs, ctx in reversed(steps):
-        if any(o in needed for o in node.output if o):
-            kept.append((node, entry, attrs, ctx))
-            needed.update(i for i in node.input if i)
+    kept: list[PlanNode] = []
+    for pn in reversed(steps):
+        if any(o in needed for o in pn.node.output if o):
+            kept.append(pn)
+            needed.update(i for i in pn.node.input if i)
     kept.reverse()
+    if fuse:
+        kept = fuse_nodes(kept, consts, set(output_names))
 
     # Slots: 0 always holds None (omitted optional inputs); 1 swallows unnamed outputs.
     slot: dict[str, int] = {}

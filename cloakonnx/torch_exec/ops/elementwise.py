@@ -161,7 +161,12 @@ def _thresholded_relu(inputs, attrs, ctx):
 
 @op("HardSigmoid", 1)
 def _hard_sigmoid(inputs, attrs, ctx):
-    return (torch.clamp(inputs[0] * attrs.get("alpha", 0.2) + attrs.get("beta", 0.5), 0.0, 1.0),)
+    """torch's one-kernel F.hardsigmoid where the slope is its 1/6 (torch and Paddle exports, and
+    fused decompositions); ONNX's default slope 0.2 and others as clamp(alpha * x + beta, 0, 1)."""
+    alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+    if abs(alpha - 1 / 6) <= 1e-6 and abs(beta - 0.5) <= 1e-6:
+        return (F.hardsigmoid(inputs[0]),)
+    return (torch.clamp(inputs[0] * alpha + beta, 0.0, 1.0),)
 
 
 @op("HardSwish", 14)

@@ -1,4 +1,4 @@
-"""Normalisation layers: Batch-, Instance-, Layer-, Group- and LpNormalization (inference only).
+"""Normalisation layers: Batch-, Instance-, Layer-, Group-, LpNormalization and LRN (inference only).
 
 Grouped because they share the per-version details of how statistics and affine parameters are
 laid out (BatchNormalization's spatial=0 before opset 9, GroupNormalization's per-group scale in 18).
@@ -22,8 +22,9 @@ def _check_bn(attrs, ctx):
 def _batch_norm(inputs, attrs, ctx):
     x, scale, bias, mean, var = inputs[:5]
     eps = attrs.get("epsilon", 1e-5)
-    if ctx.since < 9 and attrs.get("spatial", 1) == 0:  # per-activation statistics
-        shape = (1,) + tuple(scale.shape)
+    per_activation = ctx.since < 9 and attrs.get("spatial", 1) == 0
+    if per_activation or mean.requires_grad or var.requires_grad:  # F.batch_norm has no gradient for statistics
+        shape = (1,) + tuple(scale.shape) if per_activation else (1, -1) + (1,) * (x.dim() - 2)
         y = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps) * scale.reshape(shape) + bias.reshape(shape)
     else:
         y = F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
@@ -74,3 +75,18 @@ def _lp_norm(inputs, attrs, ctx):
     p = attrs.get("p", 2)
     norm = torch.linalg.vector_norm(x, p, dim=attrs.get("axis", -1), keepdim=True)
     return (x / norm,)
+
+
+@op("LRN", 1, 13)
+def _lrn(inputs, attrs, ctx):
+    """Local response normalisation across channels, written out rather than F.local_response_norm:
+    for an even ``size`` torch centres the window one channel later than ONNX (and onnxruntime),
+    which put floor((size-1)/2) channels before c and ceil((size-1)/2) after."""
+    x = inputs[0]
+    size = attrs["size"]
+    alpha, beta, bias = attrs.get("alpha", 1e-4), attrs.get("beta", 0.75), attrs.get("bias", 1.0)
+    n, c = x.shape[0], x.shape[1]
+    sq = (x * x).reshape(n, 1, c, -1)  # channels as the height of a one-plane image
+    sq = F.pad(sq, (0, 0, (size - 1) // 2, size // 2))
+    mean_sq = F.avg_pool2d(sq, (size, 1), stride=1).reshape(x.shape)  # square_sum / size
+    return (x / (bias + alpha * mean_sq) ** beta,)
