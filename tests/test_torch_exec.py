@@ -830,3 +830,16 @@ def test_runtime_errors_name_the_node():
     mod = OnnxTorchModule(m)
     with pytest.raises(CloakError, match="bad_reshape"):
         mod(torch.zeros(6), torch.tensor([4, 4]))
+
+
+def test_readme_claims_what_these_cases_verify():
+    """The README's op count, case count and opset span are exactly what this file and the op table hold."""
+    from pathlib import Path
+
+    from cloakonnx.torch_exec.registry import supported_ops
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    opsets = sorted({c.opset for c in CASES})
+    assert f"The executor covers {len(supported_ops())} ONNX ops." in readme
+    assert f"compares {len(CASES)} one-node cases" in readme
+    assert f"the cases span opsets {opsets[0]}–{opsets[-1]}" in readme
