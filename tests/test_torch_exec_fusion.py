@@ -379,3 +379,21 @@ def test_mobilenet_v3_small_export(tmp_path, opset):
     assert "BatchNormalization" not in ops(fused) and ops(plain).count("BatchNormalization") == 34
     assert ops(fused).count("HardSwish") == 19 and ops(plain).count("HardSwish") == (19 if opset >= 14 else 0)
     assert len(fused._plan) == len(plain._plan) - 34 - (19 if opset < 14 else 0)
+
+
+@pytest.mark.parametrize("name", ["conv", "conv_depthwise", "conv_transpose_group2"])
+def test_channels_last_gives_the_same_outputs_and_gradients(name):
+    """On CPU a graph with convolutions runs channels-last by default (weights and input); the values and
+    input gradients are those of the contiguous layout, and the output comes back contiguous."""
+    model, x = BN_CASES[name]()
+    auto, plain = OnnxTorchModule(model), OnnxTorchModule(model, channels_last=False)
+    out = auto(torch.from_numpy(x))
+    assert auto._layout_is_channels_last and not plain._layout_is_channels_last
+    weights4d = [b for b in auto.buffers() if b.dim() == 4]
+    assert weights4d and all(b.is_contiguous(memory_format=torch.channels_last) for b in weights4d)
+    assert out.is_contiguous()
+    assert_close(out.detach(), plain(torch.from_numpy(x)).detach(), 1e-5, name)
+    weights = torch.from_numpy(r(*out.shape))
+    assert_close(input_grad(auto, x, weights), input_grad(plain, x, weights), 1e-5, name)
+    # a graph without convolutions keeps torch's default layout: bit-identical activations
+    assert not OnnxTorchModule(_model([N("Relu", ["x"], "y")], x.shape))._has_conv

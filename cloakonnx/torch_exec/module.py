@@ -23,10 +23,18 @@ class OnnxTorchModule(torch.nn.Module):
     ``fuse=False`` runs the graph node for node as written: no BatchNormalization folded into the
     convolution before it, no decomposed HardSwish/HardSigmoid/GELU turned into one op (fuse.py);
     for comparing against, the default is faster and gives the same outputs and input gradients.
+
+    ``channels_last`` stores 4-D weights and runs 4-D inputs in torch's channels-last layout, where
+    oneDNN's CPU convolutions (depthwise and 1x1 above all) are about twice as fast, forward and
+    backward. None (the default) uses it on CPU for graphs with convolutions; the layout changes no
+    value beyond float rounding, and 4-D outputs come back contiguous.
     """
 
-    def __init__(self, model: onnx.ModelProto, outputs: Sequence[str] | None = None, fuse: bool = True):
+    def __init__(self, model: onnx.ModelProto, outputs: Sequence[str] | None = None, fuse: bool = True,
+                 channels_last: bool | None = None):
         super().__init__()
+        self.channels_last = channels_last
+        self._layout_is_channels_last = False
         plan = build_plan(model, outputs, fuse=fuse)
         self.computes_in_float32 = plan.computes_in_float32
         self.opset = plan.opset
@@ -41,6 +49,7 @@ class OnnxTorchModule(torch.nn.Module):
         # Float inputs follow the module's float dtype: float32, or float64 after .double().
         self.register_buffer("float_dtype_probe", torch.empty(0), persistent=False)
         self._plan = plan.steps
+        self._has_conv = any(step.ctx.op_type in ("Conv", "ConvTranspose") for step in plan.steps)
         self._env_template = plan.env_template
 
     def forward(self, *inputs: torch.Tensor):
@@ -51,9 +60,12 @@ class OnnxTorchModule(torch.nn.Module):
         for s, name in self._const_slots:
             env[s] = buffers[name]
         float_dtype = buffers["float_dtype_probe"].dtype
+        channels_last = self._use_channels_last(inputs)
         for s, x, is_float in zip(self._input_slots, inputs, self._input_is_float):
             if is_float and x.dtype != float_dtype:
                 x = x.to(float_dtype)
+            if channels_last and is_float and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             env[s] = x
         for step in self._plan:
             try:
@@ -67,9 +79,24 @@ class OnnxTorchModule(torch.nn.Module):
                 env[s] = o
             for s in step.free:
                 env[s] = None
-        if len(self._output_slots) == 1:
-            return env[self._output_slots[0]]
-        return tuple(env[s] for s in self._output_slots)
+        outs = [env[s] for s in self._output_slots]
+        if channels_last:
+            outs = [o.contiguous() if isinstance(o, torch.Tensor) and o.dim() == 4 else o for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _use_channels_last(self, inputs) -> bool:
+        """Whether this call runs channels-last; moves the 4-D float buffers to that layout when it changes."""
+        wanted = self.channels_last
+        if wanted is None:
+            wanted = (self._has_conv and bool(inputs) and isinstance(inputs[0], torch.Tensor)
+                      and inputs[0].device.type == "cpu")
+        if wanted != self._layout_is_channels_last:
+            layout = torch.channels_last if wanted else torch.contiguous_format
+            for name, b in self._buffers.items():
+                if b is not None and b.dim() == 4 and b.is_floating_point():
+                    self._buffers[name] = b.contiguous(memory_format=layout)
+            self._layout_is_channels_last = wanted
+        return wanted
 
     def extra_repr(self) -> str:
         return f"opset={self.opset}, steps={len(self._plan)}, inputs={self.input_names}, outputs={self.output_names}"
