@@ -31,14 +31,14 @@ def _check(result: dict) -> None:
 
 
 def test_standard_preset_agrees_with_autoattack_on_the_demo_model(bench):
-    args = bench.parse_args(["--samples", "500", "--eps", "0.1", "--threads", "2", "--per-attack", "150"])
+    args = bench.parse_args(["--samples", "500", "--eps", "0.1", "--threads", "1", "--per-attack", "150"])
     result = bench.run(args)
     assert result["samples"] == 500 and set(result["per_attack"]) == {"apgd-t", "fab-t"}
     _check(result)
 
 
 def test_standard_preset_agrees_with_autoattack_on_resnet18(bench):
-    args = bench.parse_args(["--model", "resnet18", "--samples", "32", "--eps", str(1 / 255), "--threads", "2",
+    args = bench.parse_args(["--model", "resnet18", "--samples", "32", "--eps", str(1 / 255), "--threads", "1",
                              "--per-attack", "32", "--per-attack-steps", "20"])
     result = bench.run(args)
     assert result["clean_accuracy"] == 1.0  # labelled with the net's own predictions
