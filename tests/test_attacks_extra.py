@@ -289,27 +289,17 @@ def test_fab_projections_reach_the_plane_inside_the_box_with_the_smallest_step(p
     assert ((short.abs() > 1e-5) | (size < 1e-6)).all()
 
 
-def test_fab_t_agrees_with_torchattacks(digits_mlp):
-    """Independent implementation: torchattacks' FAB with multi_targeted=True (fra31's FAB-T) on the same
-    net, samples and budget, in both norms."""
+@pytest.mark.parametrize("attack, multi_targeted", [(FABT, True), (FAB, False)])
+def test_fab_agrees_with_torchattacks(digits_mlp, attack, multi_targeted):
+    """Independent implementation: torchattacks' FAB (fra31's port) with multi_targeted=True for FAB-T and
+    False for untargeted FAB, on the same net, samples and budget, in both norms."""
     torchattacks = pytest.importorskip("torchattacks")
     net, x, y = digits_mlp
     for norm, eps in (("linf", 0.05), ("l2", 0.5)):
-        ours = accuracy(net, FABT(net, AttackConfig(eps=eps, norm=norm, steps=20))(x, y), y)
+        ours = accuracy(net, attack(net, AttackConfig(eps=eps, norm=norm, steps=20))(x, y), y)
         theirs = accuracy(net, torchattacks.FAB(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=20,
-                                                n_restarts=1, multi_targeted=True, n_classes=10, seed=0)(x, y), y)
-        assert abs(ours - theirs) <= 0.02, (norm, ours, theirs)
-
-
-def test_fab_agrees_with_torchattacks(digits_mlp):
-    """Untargeted FAB (AutoAttack's plus set) against torchattacks' FAB with multi_targeted=False, same
-    net, samples and budget, in both norms."""
-    torchattacks = pytest.importorskip("torchattacks")
-    net, x, y = digits_mlp
-    for norm, eps in (("linf", 0.05), ("l2", 0.5)):
-        ours = accuracy(net, FAB(net, AttackConfig(eps=eps, norm=norm, steps=20))(x, y), y)
-        theirs = accuracy(net, torchattacks.FAB(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=20,
-                                                n_restarts=1, multi_targeted=False, n_classes=10, seed=0)(x, y), y)
+                                                n_restarts=1, multi_targeted=multi_targeted, n_classes=10,
+                                                seed=0)(x, y), y)
         assert abs(ours - theirs) <= 0.02, (norm, ours, theirs)
 
 
