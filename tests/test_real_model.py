@@ -87,12 +87,12 @@ def test_check_passes_on_the_paddle_graph(model):
 
 @pytest.mark.slow
 def test_real_model_benchmark_runs_end_to_end(bench, model, tmp_path, capsys):
-    """The script at a small size, through the real CLI: 64 calibration pages (32 validation) and 24 test pages,
+    """The script at a small size, through the real CLI: 64 calibration pages (32 validation) and 64 test pages,
     one eps, short PGDs. With 32 validation samples a 1-point budget cannot be certified at harden's default
     90% confidence, so --budget-confidence 0: the budget is then the validation point estimate, i.e. the mask
     may not turn any validation page from right to wrong."""
     out = tmp_path / "result.json"
-    rc = bench.main(["--calibration", "64", "--test", "24", "--eps", "2/255", "--val-split", "0.5",
+    rc = bench.main(["--calibration", "64", "--test", "64", "--eps", "2/255", "--val-split", "0.5",
                      "--budget-confidence", "0", "--harden-steps", "3", "--eval-steps", "3",
                      "--work", str(tmp_path / "work"), "--cache", str(model.parent), "--json", "--out", str(out)])
     assert rc == 0
@@ -110,9 +110,10 @@ def test_real_model_benchmark_runs_end_to_end(bench, model, tmp_path, capsys):
         assert h["adversarial"]["hardened_transfer"] > h["adversarial"]["original"]
     for name in ("original", "hardened_eval"):
         e = run[name]
-        assert e["samples"] == 24 and 0 <= e["robust"] <= e["clean"] <= 1 and not e["failures"]
+        assert e["samples"] == 64 and 0 <= e["robust"] <= e["clean"] <= 1 and not e["failures"]
     threats = {(r["attack"], r["threat"]) for r in run["hardened_eval"]["rows"]}
-    assert threats == ({("pgd", "adaptive"), ("pgd", "transfer")} if h["mask_added"] else {("pgd", "adaptive")})
+    expected = {("apgd-ce", "adaptive"), ("apgd-ce", "transfer")} if h["mask_added"] else {("apgd-ce", "adaptive")}
+    assert threats == expected
     assert Path(run["hardened"]).exists()
 
 
@@ -131,5 +132,5 @@ def test_real_model_benchmark_evaluates_a_hardened_model(bench, model, tmp_path)
     assert run["harden"]["mask_added"] and run["harden"]["masked"] == 64
     e = run["hardened_eval"]
     assert not e.get("same_as_original") and e["samples"] == 16 and 0 <= e["robust"] <= e["clean"] <= 1
-    assert {(r["attack"], r["threat"]) for r in e["rows"]} == {("pgd", "adaptive"), ("pgd", "transfer")}
+    assert {(r["attack"], r["threat"]) for r in e["rows"]} == {("apgd-ce", "adaptive"), ("apgd-ce", "transfer")}
     assert e["robust"] <= min(r["accuracy"] for r in e["rows"])
