@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-
 from ..errors import CloakError
 
 NORMS = ("linf", "l2")
