@@ -143,7 +143,9 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
             survived &= now
             results.append({"eps": eps, "attack": cfg.name, "threat": threat, "accuracy": float(now.mean())})
         robust[repr(eps)] = float(survived.mean())
-    checks = sanity_checks(results, robust, clean, len(ds), cumulative) + model_checks(runner, ds)
+    check_batch = (runner.attack_batch(config.attack.batch_size, "pgd", ds.x.shape[1:]).size
+                   if runner.torch_model is not None else 1)
+    checks = sanity_checks(results, robust, clean, len(ds), cumulative) + model_checks(runner, ds, check_batch)
     if config.sanity and runner.torch_model is not None:
         try:
             checks.append(_large_eps_check(runner, ds, config, device, n_classes))
@@ -264,9 +266,9 @@ def on_logits(runner: Runner, ds: Dataset, config: EvaluateConfig, device: str, 
     return Runner.for_config(runner.model, head.output, [head.output], config, device)
 
 
-def model_checks(runner: Runner, ds: Dataset) -> list[dict]:
+def model_checks(runner: Runner, ds: Dataset, batch: int = 32) -> list[dict]:
     """AutoAttack's automatic checks on the model itself: the same outputs for the same input (no
-    randomness), and the share of samples whose input gradient is exactly zero."""
+    randomness), and the share of samples whose input gradient is exactly zero (``batch`` at a time)."""
     import torch
     import torch.nn.functional as F
 
@@ -276,10 +278,13 @@ def model_checks(runner: Runner, ds: Dataset) -> list[dict]:
                "detail": "ok" if np.array_equal(first, second) else "onnxruntime outputs differ between two runs"}]
     if runner.torch_model is None:
         return checks
-    xt = torch.from_numpy(x).to(runner.device).requires_grad_(True)
-    loss = F.cross_entropy(runner.torch_model(xt), torch.from_numpy(ds.y[:200]).to(runner.device), reduction="sum")
-    (grad,) = torch.autograd.grad(loss, xt)
-    zero = float((grad.flatten(1).abs().amax(1) == 0).float().mean())
+    zeros = 0
+    for s in range(0, len(x), batch):  # in attack-sized batches: a large model's activations add up
+        xt = torch.from_numpy(x[s : s + batch]).to(runner.device).requires_grad_(True)
+        yt = torch.from_numpy(ds.y[: len(x)][s : s + batch]).to(runner.device)
+        (grad,) = torch.autograd.grad(F.cross_entropy(runner.torch_model(xt), yt, reduction="sum"), xt)
+        zeros += int((grad.flatten(1).abs().amax(1) == 0).sum())
+    zero = zeros / len(x)
     checks.append({"name": "input gradients are non-zero", "ok": zero == 0.0,
                    "detail": "ok" if zero == 0 else f"{100 * zero:.1f}% of samples have an exactly zero input "
                                                     "gradient (masked gradients, or a model saturated on them)"})

@@ -252,3 +252,20 @@ def test_zero_gradients_and_randomness_fail_their_checks(digits_files, tmp_path)
     report = evaluate(_with_nodes(digits_files[0], tmp_path, "noisy.onnx", noisy), digits_files[1], config)
     checks = {c["name"]: c["ok"] for c in report.checks}
     assert checks["the same input gives the same output"] is False and report.summary["unreliable"] is True
+
+
+def test_the_zero_gradient_check_runs_in_attack_sized_batches(digits_files):
+    """200 samples in one backward pass would hold every activation of a large model at once."""
+    from cloakonnx.data import load_data
+    from cloakonnx.evaluate import model_checks
+    from cloakonnx.graph import load_model, logits_output
+    from cloakonnx.pipeline import Runner
+
+    model = load_model(digits_files[0])
+    runner = Runner.for_config(model, logits_output(model, None), [], EvaluateConfig(), "cpu")
+    sizes = []
+    inner = runner.torch_model
+    runner.torch_model = lambda x: (sizes.append(len(x)), inner(x))[1]
+    ds = load_data(digits_files[1])
+    checks = {c["name"]: c["ok"] for c in model_checks(runner, ds, batch=64)}
+    assert sizes == [64, 64, 64, 8] and checks["input gradients are non-zero"]
