@@ -207,11 +207,15 @@ def sweep(model, scores, plot, as_json, report, **kw) -> None:
 @attack_options(20, "20 here, to measure robustness; harden and sweep default to 10 for speed")
 @runtime_options
 @click.option("--max-samples", type=int, default=None, help="Evaluate a random subset of this size.")
+@click.option("--no-large-eps-check", is_flag=True,
+              help="Skip the sanity check that PGD at a huge eps reaches chance (one more attack on up to 200 "
+                   "samples: slow on large models).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of accuracy against eps.")
 @json_option
 @report_option
 @handles_errors
-def evaluate(model, reference, attacks, preset, max_samples, plot, as_json, report, **kw) -> None:
+def evaluate(model, reference, attacks, preset, max_samples, no_large_eps_check, plot, as_json, report,
+             **kw) -> None:
     """Measure what MODEL resists: clean accuracy, and accuracy under adaptive (white-box, through
     MODEL itself, mask included), transfer (crafted on --reference) and gradient-free attacks.
 
@@ -229,7 +233,8 @@ def evaluate(model, reference, attacks, preset, max_samples, plot, as_json, repo
     data, eps = kw.pop("data"), tuple(parse_eps(kw.pop("eps")))
     names = tuple(a.strip() for a in attacks.split(",") if a.strip())
     config = EvaluateConfig(**common_fields(kw, "pgd", eps[0]), attacks=names, eps=eps, preset=preset,
-                            reference=Path(reference) if reference else None, max_samples=max_samples)
+                            reference=Path(reference) if reference else None, max_samples=max_samples,
+                            sanity=not no_large_eps_check)
     result = run(model, data, config).to_dict()
     _emit(result, as_json, report, format_evaluate, plot, plot_evaluate)
     if result["failures"]:

@@ -180,3 +180,11 @@ def test_check_says_not_computed_when_ops_are_unsupported(digits_files, tmp_path
     onnx.save(with_unsupported_op(digits_files[0]), str(path))
     out = run("check", path, code=1).stdout
     assert "input gradients: not computed" in out and "NOT finite" not in out and "ZERO" not in out
+
+
+def test_evaluate_can_skip_the_large_eps_check(digits_files):
+    model, data = digits_files
+    base = ("-q", "evaluate", model, "--data", data, "--attack", "fgsm", "--max-samples", "16", "--eps", "0.1", "--json")
+    names = [c["name"] for c in json.loads(run(*base, "--no-large-eps-check").stdout)["checks"]]
+    assert names and not any("large eps" in n for n in names)
+    assert any("large eps" in c["name"] for c in json.loads(run(*base).stdout)["checks"])
