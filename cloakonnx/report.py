@@ -104,7 +104,8 @@ def format_inspect(info: dict) -> str:
     lines.append(f"  batch dimension: {'dynamic' if info['dynamic_batch'] else 'fixed'}")
     head = info["head"]
     if head:
-        lines.append(f"  head: {head['kind']} ({', '.join(head['nodes'])}) -> {head['logits']}, "
+        names = f" ({', '.join(n for n in head['nodes'] if n)})" if any(head["nodes"]) else ""
+        lines.append(f"  head: {head['kind']}{names} -> {head['logits']}, "
                      f"{head['classes']} classes")
         lines.append(f"  feature tensor: {head['feature_tensor']} ({head['features']} features)")
         m = head["mask"]

@@ -321,6 +321,8 @@ def test_format_inspect_folded_none_and_missing_head():
         format_inspect(info).splitlines()
     info["head"]["mask"] = None
     assert "  cloak mask: none" in format_inspect(info).splitlines()
+    info["head"]["nodes"] = ["", ""]  # unnamed nodes: no empty parentheses
+    assert "  head: gemm -> logits, 10 classes" in format_inspect(info).splitlines()
     info = inspect_info()
     info.update(head=None, head_error="no Gemm or MatMul head", producer="", dynamic_batch=False, metadata={})
     info["inputs"][0]["shape"] = [4, 1, 8, 8]
