@@ -116,8 +116,11 @@ def test_ctrl_c_leaves_no_output(digits_files, tmp_path):
     # Enough attack steps that the run cannot finish before the signal lands (a fixed sleep raced a
     # fast CI machine: the run ended first and SIGINT hit interpreter shutdown). Interrupt once the
     # pipeline has announced itself, i.e. mid-attack.
+    # The child gets Ctrl-C's default disposition, as from a terminal: a SIGINT ignored in this process
+    # (the whole suite ran it so on CI) would be inherited, and Python then installs no KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "cloakonnx.cli", "harden", str(model), "--data", str(data),
-                             "-o", str(out), "--steps", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "-o", str(out), "--steps", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:
         seen.append(line)
