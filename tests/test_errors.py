@@ -128,7 +128,10 @@ def test_ctrl_c_leaves_no_output(digits_files, tmp_path):
             break
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=120)
+    try:
+        _, rest = proc.communicate(timeout=120)
+    finally:  # a child that ignored the signal must not run on for the rest of the suite
+        proc.kill()
     err = "".join(seen) + rest
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
