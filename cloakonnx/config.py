@@ -59,7 +59,10 @@ class CommonConfig:
     preprocess: Preprocess = field(default_factory=Preprocess)
     input_name: str | None = None
     logits: str | None = None  # the graph output that carries the logits; None: found from the head
-    image_size: tuple[int, int] | None = None  # for image folders
+    image_size: tuple[int, int] | None = None  # image folders: resize straight to H,W (--size)
+    resize: int | None = None  # image folders: the short side to this, then
+    crop: int | None = None  # a centred square of this side (torchvision's Resize + CenterCrop)
+    data_workers: int | None = None  # threads decoding images; None: min(4, cores)
     # input name -> the shape to run it with (--input-shapes); all but the batch dim must match the data
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
@@ -79,6 +82,9 @@ class MaskConfig(CommonConfig):
     """How a mask is scored and chosen: shared by ``harden`` and ``sweep``."""
 
     val_split: float = 0.2
+    # validation keeps its feature rows and per-sample results in memory: at most this many samples
+    # (the rest of the held-out share goes to calibration); None: no cap
+    val_max: int | None = 10000
     # The tensors to mask: () is the head's input; several (or ("auto",)) need score="learned".
     feature_tensors: tuple[str, ...] = ()
     score: str = "absdiff"
@@ -116,6 +122,8 @@ class MaskConfig(CommonConfig):
             raise CloakError("--feature-tensor auto proposes the tensors itself; give it alone")
         if self.score == LEARNED:
             self.learn.validate()
+        if self.val_max is not None and self.val_max < 1:
+            raise CloakError(f"--val-max must be at least 1, got {self.val_max}")
         if self.max_clean_drop is not None and self.max_clean_drop < 0:
             raise CloakError(f"--max-clean-drop must be non-negative, got {self.max_clean_drop:g}")
         if not (self.budget_confidence == 0 or 0.5 <= self.budget_confidence < 1):

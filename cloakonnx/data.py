@@ -14,24 +14,40 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CloakError
+from .errors import CloakError, first_line
+from .sources import (IMAGE_SUFFIXES, ImageTransform, Rows, Take, calibration_reader, check_labels, image_folder,
+                      loader_script, npy_rows, npz_inputs, take)
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+__all__ = ["Dataset", "IMAGE_SUFFIXES", "ImageTransform", "LoaderScript", "Preprocess", "from_calibration_reader",
+           "load_data", "split", "validate"]
 
 
 @dataclass
 class Dataset:
-    x: np.ndarray  # float32, [N, *input_shape], in the box
+    """Labelled samples. ``x`` is a float32 numpy array, or ``sources.Rows`` read a batch at a time;
+    ``index`` is each sample's index in the source, which seeds its attack's random start."""
+
+    x: np.ndarray | Rows  # float32, [N, *input_shape], in the box
     y: np.ndarray  # int64, [N]
     source: str = ""
+    index: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = np.arange(len(self.y), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def lazy(self) -> bool:
+        return isinstance(self.x, Rows)
+
     def subset(self, idx: np.ndarray) -> "Dataset":
-        return Dataset(self.x[idx], self.y[idx], self.source)
+        idx = np.asarray(idx)
+        return Dataset(take(self.x, idx), self.y[idx], self.source, self.index[idx])
 
 
 @dataclass
@@ -97,81 +113,41 @@ def parse_floats(text: str | None, what: str) -> list[float] | None:
 
 
 def load_npz(path: str | os.PathLike) -> Dataset:
+    """An ``.npz`` with ``x`` and ``y``; ``x`` is read by rows from disk, not loaded (see ``sources``)."""
     p = Path(path)
+    x, y = npz_inputs(p)
+    return _checked(x, y, str(p))
+
+
+def load_npy(x_path: Path, y_path: Path, where: str) -> Dataset:
+    """A pair of ``.npy`` files (inputs read by rows from disk, labels loaded)."""
+    for f in (x_path, y_path):
+        if not f.is_file():
+            raise CloakError(f"{where}: no file {f}")
+    x = npy_rows(x_path, str(x_path))
     try:
-        with np.load(p, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            missing = {"x", "y"} - keys
-            if missing:
-                raise CloakError(
-                    f"{p} must hold arrays 'x' (inputs) and 'y' (integer labels); "
-                    f"missing {', '.join(sorted(missing))}, found {', '.join(sorted(keys)) or 'nothing'}"
-                )
-            x, y = npz["x"], npz["y"]
-    except CloakError:
-        raise
-    except Exception as exc:  # zipfile / pickle / format errors
-        raise CloakError(f"{p} is not a readable .npz file: {exc}") from exc
-    if x.ndim == 0 or y.ndim == 0:
-        raise CloakError(f"{p}: 'x' and 'y' must be arrays with one entry per sample, got scalars")
-    if not np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_ or np.iscomplexobj(x):
-        raise CloakError(f"{p}: 'x' must be numeric, got dtype {x.dtype}")
-    if y.ndim != 1:
-        y = y.reshape(-1) if y.size == len(y) else y
-    if y.ndim != 1:
-        raise CloakError(f"{p}: 'y' must be a 1-D array of integer labels, got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise CloakError(f"{p}: labels 'y' must be integers, got dtype {y.dtype}")
+        y = np.load(y_path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - format errors
+        raise CloakError(f"{y_path} is not a readable .npy file: {first_line(exc)}") from exc
+    return _checked(x, y, where)
+
+
+def _checked(x, y, where: str) -> Dataset:
+    if np.ndim(y) == 0:
+        raise CloakError(f"{where}: 'x' and 'y' must be arrays with one entry per sample, got scalars")
+    y = check_labels(y, where)
     if len(x) != len(y):
-        raise CloakError(f"{p}: 'x' has {len(x)} samples but 'y' has {len(y)}")
-    return Dataset(x.astype(np.float32, copy=False), y.astype(np.int64), str(p))
+        raise CloakError(f"{where}: 'x' has {len(x)} samples but 'y' has {len(y)}")
+    return Dataset(x, y, where)
 
 
-def load_image_folder(path: str | os.PathLike, size: tuple[int, int] | None, channels: int = 3,
-                      bounds: tuple[float, float] = (0.0, 1.0)) -> Dataset:
-    """A folder of class sub-folders (sorted names are the labels 0..K-1), like torchvision's ImageFolder."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        raise CloakError("reading image folders needs Pillow: pip install pillow") from None
-    root = Path(path)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise CloakError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise CloakError(f"image folders need a model with 1 or 3 input channels, got {channels}")
-    xs, ys, skipped = [], [], 0
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert(mode)
-                    if size is not None:
-                        im = im.resize((size[1], size[0]), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, counted
-                log.warning("skipping unreadable image %s: %s", f, exc)
-                skipped += 1
-                continue
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-            xs.append(arr)
-            ys.append(label)
-    if skipped:
-        log.warning("skipped %d unreadable image file(s) in %s", skipped, root)
-    if not xs:
-        raise CloakError(f"{root} has no readable images in its class sub-folders")
-    shapes = {a.shape for a in xs}
-    if len(shapes) > 1:
-        raise CloakError(f"images in {root} have different sizes {sorted(shapes)[:3]}...; resize them with --size H,W")
-    lo, hi = bounds
-    x = np.stack(xs) * (hi - lo) + lo
-    return Dataset(x.astype(np.float32), np.asarray(ys, np.int64), str(root))
+def load_image_folder(path: str | os.PathLike, size: tuple[int, int] | None = None, channels: int = 3,
+                      bounds: tuple[float, float] = (0.0, 1.0), transform: ImageTransform | None = None,
+                      workers: int | None = None) -> Dataset:
+    """A folder of class sub-folders (sorted names are the labels 0..K-1), like torchvision's ImageFolder;
+    decoded a batch at a time."""
+    loaded = image_folder(Path(path), transform or ImageTransform(size=size), channels, bounds, workers)
+    return Dataset(loaded.x, loaded.y, loaded.source)
 
 
 def digits_dataset(side: int = 8) -> Dataset:
@@ -188,16 +164,48 @@ def digits_dataset(side: int = 8) -> Dataset:
     return Dataset(np.clip(x, 0, 1), d.target.astype(np.int64), "sklearn.datasets.load_digits")
 
 
-def load_data(path: str | os.PathLike, size: tuple[int, int] | None = None, channels: int = 3,
-              bounds: tuple[float, float] = (0.0, 1.0)) -> Dataset:
+@dataclass(frozen=True)
+class LoaderScript:
+    """Polygraphy's ``--data-loader-script file.py:func``: ``func()`` yields ``(x, y)`` batches."""
+
+    spec: str
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def from_calibration_reader(reader, labels=None, label_key: str | None = None,
+                            input_name: str | None = None) -> Dataset:
+    """Data from an onnxruntime quantization ``CalibrationDataReader`` (``get_next()`` gives feed
+    dicts, then None), with labels from ``label_key`` in its dicts or from ``labels`` (an iterable in
+    the same order). Read once, spooled to a temporary file; pass the result as ``data``."""
+    loaded = calibration_reader(reader, labels, label_key, input_name)
+    return Dataset(loaded.x, loaded.y, loaded.source)
+
+
+def load_data(path: str | os.PathLike | LoaderScript, size: tuple[int, int] | None = None, channels: int = 3,
+              bounds: tuple[float, float] = (0.0, 1.0), transform: ImageTransform | None = None,
+              workers: int | None = None) -> Dataset:
+    """Any file source: ``.npz``; a folder holding ``x.npy`` and ``y.npy``, or ``X.npy,Y.npy``; a folder of
+    class sub-folders of images. The inputs are read a batch at a time, not loaded."""
+    if isinstance(path, LoaderScript):
+        loaded = loader_script(path.spec)
+        return Dataset(loaded.x, loaded.y, loaded.source)
+    text = str(path)
+    if "," in text and all(part.strip().lower().endswith(".npy") for part in text.split(",")):
+        xs, ys = (Path(part.strip()) for part in text.split(",", 1))
+        return load_npy(xs, ys, text)
     p = Path(path)
     if not p.exists():
         raise CloakError(f"data not found: {p}")
     if p.is_dir():
-        return load_image_folder(p, size, channels, bounds)
+        if (p / "x.npy").is_file() or (p / "y.npy").is_file():
+            return load_npy(p / "x.npy", p / "y.npy", str(p))
+        return load_image_folder(p, size, channels, bounds, transform, workers)
     if p.suffix.lower() == ".npz":
         return load_npz(p)
-    raise CloakError(f"unsupported data {p}: give an .npz file with 'x' and 'y', or a folder of class sub-folders")
+    raise CloakError(f"unsupported data {p}: give an .npz file with 'x' and 'y', a folder holding x.npy and y.npy, "
+                     "or a folder of class sub-folders of images")
 
 
 def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], num_classes: int | None) -> None:
@@ -217,17 +225,13 @@ def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], nu
         )
     if ds.x[0].size == 0:
         raise CloakError(f"data samples have shape {tuple(ds.x.shape[1:])}: they hold no values")
-    if not np.all(np.isfinite(ds.x)):
-        bad = int((~np.isfinite(ds.x)).reshape(len(ds), -1).any(1).sum())
-        raise CloakError(f"the data has NaN or Inf values in {bad} sample(s)")
-    lo, hi = bounds
-    xmin, xmax = float(ds.x.min()), float(ds.x.max())
-    tol = 1e-6 * (hi - lo)
-    if xmin < lo - tol or xmax > hi + tol:
-        raise CloakError(
-            f"the data lies in [{xmin:.4g}, {xmax:.4g}], outside --bounds {lo:g},{hi:g}; "
-            "give the box your inputs live in (normalise with --mean/--std, not in the data)"
-        )
+    check = box_check(bounds)
+    if isinstance(ds.x, Rows):  # every batch is checked as it is read; the first one now, to fail early
+        root = ds.x.base if isinstance(ds.x, Take) else ds.x
+        root.check = check
+        ds.x[: min(len(ds), 64)]
+    else:
+        check(ds.x, None)
     if num_classes is None:
         return
     ymin, ymax = int(ds.y.min()), int(ds.y.max())
@@ -235,8 +239,29 @@ def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], nu
         raise CloakError(f"labels range over [{ymin}, {ymax}] but the model has {num_classes} classes (0..{num_classes - 1})")
 
 
-def split(ds: Dataset, val_split: float, seed: int = 0, min_each: int = 1) -> tuple[Dataset, Dataset]:
-    """Hold out ``val_split`` of the data for validation; it is never used for scoring features."""
+def box_check(bounds: tuple[float, float]):
+    """A check of a batch of samples (``idx``: their indices, for the message): finite, inside the box."""
+    lo, hi = bounds
+    tol = 1e-6 * (hi - lo)
+
+    def check(x: np.ndarray, idx: np.ndarray | None) -> None:
+        finite = np.isfinite(x).reshape(len(x), -1).all(1)
+        if not finite.all():
+            where = "" if idx is None else f" (samples {', '.join(map(str, idx[~finite][:5]))})"
+            raise CloakError(f"the data has NaN or Inf values in {int((~finite).sum())} sample(s){where}")
+        xmin, xmax = float(x.min()), float(x.max())
+        if xmin < lo - tol or xmax > hi + tol:
+            raise CloakError(
+                f"the data lies in [{xmin:.4g}, {xmax:.4g}], outside --bounds {lo:g},{hi:g}; "
+                "give the box your inputs live in (normalise with --mean/--std, not in the data)")
+
+    return check
+
+
+def split(ds: Dataset, val_split: float, seed: int = 0, min_each: int = 1,
+          val_max: int | None = None) -> tuple[Dataset, Dataset]:
+    """Hold out ``val_split`` of the data for validation, at most ``val_max`` samples (the rest go to
+    calibration); it is never used for scoring features. Decided per sample index, with the seed."""
     if not 0 < val_split < 1:
         raise CloakError(f"--val-split must be in (0, 1), got {val_split}")
     n = len(ds)
@@ -246,6 +271,8 @@ def split(ds: Dataset, val_split: float, seed: int = 0, min_each: int = 1) -> tu
             f"the dataset has {n} samples: too few for a {val_split:g} validation split "
             f"(need at least {min_each} for calibration and for validation)"
         )
+    if val_max is not None:
+        n_val = min(n_val, val_max)
     perm = np.random.default_rng(seed).permutation(n)
     return ds.subset(np.sort(perm[n_val:])), ds.subset(np.sort(perm[:n_val]))
 

@@ -174,8 +174,9 @@ def _survivors(runner: Runner, source: Runner, cfg: AttackConfig, ds: Dataset, d
     if len(ds) == 0:
         return np.zeros(0, bool)
     batch = source.attack_batch(config.attack.batch_size, cfg.name, ds.x.shape[1:]).size
-    adv = source.craft(cfg, ds, device, f"{cfg.name} eps={cfg.eps:g} {threat}", batch)
-    return runner.predict(adv, config.ort_batch_size) == ds.y
+    ok = [runner.predict(adv, config.ort_batch_size) == ds.y[start : start + len(adv)]
+          for start, _, adv in source.craft_batches(cfg, ds, device, f"{cfg.name} eps={cfg.eps:g} {threat}", batch)]
+    return np.concatenate(ok)  # one bit per sample: nothing else is kept
 
 
 def _sources(name: str, runner: Runner, reference: Runner | None) -> list[tuple[str, Runner]]:

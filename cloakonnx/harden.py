@@ -73,15 +73,16 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     start, timer = time.perf_counter(), StageTimer()
     model_path = Path(model_path)
     out_path = output_path(model_path, config.output)
-    p = prepare(model_path, data, config)
-    check_needs_head(p, config)
-    with timer("evaluation"):
-        base = evaluate_original(p, config)
-    search = (search_mask if config.single_tensor else search_layers)(p, config, base, timer)
-    with timer("surgery"):
-        hardened = hardened_model(p, config, search)
-    with timer("evaluation"):
-        final = evaluate_hardened(p, config, base, search)
+    with timer.data_wait():
+        p = prepare(model_path, data, config)
+        check_needs_head(p, config)
+        with timer("evaluation"):
+            base = evaluate_original(p, config)
+        search = (search_mask if config.single_tensor else search_layers)(p, config, base, timer)
+        with timer("surgery"):
+            hardened = hardened_model(p, config, search)
+        with timer("evaluation"):
+            final = evaluate_hardened(p, config, base, search)
     with timer("write"):
         save_model(hardened, out_path, external=uses_external_data(model_path))
     stages, stages_cpu = timer.rounded()
@@ -270,7 +271,7 @@ def sha256_file(path: str | Path) -> str:
 
 def input_hashes(model_path: Path, data) -> dict:
     hashes = {"model": sha256_file(model_path)}
-    if not isinstance(data, Dataset) and Path(data).is_file():
+    if isinstance(data, (str, Path)) and Path(data).is_file():
         hashes["data"] = sha256_file(data)
     return hashes
 

@@ -18,10 +18,11 @@ import onnx
 from .attacks import ATTACKS, AttackConfig
 from .batching import BatchChoice
 from .config import CommonConfig, MaskConfig
-from .data import Dataset, Preprocess, load_data, split, validate
+from .data import Dataset, ImageTransform, Preprocess, load_data, split, validate
 from .errors import CloakError
 from .graph import Target, fixed_size, is_qdq, load_model, resolve_target, select_input, show_shape, with_outputs
 from .runtime import batch_size_for, run_batch
+from .sources import DATA_WAIT, batch_bounds, prefetched
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,16 @@ class StageTimer:
             self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - wall
             self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
 
+    @contextmanager
+    def data_wait(self):
+        """Adds the time spent blocked on data while inside (``sources.DATA_WAIT``) as the stage
+        "data wait"; it overlaps the stages it happened in."""
+        before = DATA_WAIT.seconds
+        try:
+            yield
+        finally:
+            self.wall["data wait"] = self.wall.get("data wait", 0.0) + DATA_WAIT.seconds - before
+
     def rounded(self) -> tuple[dict[str, float], dict[str, float]]:
         return ({k: round(v, 3) for k, v in self.wall.items()}, {k: round(v, 3) for k, v in self.cpu.items()})
 
@@ -54,8 +65,8 @@ def predict(session, x: np.ndarray, feed: Callable[[np.ndarray], np.ndarray], lo
     bs = batch_size_for(session, batch_size)
     outputs = [logits] if logits else [session.get_outputs()[0].name]
     preds = []
-    for s in range(0, len(x), bs):
-        (out,) = run_batch(session, feed(x[s : s + bs]), outputs)
+    for xb in prefetched(x, batch_bounds(len(x), bs)):
+        (out,) = run_batch(session, feed(xb), outputs)
         preds.append(out.reshape(len(out), -1).argmax(1))
     return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
@@ -69,7 +80,7 @@ def accuracy(session, x: np.ndarray, y: np.ndarray, feed, logits: str | None = N
 def collect_features(session, feature: str, x: np.ndarray, feed, batch_size: int = 256) -> np.ndarray:
     """The feature tensor for every sample of ``x`` (used for the validation split only)."""
     bs = batch_size_for(session, batch_size)
-    parts = [run_batch(session, feed(x[s : s + bs]), [feature])[0] for s in range(0, len(x), bs)]
+    parts = [run_batch(session, feed(xb), [feature])[0] for xb in prefetched(x, batch_bounds(len(x), bs))]
     f = np.concatenate(parts)
     return f.reshape(len(f), -1)
 
@@ -164,7 +175,14 @@ class Runner:
         from .attacks import craft
 
         return craft(self.model_for(config.name), config, ds.x, ds.y, self.preprocess.bounds, device, desc, batch,
-                     fixed_batch=bool(self.fixed_batch))
+                     fixed_batch=bool(self.fixed_batch), index=ds.index)
+
+    def craft_batches(self, config: AttackConfig, ds: Dataset, device: str, desc: str, batch: int):
+        """``craft``, a batch at a time: ``(start, clean batch, adversarial batch)``."""
+        from .attacks import craft_batches
+
+        return craft_batches(self.model_for(config.name), config, ds.x, ds.y, self.preprocess.bounds, device, desc,
+                             batch, fixed_batch=bool(self.fixed_batch), index=ds.index)
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         return predict(self.session, x, self.feed, self.logits, batch_size)
@@ -196,8 +214,10 @@ def load_checked(data: str | Path | Dataset, runner: Runner, config: CommonConfi
         ds = data
     else:
         channels = (fixed_size(shape[1]) or 3) if len(shape) == 4 else 3
-        size = config.image_size or (tuple(given[2:]) if given is not None and len(given) == 4 else None)
-        ds = load_data(data, size, channels, bounds)
+        from_shapes = given is not None and len(given) == 4 and config.resize is None and config.crop is None
+        size = config.image_size or (tuple(given[2:]) if from_shapes else None)
+        ds = load_data(data, size, channels, bounds, ImageTransform(size, config.resize, config.crop),
+                       config.data_workers)
     if given is not None and tuple(ds.x.shape[1:]) != tuple(given[1:]):
         raise CloakError(f"--input-shapes gives {runner.input.name!r} as {show_shape(given)}, but the data's samples "
                          f"are {show_shape(ds.x.shape[1:])} (x is {tuple(ds.x.shape)}): they must agree in every "
@@ -261,7 +281,7 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     torch.manual_seed(config.seed)
     runner = Runner.for_config(model, target.logits, [target.feature], config, device)
     ds, _ = load_checked(data, runner, config)
-    calib, val = split(ds, config.val_split, config.seed)
+    calib, val = split(ds, config.val_split, config.seed, val_max=config.val_max)
     log.info("model %s: feature tensor %r, %s; %d calibration / %d validation samples; providers %s; torch on %s",
              model_path.name, target.feature, f"{target.head.kind} head" if target.head else "custom tensor",
              len(calib), len(val), ", ".join(providers), device)
@@ -274,14 +294,21 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
 def calibrate(p: Prepared, runner: Runner, ort_batch_size: int, timer: StageTimer, desc: str = ""):
     """Attack the calibration split through ``runner`` and stream the feature statistics:
     (FeatureStats, clean accuracy, adversarial accuracy) on the calibration split."""
-    from .stats import stream_stats
+    from .stats import StatsStream
 
-    with timer("attack"):
-        adv = p.craft(runner, p.calib, f"attack calibration{desc}")
+    weight = p.target.head.weight if p.target.head is not None else None
+    stream = StatsStream(runner.session, p.target.feature, p.target.logits, runner.feed, ort_batch_size, weight)
+    batches = runner.craft_batches(p.attack, p.calib, p.device, f"attack calibration{desc}", p.attack_batch.size)
+    while True:  # one batch at a time: attack it, add its statistics, drop it
+        with timer("attack"):
+            item = next(batches, None)
+        if item is None:
+            break
+        start, clean, adv = item
+        with timer("statistics"):
+            stream.add(clean, adv, p.calib.y[start : start + len(adv)])
     with timer("statistics"):
-        weight = p.target.head.weight if p.target.head is not None else None
-        return stream_stats(runner.session, p.target.feature, p.target.logits, p.calib.x, adv, p.calib.y,
-                            runner.feed, ort_batch_size, head_weight=weight)
+        return stream.finish()
 
 
 @dataclass

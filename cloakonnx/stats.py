@@ -78,9 +78,56 @@ def margin_terms(f_clean: np.ndarray, f_adv: np.ndarray, adv_logits: np.ndarray,
     return delta * (weight[:, a] - weight[:, y]).T
 
 
-def stream_stats(session, feature: str, logits: str, x_clean: np.ndarray, x_adv: np.ndarray,
-                 y: np.ndarray, to_model, batch_size: int = 256, desc: str = "statistics",
+class StatsStream:
+    """Feature statistics added as clean and adversarial batches arrive. Rows wait in a small buffer
+    until ``batch_size`` of them can go through onnxruntime together, so the sums do not depend on the
+    attack's batch; only running sums and two counters are kept."""
+
+    def __init__(self, session, feature: str, logits: str, to_model, batch_size: int = 256,
                  head_weight: np.ndarray | None = None):
+        from .runtime import batch_size_for
+
+        self.session, self.feature, self.logits, self.to_model = session, feature, logits, to_model
+        self.batch_size = batch_size_for(session, batch_size)
+        self.head_weight = head_weight
+        self.stats: FeatureStats | None = None
+        self.count = self.correct_clean = self.correct_adv = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, x_clean: np.ndarray, x_adv: np.ndarray, y: np.ndarray) -> None:
+        self._pending.append((x_clean, x_adv, y))
+        while sum(len(p[2]) for p in self._pending) >= self.batch_size:
+            self._run(self.batch_size)
+
+    def finish(self) -> tuple["FeatureStats", float, float]:
+        """Run what is left; (FeatureStats, clean accuracy, adversarial accuracy) over everything added."""
+        if self._pending:
+            self._run(sum(len(p[2]) for p in self._pending))
+        n = max(self.count, 1)
+        return self.stats, self.correct_clean / n, self.correct_adv / n
+
+    def _run(self, k: int) -> None:
+        from .runtime import run_batch
+
+        clean, adv, y = (np.concatenate([p[i] for p in self._pending]) for i in range(3))
+        self._pending = [(clean[k:], adv[k:], y[k:])] if len(y) > k else []
+        clean, adv, y = clean[:k], adv[:k], y[:k]
+        f_c, l_c = run_batch(self.session, self.to_model(clean), [self.feature, self.logits])
+        f_a, l_a = run_batch(self.session, self.to_model(adv), [self.feature, self.logits])
+        if self.stats is None:
+            self.stats = FeatureStats(per_feature(f_c).shape[1], ndim=np.ndim(f_c))
+        margin = None
+        w = self.head_weight
+        if w is not None and np.ndim(f_c) == 2 and f_c.shape[1] == w.shape[0]:
+            margin = margin_terms(f_c, f_a, l_a, y, w)
+        self.stats.update(f_c, f_a, margin)
+        self.count += len(y)
+        self.correct_clean += int((l_c.reshape(len(l_c), -1).argmax(1) == y).sum())
+        self.correct_adv += int((l_a.reshape(len(l_a), -1).argmax(1) == y).sum())
+
+
+def stream_stats(session, feature: str, logits: str, x_clean, x_adv, y: np.ndarray, to_model,
+                 batch_size: int = 256, desc: str = "statistics", head_weight: np.ndarray | None = None):
     """Run clean and adversarial batches through ``session``; return FeatureStats and accuracies.
 
     ``to_model`` maps box-space inputs to the model's (normalisation). Only running sums are kept.
@@ -88,24 +135,12 @@ def stream_stats(session, feature: str, logits: str, x_clean: np.ndarray, x_adv:
     """
     from tqdm.auto import tqdm
 
-    from .runtime import batch_size_for, run_batch
+    from .sources import batch_bounds, prefetched
 
-    bs = batch_size_for(session, batch_size)
-    stats: FeatureStats | None = None
-    correct_clean = correct_adv = 0
+    stream = StatsStream(session, feature, logits, to_model, batch_size, head_weight)
+    bounds = batch_bounds(len(y), stream.batch_size)
     with tqdm(total=len(y), desc=desc, unit="img", leave=False, disable=None) as bar:
-        for start in range(0, len(y), bs):
-            sl = slice(start, start + bs)
-            f_c, l_c = run_batch(session, to_model(x_clean[sl]), [feature, logits])
-            f_a, l_a = run_batch(session, to_model(x_adv[sl]), [feature, logits])
-            if stats is None:
-                stats = FeatureStats(per_feature(f_c).shape[1], ndim=np.ndim(f_c))
-            margin = None
-            if head_weight is not None and np.ndim(f_c) == 2 and f_c.shape[1] == head_weight.shape[0]:
-                margin = margin_terms(f_c, f_a, l_a, y[sl], head_weight)
-            stats.update(f_c, f_a, margin)
-            correct_clean += int((l_c.reshape(len(l_c), -1).argmax(1) == y[sl]).sum())
-            correct_adv += int((l_a.reshape(len(l_a), -1).argmax(1) == y[sl]).sum())
-            bar.update(len(l_c))
-    n = max(len(y), 1)
-    return stats, correct_clean / n, correct_adv / n
+        for (s, e), c, a in zip(bounds, prefetched(x_clean, bounds), prefetched(x_adv, bounds)):
+            stream.add(c, a, y[s:e])
+            bar.update(e - s)
+    return stream.finish()

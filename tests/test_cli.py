@@ -77,7 +77,7 @@ def test_report_agrees_with_independent_evaluation(hardened, digits_files):
     _, val = split(load_npz(digits_files[1]), 0.2, seed=0)
     for path, key in ((digits_files[0], "original"), (out, "hardened")):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        acc = (sess.run(None, {"input": val.x})[0].argmax(1) == val.y).mean()
+        acc = (sess.run(None, {"input": np.asarray(val.x)})[0].argmax(1) == val.y).mean()
         assert acc == pytest.approx(report["clean_accuracy"][key], abs=1e-9)
 
 

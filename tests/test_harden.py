@@ -178,11 +178,14 @@ def test_refolding_a_folded_model_unites_the_masks(digits_files, tmp_path):
 
 def test_stage_times_add_up(hardened):
     report, _ = hardened
-    assert set(report.stages) == set(report.stages_cpu)
-    assert {"attack", "statistics", "evaluation", "surgery", "write"} <= set(report.stages)
-    assert all(v >= 0 for v in report.stages.values()) and all(v >= 0 for v in report.stages_cpu.values())
-    assert report.stages["attack"] > 0 and report.stages_cpu["attack"] > 0
-    assert sum(report.stages.values()) <= report.seconds + 0.0005 * len(report.stages) + 0.01
+    stages = dict(report.stages)
+    wait = stages.pop("data wait")  # time blocked on data overlaps the stages it happened in
+    assert set(stages) == set(report.stages_cpu)
+    assert {"attack", "statistics", "evaluation", "surgery", "write"} <= set(stages)
+    assert all(v >= 0 for v in stages.values()) and all(v >= 0 for v in report.stages_cpu.values())
+    assert stages["attack"] > 0 and report.stages_cpu["attack"] > 0
+    assert 0 <= wait <= report.seconds
+    assert sum(stages.values()) <= report.seconds + 0.0005 * len(stages) + 0.01
     assert report.seconds > 0
 
 

@@ -97,7 +97,7 @@ class APGD(Attack):
             (grad,) = torch.autograd.grad(losses.sum(), x_adv)
         return losses.detach(), logits.detach(), grad.detach()
 
-    def _start(self, x):
+    def _start(self, x, rows=None):
         import torch
 
         cfg = self.config
@@ -105,14 +105,14 @@ class APGD(Attack):
             return x.clone()
         shape = (-1,) + (1,) * (x.dim() - 1)
         if cfg.norm == "linf":
-            t = torch.rand(x.shape, generator=self.generator).to(x.device) * 2 - 1
+            t = self.rand(x.shape, rows).to(x.device) * 2 - 1
             t = t / (t.abs().flatten(1).max(1).values.view(shape) + 1e-12)
         else:
-            t = torch.randn(x.shape, generator=self.generator).to(x.device)
+            t = self.rand(x.shape, rows, normal=True).to(x.device)
             t = t / (t.flatten(1).norm(dim=1).view(shape) + 1e-12)
         return self.project(x + cfg.eps * t, x)
 
-    def _run(self, x, y):
+    def _run(self, x, y, rows=None):
         """One APGD run. Returns (x with the highest loss, its loss, fooled mask, latest fooling iterate)."""
         import torch
 
@@ -120,7 +120,7 @@ class APGD(Attack):
         checks = set(checkpoints(n_iter))
         shape = (-1,) + (1,) * (x.dim() - 1)
 
-        x_adv = self._start(x)
+        x_adv = self._start(x, rows)
         loss, logits, grad = self._loss_and_grad(x_adv, y)
         fooled = logits.argmax(1) != y
         x_fool = x_adv.clone()
@@ -189,7 +189,7 @@ class APGD(Attack):
 
     def _keep_worst(self, x, y, idx, out, best_loss, fooled) -> None:
         """One run on the samples ``idx``; keep each one's fooling iterate, else its highest-loss point."""
-        x_best, loss_best, now, x_fool = self._run(x[idx], y[idx])
+        x_best, loss_best, now, x_fool = self._run(x[idx], y[idx], idx.tolist())
         better = (loss_best > best_loss[idx]) & ~now
         out[idx[better]] = x_best[better]
         best_loss[idx[better]] = loss_best[better]

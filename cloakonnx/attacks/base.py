@@ -53,6 +53,13 @@ class AttackConfig:
         return d
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample ``index`` of a run seeded with ``seed`` (numpy's SeedSequence mixing)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class Attack:
     """Base class: ``attack(x, y)`` returns adversarial inputs within the eps ball and the box."""
 
@@ -64,7 +71,31 @@ class Attack:
         self.model = model
         self.config = config
         self.lo, self.hi = bounds
-        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)  # random starts, per run
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)  # reseeded per batch by set_samples
+        self.sample_generators: list | None = None
+
+    def set_samples(self, index) -> None:
+        """The source indices of the next batch's samples: each sample's random start then comes from
+        its own generator, seeded with (seed, index), so it does not depend on the batch it falls in
+        (nor on the source, nor on how the data is sharded). The rest of the randomness (Square's
+        search) comes from ``self.generator``, reseeded with (seed, first index of the batch)."""
+        import torch
+
+        index = [int(i) for i in index]
+        self.sample_generators = [torch.Generator(device="cpu").manual_seed(sample_seed(self.config.seed, i))
+                                  for i in index]
+        self.generator.manual_seed(sample_seed(self.config.seed, index[0]) if index else self.config.seed)
+
+    def rand(self, shape, rows=None, normal: bool = False):
+        """Uniform [0, 1) (``normal``: standard normal) noise of ``shape`` = [n, ...], on the CPU: row r
+        from the generator of the batch's sample ``rows[r]`` (all rows when None)."""
+        import torch
+
+        draw = torch.randn if normal else torch.rand
+        if self.sample_generators is None:
+            return draw(tuple(shape), generator=self.generator)
+        gens = self.sample_generators if rows is None else [self.sample_generators[int(r)] for r in rows]
+        return torch.stack([draw(tuple(shape[1:]), generator=g) for g in gens]) if gens else draw(tuple(shape))
 
     def __call__(self, x, y):
         return self.perturb(x, y)

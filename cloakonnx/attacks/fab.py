@@ -94,7 +94,7 @@ class FABT(Attack):
     def _norm(self, d):
         return d.abs().amax(1) if self.config.norm == "linf" else d.norm(dim=1)
 
-    def _run(self, x, y, target, random_start: bool):
+    def _run(self, x, y, target, random_start: bool, rows=None):
         """One FAB run: the closest adversarial point found per sample, and its distance (inf if none)."""
         import torch
 
@@ -102,7 +102,7 @@ class FABT(Attack):
         flat = x.reshape(n, -1)
         x1 = flat.clone()
         if random_start:
-            t = torch.rand(flat.shape, generator=self.generator).to(x.device) * 2 - 1
+            t = self.rand(flat.shape, rows).to(x.device) * 2 - 1
             x1 = (flat + 0.5 * self.config.eps * t / t.abs().amax(1, keepdim=True).clamp_min(1e-12)).clamp(
                 self.lo, self.hi)
         best = flat.clone()
@@ -136,7 +136,7 @@ class FABT(Attack):
         out = x.clone()
         fooled, runs = self.schedule(x, y)
         for idx, target, restart in runs:
-            adv, dist = self._run(x[idx], y[idx], target, random_start=restart > 0)
+            adv, dist = self._run(x[idx], y[idx], target, random_start=restart > 0, rows=idx.tolist())
             now = dist <= self.config.eps * (1 + 1e-6)
             out[idx[now]] = adv[now]
             fooled[idx[now]] = True

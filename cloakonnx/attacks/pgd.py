@@ -9,16 +9,15 @@ class PGD(Attack):
         import torch
 
         cfg = self.config
-        gen = self.generator
         best = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(max(1, cfg.restarts)):
             x_adv = x.clone()
             if cfg.random_start and cfg.eps > 0:
-                noise = torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1
+                noise = self.rand(x.shape).to(x.device) * 2 - 1
                 if cfg.norm == "l2":
                     noise = noise / noise.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1))).clamp_min(1e-12)
-                    noise = noise * torch.rand(len(x), generator=gen).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+                    noise = noise * self.rand((len(x),)).to(x.device).view(-1, *([1] * (x.dim() - 1)))
                 x_adv = self.project(x + cfg.eps * noise, x)
             for _ in range(cfg.steps):
                 x_adv = self.project(x_adv + self.step(self.input_grad(x_adv, y), cfg.alpha), x).detach()
