@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .cli_args import (JoinsInputShapes, attack_options, common_fields, data_options, input_shapes_option, mask_config,
+from .cli_args import (JoinsInputShapes, attack_options, common_fields, data_options, data_source, input_shapes_option, mask_config,
                        masking_options, parse_eps, parse_input_shapes, parse_pair, runtime_options)
 from .errors import CloakError
 
@@ -159,7 +159,7 @@ def harden(model, output, rounds, no_adaptive, plot, fold, as_json, report, **kw
     from .harden import harden as run
     from .report import format_harden, plot_harden
 
-    data = kw.pop("data")
+    data = data_source(kw)
     config = mask_config(HardenConfig, kw, output=Path(output) if output else None, rounds=rounds,
                           adaptive=not no_adaptive, curve=bool(plot), fold=fold)
     _emit(run(model, data, config).to_dict(), as_json, report, format_harden, plot, plot_harden)
@@ -186,7 +186,7 @@ def sweep(model, scores, plot, as_json, report, **kw) -> None:
     from .report import format_sweep, plot_sweep
     from .sweep import sweep as run
 
-    data = kw.pop("data")
+    data = data_source(kw)
     names = tuple(s.strip() for s in scores.split(",") if s.strip())
     _emit(run(model, data, mask_config(MaskConfig, kw), names).to_dict(), as_json, report, format_sweep, plot,
           plot_sweep)
@@ -230,7 +230,7 @@ def evaluate(model, reference, attacks, preset, max_samples, no_large_eps_check,
     from .evaluate import evaluate as run
     from .report import format_evaluate, plot_evaluate
 
-    data, eps = kw.pop("data"), tuple(parse_eps(kw.pop("eps")))
+    data, eps = data_source(kw), tuple(parse_eps(kw.pop("eps")))
     names = tuple(a.strip() for a in attacks.split(",") if a.strip())
     config = EvaluateConfig(**common_fields(kw, "pgd", eps[0]), attacks=names, eps=eps, preset=preset,
                             reference=Path(reference) if reference else None, max_samples=max_samples,

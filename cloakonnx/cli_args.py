@@ -94,15 +94,25 @@ def input_shapes_option(use: str):
 # --- argument groups, shared by harden, sweep and evaluate ----------------------------------------------
 
 data_options = group(
-    click.option("--data", "data", required=True, type=click.Path(),
-                 help="Labelled data: .npz with x (N x input shape, in --bounds) and y (int labels), "
-                      "or a folder of class sub-folders of images."),
+    click.option("--data", "data", type=click.Path(),
+                 help="Labelled data, read a batch at a time: .npz with x (N x input shape, in --bounds) and y "
+                      "(int labels); a folder holding x.npy and y.npy (or X.npy,Y.npy); or a folder of class "
+                      "sub-folders of images, decoded as needed."),
+    click.option("--data-loader-script", "data_loader_script", metavar="FILE.py[:FUNC]",
+                 help="Instead of --data: FUNC (default load_data) in FILE.py yields (x, y) batches, as "
+                      "Polygraphy's option of that name. Read once, into a temporary file."),
     click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box the data lives in."),
     click.option("--mean", default=None,
                  help="Per-channel mean applied between the box and the model, e.g. 0.485,0.456,0.406."),
     click.option("--std", default=None, help="Per-channel std, with --mean."),
     click.option("--size", default=None, metavar="H,W",
                  help="Resize images from an image folder to H,W (one value N: N,N)."),
+    click.option("--resize", type=click.IntRange(min=1), default=None, metavar="S",
+                 help="Image folders: resize the short side to S, keeping the aspect (torchvision's Resize)..."),
+    click.option("--crop", type=click.IntRange(min=1), default=None, metavar="C",
+                 help="...then cut the centred C x C square (CenterCrop), e.g. --resize 256 --crop 224."),
+    click.option("--data-workers", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Threads decoding images, ahead of the attack [default: min(4, cores)]."),
     click.option("--input", "input_name", metavar="NAME", help="Model input to use (if there are several)."),
     input_shapes_option("Every dim but the batch must match the data's samples (an image folder is resized to "
                         "the given H,W unless --size is given)."),
@@ -161,6 +171,10 @@ mask_options = group(
                       "still one constant Mul per tensor."),
     click.option("--val-split", type=float, default=0.2, show_default=True,
                  help="Share of the data held out for choosing and reporting, never used for scoring."),
+    click.option("--val-max", type=click.IntRange(min=1), default=10000, show_default=True, metavar="N",
+                 help="At most N held-out samples (the rest go to calibration). Memory holds, per held-out "
+                      "sample, its label, its results and (for --max-clean-drop/--plot) two rows of the feature "
+                      "tensor; the inputs themselves are read a batch at a time."),
     click.option("--feature-tensor", "feature_tensors", metavar="NAME", multiple=True,
                  help="Mask this tensor instead of the head's input (4-D: per channel). Several times, or "
                       "'auto' (the head's input and the last activation of each resolution stage), with "
@@ -180,6 +194,16 @@ learn_options = group(
     click.option("--learn-sparsity", type=float, default=0.0, show_default=True,
                  help="--score learned: weight of the mean mask value in the loss (more features off)."),
 )
+
+
+def data_source(kw: dict):
+    """--data or --data-loader-script (exactly one), consumed from ``kw``."""
+    from .data import LoaderScript
+
+    data, script = kw.pop("data"), kw.pop("data_loader_script")
+    if (data is None) == (script is None):
+        raise click.UsageError("give the data with --data PATH or --data-loader-script FILE.py[:FUNC] (one of them)")
+    return LoaderScript(script) if script else data
 
 
 def parse_eps(text: str) -> list[float]:
@@ -209,7 +233,8 @@ def common_fields(kw: dict, name: str, eps: float) -> dict:
                               parse_floats(kw.pop("std"), "--std")),
         input_name=kw.pop("input_name"), logits=kw.pop("logits"),
         input_shapes=parse_input_shapes(kw.pop("input_shapes")),
-        image_size=parse_pair(kw.pop("size"), "--size", int, square=True),
+        image_size=parse_pair(kw.pop("size"), "--size", int, square=True), resize=kw.pop("resize"),
+        crop=kw.pop("crop"), data_workers=kw.pop("data_workers"),
         seed=kw.pop("seed"), device=kw.pop("device"),
         providers=tuple(p for p in providers.split(",") if p) if providers else None,
     )
@@ -227,6 +252,7 @@ def mask_config(cls, kw: dict, **extra):
                         inner_attack=kw.pop("learn_attack"), inner_steps=kw.pop("learn_attack_steps"),
                         sparsity=kw.pop("learn_sparsity"))
     return cls(**common, fraction=kw.pop("fraction"), score=kw.pop("score"), val_split=kw.pop("val_split"),
+               val_max=kw.pop("val_max"),
                max_clean_drop=kw.pop("max_clean_drop"), budget_confidence=kw.pop("budget_confidence"),
                feature_tensors=tuple(kw.pop("feature_tensors")), mask_values=kw.pop("mask_values"), learn=learn,
                **extra)

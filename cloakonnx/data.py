@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import CloakError, first_line
-from .sources import (IMAGE_SUFFIXES, ImageTransform, Rows, Take, calibration_reader, check_labels, image_folder,
+from .sources import (IMAGE_SUFFIXES, Checked, ImageTransform, Rows, calibration_reader, check_labels, image_folder,
                       loader_script, npy_rows, npz_inputs, take)
 
 log = logging.getLogger(__name__)
@@ -208,9 +208,10 @@ def load_data(path: str | os.PathLike | LoaderScript, size: tuple[int, int] | No
                      "or a folder of class sub-folders of images")
 
 
-def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], num_classes: int | None) -> None:
+def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], num_classes: int | None) -> Dataset:
     """Refuse data that would silently give a wrong mask: wrong shape, NaN, out of box, bad labels
-    (labels are checked when ``num_classes`` is given)."""
+    (labels are checked when ``num_classes`` is given). Returns the data to use: lazily read inputs
+    come back wrapped so that every batch read is checked (the first one is, now)."""
     from .graph import fixed_size
 
     if len(ds) == 0:
@@ -226,17 +227,19 @@ def validate(ds: Dataset, input_shape: Sequence, bounds: tuple[float, float], nu
     if ds.x[0].size == 0:
         raise CloakError(f"data samples have shape {tuple(ds.x.shape[1:])}: they hold no values")
     check = box_check(bounds)
-    if isinstance(ds.x, Rows):  # every batch is checked as it is read; the first one now, to fail early
-        root = ds.x.base if isinstance(ds.x, Take) else ds.x
-        root.check = check
+    if isinstance(ds.x, Checked):
+        pass
+    elif isinstance(ds.x, Rows):  # every batch is checked as it is read; the first one now, to fail early
+        ds = Dataset(Checked(ds.x, check), ds.y, ds.source, ds.index)
         ds.x[: min(len(ds), 64)]
     else:
         check(ds.x, None)
     if num_classes is None:
-        return
+        return ds
     ymin, ymax = int(ds.y.min()), int(ds.y.max())
     if ymin < 0 or ymax >= num_classes:
         raise CloakError(f"labels range over [{ymin}, {ymax}] but the model has {num_classes} classes (0..{num_classes - 1})")
+    return ds
 
 
 def box_check(bounds: tuple[float, float]):

@@ -172,10 +172,12 @@ class Runner:
 
     def craft(self, config: AttackConfig, ds: Dataset, device: str, desc: str, batch: int) -> np.ndarray:
         """Adversarial versions of ``ds.x`` crafted on this model (through the graph it runs)."""
-        from .attacks import craft
+        from .sources import OutputRows
 
-        return craft(self.model_for(config.name), config, ds.x, ds.y, self.preprocess.bounds, device, desc, batch,
-                     fixed_batch=bool(self.fixed_batch), index=ds.index)
+        out = OutputRows(ds.x, "adversarial")  # numpy for numpy inputs, else a temporary file
+        for _, _, adv in self.craft_batches(config, ds, device, desc, batch):
+            out.write(adv)
+        return out.result()
 
     def craft_batches(self, config: AttackConfig, ds: Dataset, device: str, desc: str, batch: int):
         """``craft``, a batch at a time: ``(start, clean batch, adversarial batch)``."""
@@ -222,7 +224,7 @@ def load_checked(data: str | Path | Dataset, runner: Runner, config: CommonConfi
         raise CloakError(f"--input-shapes gives {runner.input.name!r} as {show_shape(given)}, but the data's samples "
                          f"are {show_shape(ds.x.shape[1:])} (x is {tuple(ds.x.shape)}): they must agree in every "
                          "dim but the batch")
-    validate(ds, shape, bounds, None)
+    ds = validate(ds, shape, bounds, None)
     n_classes = runner.num_classes(ds)
     validate(ds, shape, bounds, n_classes)
     return ds, n_classes

@@ -55,15 +55,12 @@ DATA_WAIT = WaitClock()
 class Rows:
     """A read-only [N, *sample] float32 array-like that reads rows on demand.
 
-    Indexing with an int, a slice or an index array returns a numpy array, as numpy would;
-    ``check`` (set by ``data.validate``) sees every batch read, so bad values fail with the same
-    clear error however the data arrives."""
+    Indexing with an int, a slice or an index array returns a numpy array, as numpy would."""
 
     dtype = np.dtype(np.float32)
 
     def __init__(self, shape: tuple[int, ...]):
         self.shape = tuple(int(d) for d in shape)
-        self.check: Callable[[np.ndarray, np.ndarray], None] | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -81,6 +78,10 @@ class Rows:
         raise NotImplementedError
 
     def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple):  # rows first, then the rest of the index on what was read
+            rows = self[key[0]]
+            rest = key[1:]
+            return rows[rest] if isinstance(key[0], (int, np.integer)) else rows[(slice(None), *rest)]
         if isinstance(key, (int, np.integer)):
             return self[np.asarray([key])][0]
         if isinstance(key, slice):
@@ -90,10 +91,7 @@ class Rows:
             if idx.dtype == bool:
                 idx = np.flatnonzero(idx)
             idx = np.where(idx < 0, idx + len(self), idx).astype(np.int64)
-        out = self.read(idx) if len(idx) else np.zeros((0, *self.shape[1:]), np.float32)
-        if self.check is not None and len(out):
-            self.check(out, idx)
-        return out
+        return self.read(idx) if len(idx) else np.zeros((0, *self.shape[1:]), np.float32)
 
     def __array__(self, dtype=None, copy=None):  # np.asarray(rows): everything, for small data and tests
         out = self[:]
@@ -109,6 +107,20 @@ class Take(Rows):
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         return self.base[self.index[idx]]
+
+
+class Checked(Rows):
+    """``base`` with ``check(batch, indices)`` run on every batch read (``data.validate``'s box and
+    NaN checks), so bad values fail with the same clear error however the data arrives."""
+
+    def __init__(self, base: Rows, check: Callable[[np.ndarray, np.ndarray], None]):
+        super().__init__(base.shape)
+        self.base, self.check = base, check
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        out = self.base[idx]
+        self.check(out, idx)
+        return out
 
 
 def take(x, idx: np.ndarray):

@@ -135,14 +135,14 @@ def test_a_failing_attack_keeps_the_others_and_exits_3(digits_files, tmp_path, m
     from cloakonnx.cli import main
     from cloakonnx.errors import CloakError
 
-    real = pipeline.Runner.craft
+    real = pipeline.Runner.craft_batches
 
-    def craft(self, cfg, ds, device, desc, batch):
+    def craft_batches(self, cfg, ds, device, desc, batch):
         if cfg.name == "pgd":
             raise CloakError("cpu ran out of memory attacking a batch of 1")
         return real(self, cfg, ds, device, desc, batch)
 
-    monkeypatch.setattr(pipeline.Runner, "craft", craft)
+    monkeypatch.setattr(pipeline.Runner, "craft_batches", craft_batches)
     result = CliRunner().invoke(main, ["-q", "evaluate", str(digits_files[0]), "--data", str(digits_files[1]),
                                        "--attack", "fgsm,pgd", "--eps", "0.1", "--max-samples", "40", "--json"])
     assert result.exit_code == 3, result.output
@@ -169,13 +169,13 @@ def test_standard_preset_is_autoattacks_run_on_the_points_still_robust(digits_fi
     from cloakonnx import pipeline
 
     sizes = []
-    real = pipeline.Runner.craft
+    real = pipeline.Runner.craft_batches
 
-    def craft(self, cfg, ds, device, desc, batch):
+    def craft_batches(self, cfg, ds, device, desc, batch):
         sizes.append((cfg.name, len(ds)))
         return real(self, cfg, ds, device, desc, batch)
 
-    monkeypatch.setattr(pipeline.Runner, "craft", craft)
+    monkeypatch.setattr(pipeline.Runner, "craft_batches", craft_batches)
     report = evaluate(digits_files[0], digits_files[1], EvaluateConfig(preset="standard", eps=(0.1,), max_samples=40,
                                                                       sanity=False)).to_dict()
     rows = [r["accuracy"] for r in report["results"]]

@@ -192,17 +192,24 @@ def test_stage_times_add_up(hardened):
 # --- choosing the share under a clean-accuracy budget ------------------------------------------------------
 
 
-def test_a_huge_budget_adds_a_mask_that_helps(digits_files, tmp_path):
+def test_a_huge_budget_adds_the_mask_that_helps_most(digits_files, tmp_path):
+    """Whatever the trained net (its training depends on the machine's thread count): the best point of
+    the curve is chosen when it beats adding nothing, and nothing is added when no point does."""
     model, data = digits_files
     report = harden(model, data, _config(output=tmp_path / "m.onnx", max_clean_drop=100.0, budget_confidence=0))
-    assert report.mask_added and report.masked > 0 and report.max_clean_drop == 100.0
-    assert report.budget_confidence == 0
-    adv = report.adversarial_accuracy
-    assert adv["hardened_transfer"] > adv["original"]
+    assert report.max_clean_drop == 100.0 and report.budget_confidence == 0
+    start = next(p for p in report.curve if p["added"] == 0)["adversarial_accuracy"]
     best = max(p["adversarial_accuracy"] for p in report.curve)
-    chosen = next(p for p in report.curve if p["masked"] == report.masked)
-    assert chosen["adversarial_accuracy"] == best
-    assert report.adversarial_accuracy["hardened_transfer"] == pytest.approx(best, abs=1e-9)
+    adv = report.adversarial_accuracy
+    if best > start:
+        assert report.mask_added and report.masked > 0
+        assert adv["hardened_transfer"] > adv["original"]
+        chosen = next(p for p in report.curve if p["masked"] == report.masked)
+        assert chosen["adversarial_accuracy"] == best
+        assert adv["hardened_transfer"] == pytest.approx(best, abs=1e-9)
+    else:
+        assert not report.mask_added and report.masked == 0
+        assert adv["hardened_transfer"] == adv["original"]
 
 
 def test_no_gain_no_mask_and_the_model_written_byte_identical(digits_files, tmp_path):

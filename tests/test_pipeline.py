@@ -93,7 +93,7 @@ def _ort_logits(path, x):
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return sess.run(None, {sess.get_inputs()[0].name: np.asarray(x)})[0]
 
 
 def test_runner_accuracy_matches_plain_onnxruntime(runner, data, digits_files):
@@ -178,12 +178,12 @@ def test_load_checked_uses_the_box(runner, data):
 @pytest.fixture(scope="module")
 def unique_data(data):
     """The held-out digits without duplicate images, so rows identify samples."""
-    _, first = np.unique(data.x.reshape(len(data), -1), axis=0, return_index=True)
+    _, first = np.unique(np.asarray(data.x).reshape(len(data), -1), axis=0, return_index=True)
     return data.subset(np.sort(first))
 
 
 def _rows(ds):
-    return {row.tobytes() for row in ds.x.reshape(len(ds), -1)}
+    return {row.tobytes() for row in np.asarray(ds.x).reshape(len(ds), -1)}
 
 
 @pytest.mark.parametrize("val_split", [0.2, 0.5])
