@@ -37,7 +37,8 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.6"],
-        "dev": ["pytest>=7", "hypothesis>=6", "torchvision", "matplotlib>=3.6", "torchattacks>=3.5"],
+        "ray": ["ray>=2.9"],
+        "dev": ["pytest>=7", "hypothesis>=6", "torchvision", "matplotlib>=3.6", "torchattacks>=3.5", "ray>=2.9"],
     },
     entry_points={"console_scripts": ["cloakonnx=cloakonnx.cli:main"]},
     classifiers=[

@@ -144,6 +144,13 @@ runtime_options = group(
     click.option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu]."),
     click.option("--providers", default=None,
                  help="Comma-separated onnxruntime providers [default: CUDA if it loads, else CPU]."),
+    click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                 help="Run the attacks on a Ray cluster (pip install \"cloakonnx[ray]\"): alone, a local Ray "
+                      "instance; 'auto' or an address (host:6379, ray://host:10001) joins a running cluster. "
+                      "Same results as without it."),
+    click.option("--ray-workers", "ray_workers", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="With --ray: workers [default: one per GPU when the cluster has GPUs, else one per CPU]; "
+                      "each gets its share of the cores as torch and onnxruntime threads."),
 )
 
 mask_options = group(
@@ -223,8 +230,14 @@ def common_fields(kw: dict, name: str, eps: float) -> dict:
     from .attacks import AttackConfig
     from .data import Preprocess, parse_floats
 
+    from .config import RayConfig
+
     providers = kw.pop("providers")
+    ray, ray_workers = kw.pop("ray"), kw.pop("ray_workers")
+    if ray_workers is not None and ray is None:
+        raise click.UsageError("--ray-workers needs --ray")
     return dict(
+        ray=None if ray is None else RayConfig(address=None if ray == "local" else ray, workers=ray_workers),
         attack=AttackConfig(name=name, eps=eps, norm=kw.pop("norm"), steps=kw.pop("steps"),
                             step_size=kw.pop("step_size"), random_start=not kw.pop("no_random_start"),
                             restarts=kw.pop("restarts"), queries=kw.pop("queries"), seed=kw["seed"],

@@ -51,6 +51,22 @@ class LearnConfig:
 
 
 @dataclass
+class RayConfig:
+    """``address``: None starts a local Ray instance; ``auto`` or an address joins a running cluster.
+    ``workers``: actors to run (None: one per GPU when the cluster has GPUs, else one per CPU)."""
+
+    address: str | None = None
+    workers: int | None = None
+    retries: int = 2  # a worker that dies is restarted and its shard retried this many times
+
+    def validate(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise CloakError(f"--ray-workers must be at least 1, got {self.workers}")
+        if self.retries < 0:
+            raise CloakError(f"the Ray retries must be non-negative, got {self.retries}")
+
+
+@dataclass
 class CommonConfig:
     """What every command that attacks a model shares: the data's box, the model's names, the
     runtime, and the attack (for ``evaluate``, the settings every attack shares)."""
@@ -69,10 +85,13 @@ class CommonConfig:
     ort_batch_size: int = 256  # onnxruntime batches (statistics, accuracy)
     device: str | None = None  # torch device for attacks; None: cuda when available
     providers: Sequence[str] | None = None  # onnxruntime providers; None: CUDA if it loads, else CPU
+    ray: RayConfig | None = None  # run the attacks on a Ray cluster (cloakonnx.distributed); None: here
 
     def validate(self) -> None:
         self.attack.validate(self.preprocess.bounds)
         check_input_shapes(self.input_shapes)
+        if self.ray is not None:
+            self.ray.validate()
         if self.ort_batch_size < 1:
             raise CloakError(f"the onnxruntime batch must be at least 1, got {self.ort_batch_size}")
 

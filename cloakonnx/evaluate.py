@@ -14,7 +14,7 @@ from .config import EvaluateConfig
 from .data import Dataset
 from .errors import CloakError
 from .graph import find_head, load_model, logits_output
-from .pipeline import Runner, load_checked, resolve_device
+from .pipeline import Runner, load_checked, open_cluster, resolve_device
 from .runtime import resolve_providers, run_batch
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class EvaluateReport:
     providers: list[str] = field(default_factory=list)
     device: str = "cpu"
     seed: int = 0
+    ray: dict | None = None  # with --ray: the cluster's address, the workers and the shards run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +104,22 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     notes: list[str] = []
     runner = on_logits(runner, ds, config, device, notes)
     reference = on_logits(reference, ds, config, device, notes) if reference is not None else None
+    cluster = open_cluster(config, device)
+    for r in (runner, reference):
+        if r is not None:
+            r.cluster = cluster
+    try:
+        return _evaluate(model_path, config, ds, n_classes, runner, reference, attack_cfgs, notes, device, providers,
+                         t0)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _evaluate(model_path, config: EvaluateConfig, ds: Dataset, n_classes: int, runner: Runner,
+              reference: Runner | None, attack_cfgs: list[AttackConfig], notes: list[str], device: str,
+              providers, t0: float) -> EvaluateReport:
+    """The attacks, the checks and the report (``evaluate`` after loading)."""
     if runner.torch_model is None:
         notes.append(f"{runner.unsupported}: gradient attacks were skipped, only gradient-free ones ran")
     if runner.computes_in_float32:
@@ -161,7 +178,7 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
         norm=config.attack.norm, eps=list(config.eps), clean_accuracy=clean, results=results, robust_accuracy=robust,
         checks=checks, attacks={c.name: c.to_dict() for c in attack_cfgs}, notes=notes,
         seconds=round(time.perf_counter() - t0, 3), failures=failures, providers=list(providers), device=device,
-        seed=config.seed, cumulative=cumulative, summary={
+        seed=config.seed, cumulative=cumulative, ray=runner.cluster.describe() if runner.cluster else None, summary={
             "clean_accuracy": clean, "robust_accuracy": robust, "norm": config.attack.norm, "eps": list(config.eps),
             "n": len(ds), "attacks": sorted({r["attack"] for r in results}),
             "unreliable": bool(failures) or not all(c["ok"] for c in checks)},
@@ -174,8 +191,11 @@ def _survivors(runner: Runner, source: Runner, cfg: AttackConfig, ds: Dataset, d
     if len(ds) == 0:
         return np.zeros(0, bool)
     batch = source.attack_batch(config.attack.batch_size, cfg.name, ds.x.shape[1:]).size
+    desc = f"{cfg.name} eps={cfg.eps:g} {threat}"
+    if source.cluster is not None:
+        return source.cluster.survivors(runner, source, ds, cfg, batch, device, config.ort_batch_size, desc)
     ok = [runner.predict(adv, config.ort_batch_size) == ds.y[start : start + len(adv)]
-          for start, _, adv in source.craft_batches(cfg, ds, device, f"{cfg.name} eps={cfg.eps:g} {threat}", batch)]
+          for start, _, adv in source.craft_batches(cfg, ds, device, desc, batch)]
     return np.concatenate(ok)  # one bit per sample: nothing else is kept
 
 

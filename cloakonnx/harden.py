@@ -58,6 +58,7 @@ class HardenReport:
     stages_cpu: dict = field(default_factory=dict)  # process CPU seconds per stage (for benchmarks)
     masks: list[dict] = field(default_factory=list)  # per masked tensor: width, values zeroed and scaled
     learning: dict | None = None  # learned masks: tensors, seconds, steps, loss history
+    ray: dict | None = None  # with --ray: the cluster's address, the workers and the shards run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,16 +76,19 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
     out_path = output_path(model_path, config.output)
     with timer.data_wait():
         p = prepare(model_path, data, config)
-        check_needs_head(p, config)
-        with timer("evaluation"):
-            base = evaluate_original(p, config)
-        search = (search_mask if config.single_tensor else search_layers)(p, config, base, timer)
-        with timer("surgery"):
-            hardened = hardened_model(p, config, search)
-        with timer("evaluation"):
-            final = evaluate_hardened(p, config, base, search)
-    with timer("write"):
-        save_model(hardened, out_path, external=uses_external_data(model_path))
+        try:
+            check_needs_head(p, config)
+            with timer("evaluation"):
+                base = evaluate_original(p, config)
+            search = (search_mask if config.single_tensor else search_layers)(p, config, base, timer)
+            with timer("surgery"):
+                hardened = hardened_model(p, config, search)
+            with timer("evaluation"):
+                final = evaluate_hardened(p, config, base, search)
+        finally:
+            p.close()
+        with timer("write"):
+            save_model(hardened, out_path, external=uses_external_data(model_path))
     stages, stages_cpu = timer.rounded()
     width, masked = search.width, search.masked
     return HardenReport(
@@ -101,7 +105,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
         rounds=search.rounds, curve=search.curve,
         scores=search.scores.tolist() if config.curve and search.scores is not None else None, stages_cpu=stages_cpu,
-        masks=search.describe(), learning=search.learning,
+        masks=search.describe(), learning=search.learning, ray=p.runner.cluster.describe() if p.runner.cluster else None,
     )
 
 

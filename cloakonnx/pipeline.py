@@ -97,6 +97,9 @@ class Runner:
         from .torch_exec import OnnxTorchModule, UnsupportedOpsError
 
         self.model = model
+        self._args = dict(logits=logits, extra_outputs=tuple(extra_outputs), preprocess=preprocess,
+                          input_name=input_name, providers=providers, device=device, input_shapes=input_shapes)
+        self.cluster = None  # a distributed.Cluster: attacks then run on its workers
         declared = select_input(model, input_name)
         self.input = select_input(model, input_name, input_shapes)
         self.preprocess = preprocess
@@ -124,6 +127,10 @@ class Runner:
                    device: str) -> "Runner":
         return cls(model, logits, extra_outputs, config.preprocess, config.input_name, config.providers, device,
                    config.input_shapes)
+
+    def rebuild_args(self) -> dict:
+        """The arguments that rebuild this Runner from its model elsewhere (a Ray worker)."""
+        return dict(self._args)
 
     def attack_batch(self, requested: int | None, attack_name: str, sample_shape: tuple[int, ...]) -> BatchChoice:
         """The attack batch: the model's fixed batch, the user's ``requested`` size, or for gradient
@@ -174,6 +181,8 @@ class Runner:
         """Adversarial versions of ``ds.x`` crafted on this model (through the graph it runs)."""
         from .sources import OutputRows
 
+        if self.cluster is not None:
+            return self.cluster.craft(self, ds, config, batch, device, desc)
         out = OutputRows(ds.x, "adversarial")  # numpy for numpy inputs, else a temporary file
         for _, _, adv in self.craft_batches(config, ds, device, desc, batch):
             out.write(adv)
@@ -262,9 +271,16 @@ class Prepared:
         """``ds`` attacked through ``runner`` (the original, or a hardened version) with the chosen attack."""
         return runner.craft(self.attack, ds, self.device, desc, self.attack_batch.size)
 
+    def close(self) -> None:
+        """Release the Ray workers, if any."""
+        if self.runner.cluster is not None:
+            self.runner.cluster.close()
+
     def runner_for(self, model: onnx.ModelProto, config: CommonConfig) -> Runner:
-        """A Runner for a rewritten copy of the model (same logits, feature tensor and settings)."""
-        return Runner.for_config(model, self.target.logits, [self.target.feature], config, self.device)
+        """A Runner for a rewritten copy of the model (same logits, feature tensor, settings and cluster)."""
+        runner = Runner.for_config(model, self.target.logits, [self.target.feature], config, self.device)
+        runner.cluster = self.runner.cluster
+        return runner
 
 
 def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig) -> Prepared:
@@ -290,7 +306,17 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     attack, fallback = choose_attack(runner, config.attack)
     batch = runner.attack_batch(attack.batch_size, attack.name, ds.x.shape[1:])
     attack = replace(attack, batch_size=batch.size)  # the report records the size used
+    runner.cluster = open_cluster(config, device)
     return Prepared(model_path, model, target, runner, calib, val, attack, fallback, batch, device, providers)
+
+
+def open_cluster(config: CommonConfig, device: str):
+    """The Ray cluster the attacks run on (``config.ray``), or None to run them here."""
+    if config.ray is None:
+        return None
+    from .distributed import Cluster
+
+    return Cluster(config.ray, device, Runner)
 
 
 def calibrate(p: Prepared, runner: Runner, ort_batch_size: int, timer: StageTimer, desc: str = ""):
@@ -299,6 +325,10 @@ def calibrate(p: Prepared, runner: Runner, ort_batch_size: int, timer: StageTime
     from .stats import StatsStream
 
     weight = p.target.head.weight if p.target.head is not None else None
+    if runner.cluster is not None:  # attack and statistics both run on the workers
+        with timer("attack"):
+            return runner.cluster.calibrate(runner, p.calib, p.attack, p.attack_batch.size, p.device, p.target.feature,
+                                            p.target.logits, weight, ort_batch_size, f"attack calibration{desc}")
     stream = StatsStream(runner.session, p.target.feature, p.target.logits, runner.feed, ort_batch_size, weight)
     batches = runner.craft_batches(p.attack, p.calib, p.device, f"attack calibration{desc}", p.attack_batch.size)
     while True:  # one batch at a time: attack it, add its statistics, drop it

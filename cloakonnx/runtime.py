@@ -79,6 +79,20 @@ def provider_really_loads(provider: str) -> bool:
         return False
 
 
+_THREADS: int | None = None  # onnxruntime's intra-op threads for new sessions; None: its default
+
+
+def limit_threads(n: int | None) -> None:
+    """Use ``n`` threads in torch and in onnxruntime sessions made from now on (None: their defaults),
+    so that several workers on one machine do not oversubscribe its cores."""
+    global _THREADS
+    _THREADS = n
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 @functools.lru_cache(maxsize=None)
 def default_providers() -> tuple[str, ...]:
     """CUDA when it really loads, else CPU. Chosen once per process and logged once."""
@@ -125,6 +139,9 @@ def make_session(model, providers: Sequence[str] | None = None, fuse: bool = Tru
     opts.log_severity_level = 4  # run-time failures become CloakErrors; no raw log lines on stderr
     if not fuse:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if _THREADS:
+        opts.intra_op_num_threads = _THREADS
+        opts.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(model, opts, providers=list(resolve_providers(providers)))
     except Exception as exc:  # onnxruntime raises its own types for invalid graphs

@@ -45,6 +45,17 @@ class FeatureStats:
         self.sum_adv += a.sum(0)
         self.sum_adv_sq += (a * a).sum(0)
 
+    def merge(self, other: "FeatureStats") -> None:
+        """Add another stream's sums (a worker's, one onnxruntime batch at a time: added in the same order
+        as ``update`` adds batches, the totals are the same to the bit)."""
+        if other.width != self.width:
+            raise CloakError(f"feature tensor has {other.width} features, expected {self.width}")
+        self.count += other.count
+        for name in ("sum_absdiff", "sum_clean", "sum_clean_sq", "sum_adv", "sum_adv_sq"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.sum_margin is not None:
+            self.sum_margin = (0 if self.sum_margin is None else self.sum_margin) + other.sum_margin
+
     def mean_absdiff(self) -> np.ndarray:
         return self.sum_absdiff / max(self.count, 1)
 
@@ -84,7 +95,7 @@ class StatsStream:
     attack's batch; only running sums and two counters are kept."""
 
     def __init__(self, session, feature: str, logits: str, to_model, batch_size: int = 256,
-                 head_weight: np.ndarray | None = None):
+                 head_weight: np.ndarray | None = None, keep_batches: bool = False):
         from .runtime import batch_size_for
 
         self.session, self.feature, self.logits, self.to_model = session, feature, logits, to_model
@@ -93,6 +104,8 @@ class StatsStream:
         self.stats: FeatureStats | None = None
         self.count = self.correct_clean = self.correct_adv = 0
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # with keep_batches: each onnxruntime batch's own sums, for a driver to merge (distributed.py)
+        self.batches: list[FeatureStats] | None = [] if keep_batches else None
 
     def add(self, x_clean: np.ndarray, x_adv: np.ndarray, y: np.ndarray) -> None:
         self._pending.append((x_clean, x_adv, y))
@@ -121,6 +134,10 @@ class StatsStream:
         if w is not None and np.ndim(f_c) == 2 and f_c.shape[1] == w.shape[0]:
             margin = margin_terms(f_c, f_a, l_a, y, w)
         self.stats.update(f_c, f_a, margin)
+        if self.batches is not None:
+            part = FeatureStats(self.stats.width, ndim=self.stats.ndim)
+            part.update(f_c, f_a, margin)
+            self.batches.append(part)
         self.count += len(y)
         self.correct_clean += int((l_c.reshape(len(l_c), -1).argmax(1) == y).sum())
         self.correct_adv += int((l_a.reshape(len(l_a), -1).argmax(1) == y).sum())

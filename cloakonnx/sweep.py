@@ -40,10 +40,17 @@ def sweep(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig
           scores: Sequence[str] = tuple(SCORES)) -> SweepReport:
     """The whole curve for every score, from one attack of each split: no model is written."""
     t0 = time.perf_counter()
-    p = prepare(model_path, data, config)
     unknown = [s for s in scores if s not in ALL_SCORES]
     if unknown:
         raise CloakError(f"unknown score {unknown[0]!r}; choose from {', '.join(ALL_SCORES)}")
+    p = prepare(model_path, data, config)
+    try:
+        return _sweep(p, model_path, config, scores, t0)
+    finally:
+        p.close()
+
+
+def _sweep(p, model_path, config: MaskConfig, scores: Sequence[str], t0: float) -> SweepReport:
     if p.target.head is None:
         raise CloakError("sweep evaluates masks through the linear head in numpy; it needs the head's input as "
                          "the feature tensor (not a custom --feature-tensor)")

@@ -98,8 +98,6 @@ class APGD(Attack):
         return losses.detach(), logits.detach(), grad.detach()
 
     def _start(self, x, rows=None):
-        import torch
-
         cfg = self.config
         if not cfg.random_start:
             return x.clone()
