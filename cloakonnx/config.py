@@ -57,11 +57,14 @@ class RayConfig:
 
     address: str | None = None
     workers: int | None = None
+    threads: int | None = None  # torch and onnxruntime threads per worker; None: the cluster's CPUs / workers
     retries: int = 2  # a worker that dies is restarted and its shard retried this many times
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise CloakError(f"--ray-workers must be at least 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise CloakError(f"the threads per Ray worker must be at least 1, got {self.threads}")
         if self.retries < 0:
             raise CloakError(f"the Ray retries must be non-negative, got {self.retries}")
 

@@ -64,7 +64,7 @@ class Cluster:
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
         self.use_gpus = gpus > 0 and device.startswith("cuda")
         self.workers = config.workers or (gpus if self.use_gpus else cpus)
-        self.threads = max(1, cpus // self.workers)
+        self.threads = config.threads or max(1, cpus // self.workers)
         self.retries = config.retries
         self.address = ray.get_runtime_context().gcs_address
         options = dict(max_restarts=self.retries, max_task_retries=self.retries,
@@ -202,7 +202,7 @@ class Worker:
         return stream.batches, stream.correct_clean, stream.correct_adv, stream.count
 
     def craft(self, model, ds, attack, batch, device):
-        return np.asarray(self._runner(model).craft(attack, ds, device, "", batch))
+        return np.concatenate([adv for _, _, adv in self._runner(model).craft_batches(attack, ds, device, "", batch)])
 
     def survivors(self, judge, crafter, ds, attack, batch, device, ort_batch_size):
         runner, source = self._runner(judge), self._runner(crafter)
