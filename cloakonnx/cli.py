@@ -113,7 +113,10 @@ def main(debug: bool, quiet: bool) -> None:
     Your model:   cloakonnx inspect model.onnx
                   cloakonnx harden model.onnx --data calib.npz -o model.cloaked.onnx
     """
+    from .runtime import steady_malloc
+
     _configure_logging(quiet)
+    steady_malloc()
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
 
@@ -221,6 +224,9 @@ def evaluate(model, reference, attacks, preset, max_samples, no_large_eps_check,
 
     --eps takes several budgets, comma-separated, e.g. 0.03,0.06,0.1. Exit status: 0, or 3 when an attack
     could not run (the others' results are still reported, and the failure is named).
+
+    The data is read a batch at a time and each batch is attacked, judged and dropped: memory holds one
+    survival bit per sample, whatever the size of the data.
 
     \b
     Example:

@@ -174,9 +174,10 @@ class Worker:
     ``runner_cls`` is ``pipeline.Runner``, passed in so that this module does not import the pipeline."""
 
     def __init__(self, threads: int, runner_cls):
-        from .runtime import limit_threads
+        from .runtime import limit_threads, steady_malloc
 
         limit_threads(threads)
+        steady_malloc()
         self.runner_cls = runner_cls
         self.runners: dict = {}
 
