@@ -138,6 +138,17 @@ def run_main(fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace,
     return emit(result, args, table)
 
 
+def parse_sizes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--sizes 1000,20000``: at least two positive sample counts, sorted; else the parser's usage error."""
+    try:
+        sizes = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        parser.error("--sizes takes integers, e.g. 1000,20000")
+    if len(sizes) < 2 or sizes[0] < 1:
+        parser.error("--sizes needs at least two positive sizes")
+    return sizes
+
+
 def log_to_stderr() -> None:
     """INFO lines, bare, on stderr: a benchmark's progress (stdout keeps the result)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

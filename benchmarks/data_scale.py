@@ -62,7 +62,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, AnonPeak, add_output_options, cpus, log_to_stderr, proc_status, run_main
+from common import REPO, AnonPeak, add_output_options, cpus, log_to_stderr, parse_sizes, proc_status, run_main
 
 log = logging.getLogger("data_scale")
 
@@ -320,7 +320,8 @@ def run_jpeg(args: argparse.Namespace) -> dict:
     log.info("jpeg part: harden %s on %d JPEGs", model.name, args.jpeg_n)
     row = run_cli(args, "jpeg-harden", [
         "harden", str(model), "--data", str(folder), "--resize", "256", "--crop", "224", "--attack", "fgsm",
-        "--seed", "0", "--json", "-o", str(args.workdir / f"{model.stem}.cloaked.onnx")])
+        "--seed", "0", "--json", "-o", str(args.workdir / f"{model.stem}.cloaked.onnx"),
+        *(["--batch-size", str(args.jpeg_batch_size)] if args.jpeg_batch_size else [])])
     result = {"model": f"{args.jpeg_model} 3x224x224, random weights, {CLASSES} classes", "images": args.jpeg_n,
               "folder": str(folder), "decoded_bytes": args.jpeg_n * 3 * 224 * 224 * 4,
               "target_peak_rss": JPEG_RSS_TARGET, "target_data_wait_share": DATA_WAIT_TARGET, "run": row}
@@ -412,6 +413,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="1000,20000", help="N for the npz part (default 1000,20000)")
     p.add_argument("--sources", default="npz,npy", help="npz part: which sources, of npz and npy (default both)")
     p.add_argument("--jpeg-n", type=int, default=20000, help="JPEGs for the jpeg part (default 20000)")
+    p.add_argument("--jpeg-batch-size", type=int, default=None,
+                   help="the JPEG run's attack batch (--batch-size) [default: cloakonnx sizes it to free memory]")
     p.add_argument("--jpeg-model", choices=("mobilenet_v3_small", "resnet18"), default="mobilenet_v3_small")
     p.add_argument("--skip-npz", action="store_true")
     p.add_argument("--skip-jpeg", action="store_true")
@@ -424,12 +427,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="data generation (the commands run with --seed 0)")
     add_output_options(p, out=True)
     args = p.parse_args(argv)
-    try:
-        args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
-    except ValueError:
-        p.error("--sizes takes integers, e.g. 1000,20000")
-    if len(args.sizes) < 2 or args.sizes[0] < 1:
-        p.error("--sizes needs at least two positive sizes")
+    args.sizes = parse_sizes(p, args.sizes)
     args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     if not args.sources or set(args.sources) - {"npz", "npy"}:
         p.error("--sources takes npz, npy or both")

@@ -56,8 +56,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import (REPO, AnonPeak, Clock, add_output_options, cpus, log_to_stderr, proc_status, reset_peak_rss,
-                    run_main)
+from common import (REPO, AnonPeak, Clock, add_output_options, cpus, log_to_stderr, parse_sizes, proc_status,
+                    reset_peak_rss, run_main)
 
 from cloakonnx import __version__
 
@@ -564,12 +564,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     add_output_options(p, out=True)
     args = p.parse_args(argv)
-    try:
-        args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
-    except ValueError:
-        p.error("--sizes takes integers, e.g. 1000,20000")
-    if len(args.sizes) < 2 or args.sizes[0] < 1:
-        p.error("--sizes needs at least two positive sizes")
+    args.sizes = parse_sizes(p, args.sizes)
     if args.repeats < 1 or args.warmup < 0 or args.epochs < 1 or args.steps < 1 or args.threads < 0:
         p.error("--repeats, --epochs and --steps must be at least 1, --warmup and --threads at least 0")
     return args
