@@ -113,10 +113,7 @@ def main(debug: bool, quiet: bool) -> None:
     Your model:   cloakonnx inspect model.onnx
                   cloakonnx harden model.onnx --data calib.npz -o model.cloaked.onnx
     """
-    from .runtime import steady_malloc
-
     _configure_logging(quiet)
-    steady_malloc()
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
 

@@ -174,10 +174,9 @@ class Worker:
     ``runner_cls`` is ``pipeline.Runner``, passed in so that this module does not import the pipeline."""
 
     def __init__(self, threads: int, runner_cls):
-        from .runtime import limit_threads, steady_malloc
+        from .runtime import limit_threads
 
         limit_threads(threads)
-        steady_malloc()
         self.runner_cls = runner_cls
         self.runners: dict = {}
 

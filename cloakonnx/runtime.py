@@ -79,25 +79,6 @@ def provider_really_loads(provider: str) -> bool:
         return False
 
 
-def steady_malloc() -> None:
-    """Fix glibc's mmap threshold at 1 MiB, so batch-sized arrays are always mapped and unmapped.
-
-    By default glibc raises the threshold each time a mapped block is freed, and later batch-sized
-    blocks then come from the heap, which fragments: peak memory crept up with the number of batches
-    (harden at 20,000 samples peaked 61-150 MiB above 1,000; with the fixed threshold, 19 MiB).
-    Measured cost: about 7% of harden's wall time on a small CNN. A no-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return  # the user chose
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 _THREADS: int | None = None  # onnxruntime's intra-op threads for new sessions; None: its default
 
 
