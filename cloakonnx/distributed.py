@@ -80,10 +80,23 @@ class Cluster:
         return {"address": self.address, "workers": self.workers, "threads_per_worker": self.threads,
                 "gpu_per_worker": self.use_gpus, "shards": self.shards_run}
 
+    def _cancel(self, running: dict) -> None:
+        """Stop the other shards' tasks after a failure, quietly: wait for them to end before the
+        actors are killed, so Ray does not retry them (and print that it does)."""
+        for ref in running:
+            try:
+                self.ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - already finished, or not cancellable: waited for below
+                pass
+        try:
+            self.ray.wait(list(running), num_returns=len(running), timeout=60)
+        except Exception:  # noqa: BLE001
+            pass
+
     def close(self) -> None:
         for actor in self.actors:
             try:
-                self.ray.kill(actor)
+                self.ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         if self.started:
@@ -158,6 +171,7 @@ class Cluster:
                 try:
                     results[i] = ray.get(done[0])
                 except Exception as exc:  # noqa: BLE001 - RayTaskError, RayActorError, ...
+                    self._cancel(running)
                     a, b = shards[i]
                     cause = getattr(exc, "cause", None) or exc
                     if isinstance(cause, CloakError):

@@ -169,3 +169,13 @@ def test_a_model_that_cannot_be_measured_gets_the_cap():
 
     choice = auto_batch(only_batch_one, (1, 8, 8), "cpu", (0.0, 1.0))
     assert choice.size == CPU_CAP and choice.per_sample_bytes is None and "could not measure" in choice.reason
+
+
+def test_cpu_budget_is_capped_where_bigger_batches_stop_paying():
+    """A 224x224 model's 10.6 MiB per sample: a quarter of a 24 GB machine would allow 128, the cap gives 32."""
+    from cloakonnx.batching import CPU_MAX_BUDGET
+
+    per_sample = int(10.6 * 2**20)
+    assert fit_batch(per_sample, 24 * 2**30, "cpu").size == 32
+    assert fit_batch(per_sample, 24 * 2**30, "cpu").budget_bytes == CPU_MAX_BUDGET
+    assert fit_batch(per_sample, 24 * 2**30, "cuda").size == 256  # the GPU keeps half its free memory

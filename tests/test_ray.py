@@ -126,3 +126,20 @@ def test_a_failing_shard_is_named_and_nothing_is_written(local_ray, digits_files
         harden(model, tmp_path / "bad.npz", HardenConfig(attack=PGD3, fraction=0.05, adaptive=False, output=out,
                                                           ray=RayConfig(workers=2)))
     assert not out.exists()
+
+
+def test_cli_ray_flag_alone_and_with_workers(local_ray, digits_files, tmp_path):
+    """`--ray` takes an optional address: alone (even before another option) it means a local instance."""
+    from click.testing import CliRunner
+
+    from cloakonnx.cli import main
+
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(digits_files[0]), "--data", str(digits_files[1]),
+                                       "--attack", "fgsm", "--eps", "0.1", "--max-samples", "64", "--ray",
+                                       "--ray-workers", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    try:
+        report = json.loads(result.stdout)
+    except ValueError:
+        raise AssertionError(f"not JSON: {result.stdout[:2000]}") from None
+    assert report["ray"]["workers"] == 2 and report["results"][0]["attack"] == "fgsm"

@@ -61,10 +61,10 @@ class Recorder:
     def get_inputs(self):
         return self.session.get_inputs()
 
-    def run(self, outputs, feeds):
+    def run(self, outputs, feeds, run_options=None):
         (x,) = feeds.values()
         self.fed.append(np.array(x))
-        return self.session.run(outputs, feeds)
+        return self.session.run(outputs, feeds, run_options)
 
 
 def _rows(n: int) -> np.ndarray:
