@@ -16,6 +16,7 @@ from .errors import CloakError
 from .graph import find_head, load_model, logits_output
 from .pipeline import Runner, load_checked, open_cluster, resolve_device
 from .runtime import resolve_providers, run_batch
+from .sources import DATA_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class EvaluateReport:
     device: str = "cpu"
     seed: int = 0
     ray: dict | None = None  # with --ray: the cluster's address, the workers and the shards run
+    data_wait_seconds: float = 0.0  # time blocked waiting for the next batch of data (part of ``seconds``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +89,7 @@ def _attack_configs(config: EvaluateConfig) -> list[AttackConfig]:
 
 def evaluate(model_path: str | Path, data: str | Path | Dataset, config: EvaluateConfig) -> EvaluateReport:
     """Clean accuracy and accuracy under adaptive, transfer and gradient-free attacks, for each eps."""
-    t0 = time.perf_counter()
+    t0, waited = time.perf_counter(), DATA_WAIT.seconds
     config.validate()
     bounds = config.preprocess.bounds
     attack_cfgs = _attack_configs(config)
@@ -109,8 +111,10 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
         if r is not None:
             r.cluster = cluster
     try:
-        return _evaluate(model_path, config, ds, n_classes, runner, reference, attack_cfgs, notes, device, providers,
-                         t0)
+        report = _evaluate(model_path, config, ds, n_classes, runner, reference, attack_cfgs, notes, device,
+                           providers, t0)
+        report.data_wait_seconds = round(DATA_WAIT.seconds - waited, 3)
+        return report
     finally:
         if cluster is not None:
             cluster.close()

@@ -78,6 +78,17 @@ def test_val_max_caps_validation_and_gives_the_rest_to_calibration(digits):
     assert len(val) == 100 and len(calib) == len(digits) - 100
 
 
+def test_reports_count_the_wait_for_data(digits_files, tmp_path):
+    from cloakonnx.config import EvaluateConfig
+    from cloakonnx.evaluate import evaluate
+
+    model, data = digits_files
+    report = evaluate(model, data, EvaluateConfig(attacks=("fgsm",), eps=(0.1,), max_samples=64, sanity=False))
+    assert 0 <= report.data_wait_seconds <= report.seconds
+    hardened = harden(model, data, HardenConfig(attack=PGD3, fraction=0.05, adaptive=False, output=tmp_path / "m.onnx"))
+    assert 0 <= hardened.stages["data wait"] <= hardened.seconds
+
+
 def test_prefetched_reads_ahead_and_counts_the_wait(digits, tmp_path):
     x, y = _arrays(digits)
     np.savez(tmp_path / "d.npz", x=x, y=y)
