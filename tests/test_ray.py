@@ -143,3 +143,14 @@ def test_cli_ray_flag_alone_and_with_workers(local_ray, digits_files, tmp_path):
     except ValueError:
         raise AssertionError(f"not JSON: {result.stdout[:2000]}") from None
     assert report["ray"]["workers"] == 2 and report["results"][0]["attack"] == "fgsm"
+
+
+def test_sweep_with_ray_gives_the_same_curves(local_ray, digits_files):
+    from cloakonnx.config import MaskConfig
+    from cloakonnx.sweep import sweep
+
+    model, data = digits_files
+    here = sweep(model, data, MaskConfig(attack=PGD3)).to_dict()
+    there = sweep(model, data, MaskConfig(attack=PGD3, ray=RayConfig(workers=2))).to_dict()
+    _same_reports(here, there)
+    assert here["curves"]  # the comparison covers real curves
