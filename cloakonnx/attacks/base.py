@@ -72,19 +72,27 @@ class Attack:
         self.config = config
         self.lo, self.hi = bounds
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)  # reseeded per batch by set_samples
-        self.sample_generators: list | None = None
+        self.sample_index: list[int] | None = None
+        self._sample_generators: list | None = None
 
     def set_samples(self, index) -> None:
         """The source indices of the next batch's samples: each sample's random start then comes from
         its own generator, seeded with (seed, index), so it does not depend on the batch it falls in
         (nor on the source, nor on how the data is sharded). The rest of the randomness (Square's
         search) comes from ``self.generator``, reseeded with (seed, first index of the batch)."""
+        self.sample_index = [int(i) for i in index]
+        self._sample_generators = None  # made on first use: FGSM never draws
+        self.generator.manual_seed(sample_seed(self.config.seed, self.sample_index[0]) if self.sample_index
+                                   else self.config.seed)
+
+    @property
+    def sample_generators(self) -> list | None:
         import torch
 
-        index = [int(i) for i in index]
-        self.sample_generators = [torch.Generator(device="cpu").manual_seed(sample_seed(self.config.seed, i))
-                                  for i in index]
-        self.generator.manual_seed(sample_seed(self.config.seed, index[0]) if index else self.config.seed)
+        if self._sample_generators is None and self.sample_index is not None:
+            self._sample_generators = [torch.Generator(device="cpu").manual_seed(sample_seed(self.config.seed, i))
+                                       for i in self.sample_index]
+        return self._sample_generators
 
     def rand(self, shape, rows=None, normal: bool = False):
         """Uniform [0, 1) (``normal``: standard normal) noise of ``shape`` = [n, ...], on the CPU: row r
