@@ -136,11 +136,12 @@ class RowFile(Rows):
     """Rows of a C-ordered array stored raw in a file from ``offset`` (an ``.npy`` body, an ``.npz``
     member stored uncompressed, or a spool), read with ``os.pread`` in contiguous runs."""
 
-    def __init__(self, path: str | os.PathLike, offset: int, dtype, shape: tuple[int, ...]):
+    def __init__(self, path: str | os.PathLike, offset: int, dtype, shape: tuple[int, ...], owned: bool = False):
         super().__init__(shape)
         self.path, self.offset, self.stored = str(path), int(offset), np.dtype(dtype)
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.stored.itemsize
         self._fd: int | None = None
+        self.owned = owned  # a temporary file of ours: removed when these rows are dropped
 
     def _file(self) -> int:
         if self._fd is None:
@@ -169,15 +170,17 @@ class RowFile(Rows):
         return out
 
     def __del__(self) -> None:
-        if self._fd is not None:
-            try:
+        try:
+            if self._fd is not None:
                 os.close(self._fd)
-            except OSError:
-                pass
+            if self.owned:
+                os.unlink(self.path)
+        except OSError:
+            pass
 
-    def __getstate__(self):  # picklable (a worker opens its own descriptor)
+    def __getstate__(self):  # picklable: a worker opens its own descriptor, and never removes the file
         state = dict(self.__dict__)
-        state["_fd"] = None
+        state["_fd"], state["owned"] = None, False
         return state
 
 
@@ -231,7 +234,7 @@ class Spool:
 
     def rows(self) -> RowFile:
         self.fh.close()
-        return RowFile(self.path, 0, np.float32, (self.count, *self.sample_shape))
+        return RowFile(self.path, 0, np.float32, (self.count, *self.sample_shape), owned=True)
 
 
 class OutputRows:
@@ -373,7 +376,7 @@ def npz_inputs(path: Path) -> tuple[RowFile | np.ndarray, np.ndarray]:
                 target = tempfile.NamedTemporaryFile(prefix="npz-", suffix=".raw", dir=spool_dir(), delete=False)
                 with target:
                     shutil.copyfileobj(fh, target, 1 << 22)
-                return RowFile(target.name, 0, dtype, shape), y
+                return RowFile(target.name, 0, dtype, shape, owned=True), y
     except CloakError:
         raise
     except Exception as exc:  # noqa: BLE001 - zip / format errors

@@ -268,3 +268,21 @@ def test_calibration_reader_needs_labels(digits_files):
         from_calibration_reader(DigitsReader(npz, with_labels=False))
     with pytest.raises(CloakError, match="ran out"):
         from_calibration_reader(DigitsReader(npz, with_labels=False), labels=[0, 1, 2])
+
+
+def test_spooled_rows_remove_their_file_when_dropped(digits, tmp_path):
+    import gc
+    import pickle
+    from pathlib import Path
+
+    np.savez_compressed(tmp_path / "c.npz", x=digits.x[:50], y=digits.y[:50])
+    rows = load_data(tmp_path / "c.npz").x
+    path = Path(rows.path)
+    copy = pickle.loads(pickle.dumps(rows))  # what a Ray worker gets: it must not remove the file
+    del copy
+    gc.collect()
+    assert path.exists()
+    np.testing.assert_array_equal(rows[:5], digits.x[:5])
+    del rows
+    gc.collect()
+    assert not path.exists()
