@@ -219,6 +219,4 @@ class Worker:
         return np.concatenate([adv for _, _, adv in self._runner(model).craft_batches(attack, ds, device, "", batch)])
 
     def survivors(self, judge, crafter, ds, attack, batch, device, ort_batch_size):
-        runner, source = self._runner(judge), self._runner(crafter)
-        return np.concatenate([runner.predict(adv, ort_batch_size) == ds.y[start : start + len(adv)]
-                               for start, _, adv in source.craft_batches(attack, ds, device, "", batch)])
+        return self._runner(judge).survivors(self._runner(crafter), attack, ds, device, batch, ort_batch_size)

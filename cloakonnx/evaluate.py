@@ -198,9 +198,7 @@ def _survivors(runner: Runner, source: Runner, cfg: AttackConfig, ds: Dataset, d
     desc = f"{cfg.name} eps={cfg.eps:g} {threat}"
     if source.cluster is not None:
         return source.cluster.survivors(runner, source, ds, cfg, batch, device, config.ort_batch_size, desc)
-    ok = [runner.predict(adv, config.ort_batch_size) == ds.y[start : start + len(adv)]
-          for start, _, adv in source.craft_batches(cfg, ds, device, desc, batch)]
-    return np.concatenate(ok)  # one bit per sample: nothing else is kept
+    return runner.survivors(source, cfg, ds, device, batch, config.ort_batch_size, desc)
 
 
 def _sources(name: str, runner: Runner, reference: Runner | None) -> list[tuple[str, Runner]]:

@@ -195,6 +195,13 @@ class Runner:
         return craft_batches(self.model_for(config.name), config, ds.x, ds.y, self.preprocess.bounds, device, desc,
                              batch, fixed_batch=bool(self.fixed_batch), index=ds.index)
 
+    def survivors(self, source: "Runner", config: AttackConfig, ds: Dataset, device: str, batch: int,
+                  ort_batch_size: int, desc: str = "") -> np.ndarray:
+        """Which samples of ``ds`` this model still classifies correctly after ``config`` crafted on
+        ``source``, a batch at a time: one bit per sample is all that is kept."""
+        return np.concatenate([self.predict(adv, ort_batch_size) == ds.y[start : start + len(adv)]
+                               for start, _, adv in source.craft_batches(config, ds, device, desc, batch)])
+
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         return predict(self.session, x, self.feed, self.logits, batch_size)
 
