@@ -106,7 +106,8 @@ def per_attack(args, net, path: Path, x, y) -> dict:
     from cloakonnx.config import EvaluateConfig
     from cloakonnx.data import Dataset
     from cloakonnx.graph import load_model, logits_output
-    from cloakonnx.pipeline import Runner
+    from cloakonnx.backend import LocalBackend
+    from cloakonnx.runner import Runner
 
     x, y = x[: args.per_attack], y[: args.per_attack]
     model = load_model(path)
@@ -120,7 +121,7 @@ def per_attack(args, net, path: Path, x, y) -> dict:
     for name in PER_ATTACK:
         cfg = AttackConfig(name=name, eps=args.eps, steps=args.per_attack_steps, seed=args.seed)
         with Clock() as clock:
-            adv = runner.craft(cfg, Dataset(x, y), "cpu", name, 256)
+            adv = LocalBackend().craft(runner, cfg, Dataset(x, y), "cpu", name, 256)
         ours = float((runner.predict(adv) == y).mean())
         acc, seconds = torchattacks_accuracy(net, theirs[name], x, y)
         out[name] = {"samples": len(y), "steps": args.per_attack_steps, "cloakonnx": ours, "cloakonnx_seconds":

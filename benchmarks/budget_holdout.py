@@ -35,12 +35,15 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from cloakonnx.attacks import AttackConfig, craft
+    from cloakonnx.attacks import AttackConfig
+    from cloakonnx.backend import craft
     from cloakonnx.data import load_data
     from cloakonnx.curve import choose_point, counts_for, mask_curve
     from cloakonnx.harden import HardenConfig
     from cloakonnx.mask import mask_top, ranking, score_features
-    from cloakonnx.pipeline import StageTimer, calibrate, collect_features, prepare
+    from cloakonnx.pipeline import prepare
+    from cloakonnx.runner import collect_features
+    from cloakonnx.timing import StageTimer
 
     budget = args.max_clean_drop
     confidences = [float(c) for c in args.confidences.split(",")]
@@ -62,8 +65,8 @@ def run(args: argparse.Namespace) -> dict:
             ones = np.ones(head.width, np.float32)
             test_clean0 = float((head.apply(f_test, ones).argmax(1) == test.y).mean())
             test_adv0 = float((head.apply(f_test_adv, ones).argmax(1) == test.y).mean())
-        stats, _, _ = calibrate(p, runner, config.ort_batch_size, StageTimer(), f" (seed {seed})")
-        adv_val = p.craft(runner, p.val, f" validation (seed {seed})")
+        stats, _, _ = p.calibrate(runner, config.ort_batch_size, StageTimer(), f" (seed {seed})")
+        adv_val = p.adversarial(runner, p.val, f" validation (seed {seed})")
         f_val = collect_features(runner.session, p.target.feature, p.val.x, runner.feed)
         f_val_adv = collect_features(runner.session, p.target.feature, adv_val, runner.feed)
         order = ranking(score_features(stats, args.score), None)

@@ -21,7 +21,7 @@ stage table and verdict use the CPU time of this process (``--clock cpu``: harde
 both clocks, ``HardenReport.stages_cpu`` beside ``stages``); wall-clock totals are shown beside them. On an idle
 machine the two agree for a single thread; ``--clock wall --threads 0`` measures what a user waits for.
 
-(b) Memory. ``stats.stream_stats`` runs in a fresh subprocess per N (1k and 20k digits, the 20k repeated
+(b) Memory. ``stats.StatsStream`` runs in a fresh subprocess per N (1k and 20k digits, the 20k repeated
 and jittered inside the [0, 1] box), with the clean, adversarial and label arrays memory-mapped from .npy
 files (``np.load(mmap_mode="r")``). Measured per run, after a warm-up pass that sizes onnxruntime's arena:
 
@@ -342,7 +342,7 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
 
 
 def stats_child(argv: list[str]) -> int:
-    """In a fresh process: stream_stats over memory-mapped inputs; print the memory figures as JSON."""
+    """In a fresh process: StatsStream over memory-mapped inputs; print the memory figures as JSON."""
     import gc
     import tracemalloc
 
@@ -351,7 +351,7 @@ def stats_child(argv: list[str]) -> int:
     from cloakonnx.data import Preprocess
     from cloakonnx.graph import find_head, with_outputs
     from cloakonnx.runtime import make_session
-    from cloakonnx.stats import per_feature, stream_stats
+    from cloakonnx.stats import StatsStream, per_feature
 
     model_path, folder, n, batch, mode = argv[0], Path(argv[1]), int(argv[2]), int(argv[3]), argv[4]
     model = onnx.load(model_path)
@@ -378,8 +378,10 @@ def stats_child(argv: list[str]) -> int:
 
     def work(k):
         if mode == "stream":
-            return stream_stats(session, head.feature, head.logits, xc[:k], xa[:k], y[:k], feed, batch,
-                                head_weight=head.weight)
+            stream = StatsStream(session, head.feature, head.logits, feed, batch, head.weight)
+            for s in range(0, k, batch):
+                stream.add(xc[s : min(s + batch, k)], xa[s : min(s + batch, k)], y[s : min(s + batch, k)])
+            return stream.finish()
         return keep_everything(xc[:k], xa[:k])
 
     work(min(n, 2 * batch))  # warm-up: onnxruntime's arena, lazy imports, tqdm
@@ -512,7 +514,7 @@ def table(result: dict) -> str:
         lo, hi = min(mem["sizes"]), max(mem["sizes"])
         lines += [
             "",
-            f"(b) statistics stage (stream_stats), inputs memory-mapped from .npy, batch {mem['batch_size']}, "
+            f"(b) statistics stage (StatsStream), inputs memory-mapped from .npy, batch {mem['batch_size']}, "
             "one fresh subprocess per row; MiB",
             f"    {'mode':<16} {'N':>6} {'input':>8} {'tracemalloc':>11} {'RssAnon':>8} {'VmHWM':>8} "
             f"{'RssFile':>8} {'seconds':>8}",

@@ -29,10 +29,11 @@ def main(argv=None) -> int:
     import onnx
     import torch
 
-    from cloakonnx.attacks import AttackConfig, craft
+    from cloakonnx.attacks import AttackConfig
+    from cloakonnx.backend import craft
     from cloakonnx.attacks.square import Square
     from cloakonnx.data import Preprocess
-    from cloakonnx.pipeline import Runner
+    from cloakonnx.runner import Runner
 
     model_path, _, test_path = demo_paths(args.demo_dir)
     test = np.load(test_path)

@@ -178,19 +178,10 @@ def check_model(
     the model fixes. The gradient check backpropagates a fixed random weighting of the first
     float output (a plain sum would be constant for softmax outputs and give zero gradients).
     """
-    import torch
-
-    from . import runtime
     from .torch_exec import OnnxTorchModule, UnsupportedOpsError, _uses_wide_or_narrow_floats
 
     start = time.perf_counter()
-    name = model if isinstance(model, str) else (model.graph.name or "<model>")
-    if isinstance(model, str):
-        try:
-            model = onnx.load(model)
-        except Exception as exc:  # noqa: BLE001 - unreadable file
-            raise CloakError(f"cannot read ONNX model {name!r}: {exc}") from exc
-
+    name, model = _read(model)
     graph = model.graph
     inits = {t.name for t in graph.initializer}
     inputs = [vi for vi in graph.input if vi.name not in inits]
@@ -207,25 +198,11 @@ def check_model(
 
     rng = np.random.default_rng(seed)
     feeds = {vi.name: _random_input(rng, vi.type.tensor_type.elem_type, shapes[vi.name], bounds) for vi in inputs}
-    qdq = is_qdq(model)
-    session = runtime.make_session(model, providers, fuse=not qdq)
-    out_names = [o.name for o in session.get_outputs()]
-    refs = session.run(out_names, feeds)
-    if qdq:
-        fused = runtime.make_session(model, providers).run(out_names, feeds)
-        result.quantized = {"reference": "onnxruntime with basic graph optimizations (unfused QDQ)",
-                            "fused_max_abs": max(float(np.abs(np.asarray(f, np.float64) - np.asarray(r, np.float64)).max(initial=0.0))
-                                                 for f, r in zip(fused, refs)),
-                            "fused_top1_agreement": _top1_agreement(fused[0], refs[0])}
+    out_names, refs = _reference_outputs(model, feeds, providers, result)
     result.computes_in_float32 = module.computes_in_float32
     rtol = RTOL_HALF if _has_half_precision(graph) else RTOL_FLOAT32
 
-    args = []
-    for vi in inputs:
-        t = torch.from_numpy(np.array(feeds[vi.name], copy=True))
-        if t.is_floating_point():
-            t = t.float().requires_grad_()
-        args.append(t)
+    args = [_leaf(feeds[vi.name]) for vi in inputs]
     try:
         outs = module(*args)
     except CloakError as exc:
@@ -238,6 +215,53 @@ def check_model(
         got = by_name[out_name].detach().cpu().numpy()
         result.outputs.append(_compare(out_name, got, np.asarray(ref), rtol))
 
+    _check_gradients(args, outs, seed, result)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _leaf(value: np.ndarray):
+    """A torch copy of a feed; float ones require gradients (the gradient check needs them)."""
+    import torch
+
+    t = torch.from_numpy(np.array(value, copy=True))
+    return t.float().requires_grad_() if t.is_floating_point() else t
+
+
+def _read(model: onnx.ModelProto | str) -> tuple[str, onnx.ModelProto]:
+    """(the name the result shows, the model), reading it from a path if needed."""
+    name = model if isinstance(model, str) else (model.graph.name or "<model>")
+    if isinstance(model, str):
+        try:
+            model = onnx.load(model)
+        except Exception as exc:  # noqa: BLE001 - unreadable file
+            raise CloakError(f"cannot read ONNX model {name!r}: {exc}") from exc
+    return name, model
+
+
+def _reference_outputs(model: onnx.ModelProto, feeds: dict, providers, result: CheckResult):
+    """onnxruntime's outputs, the reference: for a QDQ model unfused (the fused kernels round
+    differently), and how far the fused ones are from it."""
+    from . import runtime
+
+    qdq = is_qdq(model)
+    session = runtime.make_session(model, providers, fuse=not qdq)
+    out_names = [o.name for o in session.get_outputs()]
+    refs = session.run(out_names, feeds)
+    if qdq:
+        fused = runtime.make_session(model, providers).run(out_names, feeds)
+        result.quantized = {"reference": "onnxruntime with basic graph optimizations (unfused QDQ)",
+                            "fused_max_abs": max(float(np.abs(np.asarray(f, np.float64) - np.asarray(r, np.float64)).max(initial=0.0))
+                                                 for f, r in zip(fused, refs)),
+                            "fused_top1_agreement": _top1_agreement(fused[0], refs[0])}
+    return out_names, refs
+
+
+def _check_gradients(args: list, outs: list, seed: int, result: CheckResult) -> None:
+    """Backpropagate a fixed random weighting of the first float output to the float inputs: are
+    the gradients finite, and not all zero?"""
+    import torch
+
     float_args = [a for a in args if a.requires_grad]
     target = next((o for o in outs if o.is_floating_point() and o.requires_grad), None)
     if float_args and target is not None:
@@ -246,5 +270,3 @@ def check_model(
         grads = [g for g in grads if g is not None]
         result.grad_finite = bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
         result.grad_nonzero = bool(grads) and any(bool((g != 0).any()) for g in grads)
-    result.seconds = time.perf_counter() - start
-    return result

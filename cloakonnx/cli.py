@@ -1,4 +1,6 @@
-"""The ``cloakonnx`` command line: each command parses options and calls one library function.
+"""The ``cloakonnx`` command line: each command is the list of its argument groups (``cli_args``, as
+Polygraphy's ``tools/args/``), and a body that builds its typed config from them and calls one library
+function. The groups only one command uses are defined here, next to it.
 
 User errors (CloakError) print ``cloakonnx: error: ...`` and exit 1; usage errors exit 2 (click's
 convention); tracebacks appear only with ``--debug``.
@@ -9,13 +11,14 @@ import functools
 import logging
 import os
 import sys
-from pathlib import Path
+from dataclasses import replace
 
 import click
 
 from . import __version__
-from .cli_args import (JoinsInputShapes, attack_options, common_fields, data_options, data_source, input_shapes_option, mask_config,
-                       masking_options, parse_eps, parse_input_shapes, parse_pair, runtime_options)
+from .cli_args import (ArgGroup, AttackArgs, Command, DataArgs, JoinsInputShapes, LearnArgs, MaskArgs, ModelArgs,
+                       Option, OutputArgs, PreprocessArgs, RayArgs, RuntimeArgs, SeedArgs, as_optional_path, as_path,
+                       negated, parse_names, parse_pair)
 from .errors import CloakError
 
 log = logging.getLogger("cloakonnx")
@@ -73,26 +76,6 @@ def handles_errors(fn):
     return wrapper
 
 
-def _emit(data: dict, as_json: bool, report: str | None, human, plot: str | None = None, plotter=None) -> None:
-    """Plot (if asked), write the JSON report (if asked), then print the table or the JSON."""
-    from .report import to_json, write_report
-
-    if plot:
-        plotter(data, plot)
-    if report:
-        write_report(data, report)
-    if as_json:
-        click.echo(to_json(data))
-    else:
-        click.echo(human(data))
-        if report:
-            click.echo(f"report written to {report}")
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of the table.")
-report_option = click.option("--report", type=click.Path(dir_okay=False), help="Also write the JSON report to PATH.")
-
-
 class _Group(click.Group):
     command_class = JoinsInputShapes  # every command reads --input-shapes as Polygraphy does
 
@@ -118,35 +101,59 @@ def main(debug: bool, quiet: bool) -> None:
         os.environ["TQDM_DISABLE"] = "1"
 
 
+# --- the commands: each is the list of its argument groups, and a body that calls one library function ---
+
+DATA_SHAPES = ("Every dim but the batch must match the data's samples (an image folder is resized to the given H,W "
+               "unless --size is given).")
+
+
+# harden, sweep and evaluate read the same data and model; harden and sweep also mask alike. (A group
+# holds no state: one instance serves every command that lists it.)
+DATA = (DataArgs(), PreprocessArgs(), ModelArgs(DATA_SHAPES), SeedArgs())
+MASKING = (*DATA, MaskArgs(), LearnArgs(),
+           AttackArgs(10, "10 here, for speed: it crafts calibration inputs; evaluate defaults to 20 to measure"),
+           RuntimeArgs(), RayArgs())
+
+
+INSPECT = Command(ModelArgs("inspect checks them against the model and shows them next to the declared shapes.",
+                            input_name=False), OutputArgs(report=False))
+
+
 @main.command()
-@click.argument("model", type=click.Path())
-@click.option("--logits", "logits", metavar="NAME", help="Graph output that carries the logits (if there are several).")
-@input_shapes_option("inspect checks them against the model and shows them next to the declared shapes.")
-@json_option
+@INSPECT
 @handles_errors
-def inspect(model: str, logits: str | None, input_shapes: tuple[str, ...], as_json: bool) -> None:
+def inspect(**kw) -> None:
     """Show MODEL's inputs, outputs, opset, classification head, feature tensor and any cloak mask."""
     from .graph import inspect_model
     from .report import format_inspect
 
-    info = inspect_model(model, logits, parse_input_shapes(input_shapes))
-    _emit(info.to_dict(), as_json, None, format_inspect)
+    args = INSPECT.parse(kw)
+    args.output.emit(inspect_model(args.model, **args.fields).to_dict(), format_inspect)
 
+
+class HardenArgs(ArgGroup):
+    """Where harden writes the model, and how it hardens and checks it."""
+
+    options = (
+        Option("-o", "--output", type=click.Path(dir_okay=False),
+               help="Hardened model path [default: MODEL.cloaked.onnx].", to="output", convert=as_optional_path),
+        Option("--rounds", type=int, default=1, show_default=True,
+               help="Rounds of hardening: each attacks the model hardened so far and adds to the mask.", to="rounds"),
+        Option("--no-adaptive", is_flag=True, help="Skip the adaptive attack on the hardened model (faster).",
+               to="adaptive", convert=negated),
+        Option("--fold", is_flag=True,
+               help="Multiply the mask into the head's weights: same outputs, exactly the original's node count.",
+               to="fold"),
+    )
+
+
+HARDEN = Command(*MASKING, HardenArgs(), OutputArgs(plot="Write a PNG of the trade-off curve of this run."))
 
 
 @main.command()
-@masking_options
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Hardened model path [default: MODEL.cloaked.onnx].")
-@click.option("--rounds", type=int, default=1, show_default=True,
-              help="Rounds of hardening: each attacks the model hardened so far and adds to the mask.")
-@click.option("--no-adaptive", is_flag=True, help="Skip the adaptive attack on the hardened model (faster).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the trade-off curve of this run.")
-@click.option("--fold", is_flag=True,
-              help="Multiply the mask into the head's weights: same outputs, exactly the original's node count.")
-@json_option
-@report_option
+@HARDEN
 @handles_errors
-def harden(model, output, rounds, no_adaptive, plot, fold, as_json, report, **kw) -> None:
+def harden(**kw) -> None:
     """Write a hardened copy of MODEL with a DeepCloak mask chosen on --data, and report what it buys.
 
     \b
@@ -159,22 +166,29 @@ def harden(model, output, rounds, no_adaptive, plot, fold, as_json, report, **kw
     from .harden import harden as run
     from .report import format_harden, plot_harden
 
-    data = data_source(kw)
-    config = mask_config(HardenConfig, kw, output=Path(output) if output else None, rounds=rounds,
-                          adaptive=not no_adaptive, curve=bool(plot), fold=fold)
-    _emit(run(model, data, config).to_dict(), as_json, report, format_harden, plot, plot_harden)
+    args = HARDEN.parse(kw)
+    config = args.config(HardenConfig, curve=bool(args.output.plot))  # the curve is computed for the plot
+    args.output.emit(run(args.model, args.data, config).to_dict(), format_harden, plot_harden)
+
+
+class SweepArgs(ArgGroup):
+    """The scores sweep compares: ``parsed.scores``."""
+
+    options = (Option("--scores", default="absdiff,normalised,margin", show_default=True, convert=parse_names,
+                      help="Comma-separated scores to compare; add 'learned' to compare the learned mask too (it "
+                           "trains a mask first, so it is much the slowest)."),)
+
+    def parse(self, values, parsed) -> None:
+        parsed.scores = values.scores
+
+
+SWEEP = Command(*MASKING, SweepArgs(), OutputArgs(plot="Write a PNG of the curves and the score distribution."))
 
 
 @main.command()
-@masking_options
-@click.option("--scores", default="absdiff,normalised,margin", show_default=True,
-              help="Comma-separated scores to compare; add 'learned' to compare the learned mask too (it trains "
-                   "a mask first, so it is much the slowest).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the curves and the score distribution.")
-@json_option
-@report_option
+@SWEEP
 @handles_errors
-def sweep(model, scores, plot, as_json, report, **kw) -> None:
+def sweep(**kw) -> None:
     """Show the whole trade-off: clean and adversarial accuracy against the share of features masked,
     for every score, on the validation split. Writes no model.
 
@@ -186,36 +200,43 @@ def sweep(model, scores, plot, as_json, report, **kw) -> None:
     from .report import format_sweep, plot_sweep
     from .sweep import sweep as run
 
-    data = data_source(kw)
-    names = tuple(s.strip() for s in scores.split(",") if s.strip())
-    _emit(run(model, data, mask_config(MaskConfig, kw), names).to_dict(), as_json, report, format_sweep, plot,
-          plot_sweep)
+    args = SWEEP.parse(kw)
+    report = run(args.model, args.data, args.config(MaskConfig), args.scores)
+    args.output.emit(report.to_dict(), format_sweep, plot_sweep)
+
+
+class EvaluateArgs(ArgGroup):
+    """Which attacks evaluate runs, against which threat models, on how many samples."""
+
+    options = (
+        Option("--reference", type=click.Path(), to="reference", convert=as_optional_path,
+               help="The original (unhardened) model: adds transfer attacks crafted on it."),
+        Option("--attack", "attacks", default="fgsm,pgd,square", show_default=True, to="attacks", convert=parse_names,
+               help="Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square."),
+        Option("--preset", type=click.Choice(["standard", "plus", "fast"]), default=None, to="preset",
+               help="A fixed, documented set, each attack only on the points still robust (AutoAttack's way). "
+                    "standard: AutoAttack's standard version: APGD-CE, APGD-T and FAB-T (100 steps, 9 target "
+                    "classes), Square (5000 queries). plus: AutoAttack's plus version: APGD-CE, APGD-DLR and "
+                    "untargeted FAB with 5 restarts each, Square (5000 queries), APGD-T, FAB-T. "
+                    "fast: APGD-CE and APGD-T."),
+        Option("--max-samples", type=int, default=None, help="Evaluate a random subset of this size.",
+               to="max_samples"),
+        Option("--no-large-eps-check", is_flag=True, to="sanity", convert=negated,
+               help="Skip the sanity check that PGD at a huge eps reaches chance (one more attack on up to 200 "
+                    "samples: slow on large models)."),
+    )
+
+
+EVALUATE = Command(*DATA, EvaluateArgs(),
+                   AttackArgs(20, "20 here, to measure robustness; harden and sweep default to 10 for speed",
+                              several_eps=True),
+                   RuntimeArgs(), RayArgs(), OutputArgs(plot="Write a PNG of accuracy against eps."))
 
 
 @main.command()
-@click.argument("model", type=click.Path())
-@data_options
-@click.option("--reference", type=click.Path(), help="The original (unhardened) model: adds transfer attacks crafted on it.")
-@click.option("--attack", "attacks", default="fgsm,pgd,square", show_default=True,
-              help="Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square.")
-@click.option("--preset", type=click.Choice(["standard", "plus", "fast"]), default=None,
-              help="A fixed, documented set, each attack only on the points still robust (AutoAttack's way). "
-                   "standard: AutoAttack's standard version: APGD-CE, APGD-T and FAB-T (100 steps, 9 target "
-                   "classes), Square (5000 queries). plus: AutoAttack's plus version: APGD-CE, APGD-DLR and "
-                   "untargeted FAB with 5 restarts each, Square (5000 queries), APGD-T, FAB-T. "
-                   "fast: APGD-CE and APGD-T.")
-@attack_options(20, "20 here, to measure robustness; harden and sweep default to 10 for speed")
-@runtime_options
-@click.option("--max-samples", type=int, default=None, help="Evaluate a random subset of this size.")
-@click.option("--no-large-eps-check", is_flag=True,
-              help="Skip the sanity check that PGD at a huge eps reaches chance (one more attack on up to 200 "
-                   "samples: slow on large models).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of accuracy against eps.")
-@json_option
-@report_option
+@EVALUATE
 @handles_errors
-def evaluate(model, reference, attacks, preset, max_samples, no_large_eps_check, plot, as_json, report,
-             **kw) -> None:
+def evaluate(**kw) -> None:
     """Measure what MODEL resists: clean accuracy, and accuracy under adaptive (white-box, through
     MODEL itself, mask included), transfer (crafted on --reference) and gradient-free attacks.
 
@@ -233,26 +254,34 @@ def evaluate(model, reference, attacks, preset, max_samples, no_large_eps_check,
     from .evaluate import evaluate as run
     from .report import format_evaluate, plot_evaluate
 
-    data, eps = data_source(kw), tuple(parse_eps(kw.pop("eps")))
-    names = tuple(a.strip() for a in attacks.split(",") if a.strip())
-    config = EvaluateConfig(**common_fields(kw, "pgd", eps[0]), attacks=names, eps=eps, preset=preset,
-                            reference=Path(reference) if reference else None, max_samples=max_samples,
-                            sanity=not no_large_eps_check)
-    result = run(model, data, config).to_dict()
-    _emit(result, as_json, report, format_evaluate, plot, plot_evaluate)
+    args = EVALUATE.parse(kw)
+    result = run(args.model, args.data, args.config(EvaluateConfig)).to_dict()
+    args.output.emit(result, format_evaluate, plot_evaluate)
     if result["failures"]:
         sys.exit(3)
 
 
+class DemoArgs(ArgGroup):
+    """Where the demo writes, and how it trains (DemoOptions)."""
+
+    options = (
+        Option("--out", "out", default="cloakonnx-demo", show_default=True, type=click.Path(file_okay=False),
+               help="Folder for the trained model, its data, the hardened model and the report.", to="out",
+               convert=as_path),
+        Option("--epochs", type=int, default=15, show_default=True, help="Training epochs for the digits CNN.",
+               to="epochs"),
+        Option("--seed", type=int, default=0, show_default=True,
+               help="Makes the training, the splits and the attacks repeatable.", to="seed"),
+    )
+
+
+DEMO = Command(DemoArgs(), OutputArgs())
+
+
 @main.command()
-@click.option("--out", "out", default="cloakonnx-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the trained model, its data, the hardened model and the report.")
-@click.option("--epochs", type=int, default=15, show_default=True, help="Training epochs for the digits CNN.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@json_option
-@report_option
+@DEMO
 @handles_errors
-def demo(out, epochs, seed, as_json, report) -> None:
+def demo(**kw) -> None:
     """Run the whole job on real data: train a CNN on scikit-learn's digits, export it, harden it.
 
     Needs no download and finishes in about a minute on two CPU cores.
@@ -260,27 +289,40 @@ def demo(out, epochs, seed, as_json, report) -> None:
     from .demo import DemoOptions, run_demo
     from .report import format_harden
 
-    result = run_demo(DemoOptions(out=Path(out), epochs=epochs, seed=seed))
+    args = DEMO.parse(kw)
+    options = args.config(DemoOptions)
+    result = run_demo(options)
     data = dict(result.report, demo={"held_out_accuracy": result.test_accuracy, "train_seconds": result.train_seconds,
                                      "data": str(result.data), "test_data": str(result.test_data)})
-    report_path = report or str(Path(out) / "report.json")
-    _emit(data, as_json, report_path, format_harden)
-    if not as_json:
+    output = replace(args.output, report=args.output.report or str(options.out / "report.json"))
+    output.emit(data, format_harden)
+    if not output.as_json:
         click.echo(f"next: cloakonnx evaluate {result.report['output']} --data {result.test_data} "
                    f"--reference {result.model} --eps 0.05,0.1")
         click.echo(f"      cloakonnx harden {result.model} --data {result.data} --eps 0.1 --score learned "
                    "(a learned mask: stronger, about 30 s more)")
 
 
+class CheckArgs(ArgGroup):
+    """The random inputs on which check compares the two executors."""
+
+    options = (
+        Option("--batch", type=int, default=2, show_default=True, help="Batch size for dynamic batch dimensions.",
+               to="batch"),
+        Option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box to draw random inputs from.",
+               to="bounds", convert=parse_pair),
+    )
+
+
+CHECK = Command(CheckArgs(), ModelArgs("Needed for inputs with dynamic dims besides the batch (height, width); a "
+                                       "given shape sets its batch too.", input_name=False, logits=False),
+                OutputArgs(report=False))
+
+
 @main.command()
-@click.argument("model", type=click.Path())
-@click.option("--batch", type=int, default=2, show_default=True, help="Batch size for dynamic batch dimensions.")
-@click.option("--bounds", default="0,1", show_default=True, help="LOW,HIGH box to draw random inputs from.")
-@input_shapes_option("Needed for inputs with dynamic dims besides the batch (height, width); a given shape sets "
-                     "its batch too.")
-@json_option
+@CHECK
 @handles_errors
-def check(model, batch, bounds, input_shapes, as_json) -> None:
+def check(**kw) -> None:
     """Check that cloakonnx's torch executor reproduces MODEL (outputs and usable gradients).
 
     Exit 0 only when every output matches onnxruntime within tolerance and input gradients are
@@ -294,10 +336,9 @@ def check(model, batch, bounds, input_shapes, as_json) -> None:
     from .graph import load_model
     from .report import format_check
 
-    shapes = parse_input_shapes(input_shapes)
-    result = check_model(load_model(model), batch=batch, bounds=parse_pair(bounds, "--bounds"), input_shapes=shapes)
-    data = dict(result.to_dict(), model=model, ok=result.ok)
-    _emit(data, as_json, None, format_check)
+    args = CHECK.parse(kw)
+    result = check_model(load_model(args.model), **args.fields)
+    args.output.emit(dict(result.to_dict(), model=args.model, ok=result.ok), format_check)
     if not result.ok:
         sys.exit(1)
 

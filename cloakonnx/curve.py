@@ -28,6 +28,30 @@ class CurvePoint:
     # per-sample changes against no new mask (see clean_drop_bound); None if not computed.
     clean_drop_bound: float | None = None
 
+    @property
+    def size(self) -> int:
+        """What the choice prefers less of, among equally good points: the features this run zeroes."""
+        return self.added
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CutPoint:
+    """A cut of learned masks on several tensors (:mod:`cloakonnx.layers`): values below
+    ``threshold`` zeroed, measured on validation through onnxruntime."""
+
+    threshold: float
+    masked: int  # zeroed in total, over every tensor
+    clean_accuracy: float
+    adversarial_accuracy: float
+    clean_drop_bound: float
+
+    @property
+    def size(self) -> int:
+        return self.masked
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -80,12 +104,14 @@ def mask_curve(head: Head, order: np.ndarray, counts, f_clean: np.ndarray, f_adv
     return points
 
 
-def choose_point(points: list[CurvePoint], reference_clean: float, max_clean_drop: float,
-                 use_bound: bool = False) -> CurvePoint | None:
-    """The point with the best adversarial accuracy whose clean accuracy is at most ``max_clean_drop``
-    percentage points below ``reference_clean`` (with ``use_bound``: whose drop's upper confidence
-    bound is within it); None when nothing beats adding no mask."""
-    start = next(p for p in points if p.added == 0)
+def choose_point(points: list, reference_clean: float, max_clean_drop: float, use_bound: bool = False,
+                 floor: float | None = None):
+    """The point (``CurvePoint`` or ``CutPoint``) with the best adversarial accuracy whose clean
+    accuracy is at most ``max_clean_drop`` percentage points below ``reference_clean`` (with
+    ``use_bound``: whose drop's upper confidence bound is within it); ties go to the smaller mask.
+    None when nothing beats ``floor``, by default the adversarial accuracy of adding no mask."""
+    if floor is None:
+        floor = next(p for p in points if p.size == 0).adversarial_accuracy
 
     def within(p: CurvePoint) -> bool:
         point = 100 * (reference_clean - p.clean_accuracy)
@@ -94,5 +120,5 @@ def choose_point(points: list[CurvePoint], reference_clean: float, max_clean_dro
     eligible = [p for p in points if within(p)]
     if not eligible:
         return None
-    best = max(eligible, key=lambda p: (p.adversarial_accuracy, -p.added))
-    return best if best.adversarial_accuracy > start.adversarial_accuracy else None
+    best = max(eligible, key=lambda p: (p.adversarial_accuracy, -p.size))
+    return best if best.adversarial_accuracy > floor else None

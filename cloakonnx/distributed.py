@@ -15,10 +15,14 @@ import hashlib
 import logging
 import math
 import os
+
 import numpy as np
 
+from .backend import LocalBackend
 from .config import RayConfig
 from .errors import CloakError, first_line
+from .runner import Runner
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,11 @@ def plan_shards(n: int, unit: int, shards: int) -> list[tuple[int, int]]:
     return [(min(a, n), min(b, n)) for a, b in zip(cuts, cuts[1:]) if min(a, n) < min(b, n)]
 
 
-class Cluster:
-    """One command's Ray connection and its workers."""
+class RayBackend:
+    """The attacks on a Ray cluster: one command's Ray connection and its workers. It offers what
+    :class:`~cloakonnx.backend.LocalBackend` offers, and each worker runs a ``LocalBackend``."""
 
-    def __init__(self, config: RayConfig, device: str, runner_cls):
+    def __init__(self, config: RayConfig, device: str):
         config.validate()
         ray = import_ray()
         self.ray, self.started = ray, False
@@ -69,7 +74,7 @@ class Cluster:
         self.address = ray.get_runtime_context().gcs_address
         options = dict(max_restarts=self.retries, max_task_retries=self.retries,
                        num_cpus=self.threads, num_gpus=1 if self.use_gpus else 0)
-        self.actors = [ray.remote(Worker).options(**options).remote(self.threads, runner_cls)
+        self.actors = [ray.remote(Worker).options(**options).remote(self.threads)
                        for _ in range(self.workers)]
         self.models: dict[str, object] = {}
         self.shards_run = 0
@@ -102,7 +107,7 @@ class Cluster:
         if self.started:
             self.ray.shutdown()
 
-    # -- what the pipeline calls ------------------------------------------------------------------------
+    # -- the backend's operations ----------------------------------------------------------------------
 
     def model_ref(self, runner) -> tuple[str, object, dict]:
         """(key, object ref of the serialized model, Runner arguments) for ``runner``, put once."""
@@ -112,38 +117,41 @@ class Cluster:
             self.models[key] = self.ray.put(data)
         return key, self.models[key], runner.rebuild_args()
 
-    def calibrate(self, runner, ds, attack, batch: int, device: str, feature: str, logits: str,
-                  head_weight, ort_batch_size: int, desc: str):
-        """Calibration statistics of ``ds`` attacked through ``runner``, from every worker, merged in order."""
+    def calibrate(self, runner, ds, attack, batch: int, device: str, feature: str, logits: str, head_weight,
+                  ort_batch_size: int, desc: str = "", timer: StageTimer | None = None):
+        """Calibration statistics of ``ds`` attacked through ``runner``, from every worker, merged in
+        order: (FeatureStats, clean accuracy, adversarial accuracy). Attack and statistics both run on
+        the workers, so the whole call is the "attack" stage."""
         from .runtime import batch_size_for
         from .stats import FeatureStats
 
-        unit = math.lcm(batch, batch_size_for(runner.session, ort_batch_size))
-        model = self.model_ref(runner)
-        results = self._map(ds, unit, desc, lambda actor, shard: actor.calibrate.remote(
-            model, shard, attack, batch, device, feature, logits, head_weight, ort_batch_size))
-        stats = None
-        correct_clean = correct_adv = count = 0
-        for parts, cc, ca, n in results:
-            for part in parts:
-                stats = FeatureStats(part.width, ndim=part.ndim) if stats is None else stats
-                stats.merge(part)
-            correct_clean, correct_adv, count = correct_clean + cc, correct_adv + ca, count + n
-        n = max(count, 1)
-        return stats, correct_clean / n, correct_adv / n
+        with (timer or StageTimer())("attack"):
+            unit = math.lcm(batch, batch_size_for(runner.session, ort_batch_size))
+            model = self.model_ref(runner)
+            results = self._map(ds, unit, desc, lambda actor, shard: actor.calibrate.remote(
+                model, shard, attack, batch, device, feature, logits, head_weight, ort_batch_size))
+            stats = None
+            correct_clean = correct_adv = count = 0
+            for parts, cc, ca, n in results:
+                for part in parts:
+                    stats = FeatureStats(part.width, ndim=part.ndim) if stats is None else stats
+                    stats.merge(part)
+                correct_clean, correct_adv, count = correct_clean + cc, correct_adv + ca, count + n
+            n = max(count, 1)
+            return stats, correct_clean / n, correct_adv / n
 
-    def craft(self, runner, ds, attack, batch: int, device: str, desc: str) -> np.ndarray:
+    def craft(self, runner, attack, ds, device: str, desc: str, batch: int) -> np.ndarray:
         """Adversarial versions of ``ds`` crafted through ``runner`` by the workers, in order."""
         model = self.model_ref(runner)
         parts = self._map(ds, batch, desc, lambda actor, shard: actor.craft.remote(model, shard, attack, batch, device))
         return np.concatenate(parts) if parts else np.zeros((0, *ds.x.shape[1:]), np.float32)
 
-    def survivors(self, runner, source, ds, attack, batch: int, device: str, ort_batch_size: int,
-                  desc: str) -> np.ndarray:
-        """Which samples of ``ds`` ``runner`` still classifies correctly after ``attack`` crafted on ``source``."""
-        judge, crafter = self.model_ref(runner), self.model_ref(source)
+    def survivors(self, judge, crafter, attack, ds, device: str, batch: int, ort_batch_size: int,
+                  desc: str = "") -> np.ndarray:
+        """Which samples of ``ds`` ``judge`` still classifies correctly after ``attack`` crafted on ``crafter``."""
+        judged, crafted = self.model_ref(judge), self.model_ref(crafter)
         parts = self._map(ds, batch, desc, lambda actor, shard: actor.survivors.remote(
-            judge, crafter, shard, attack, batch, device, ort_batch_size))
+            judged, crafted, shard, attack, batch, device, ort_batch_size))
         return np.concatenate(parts) if parts else np.zeros(0, bool)
 
     def _map(self, ds, unit: int, desc: str, submit) -> list:
@@ -184,39 +192,36 @@ class Cluster:
 
 
 class Worker:
-    """A Ray actor: a Runner per model (onnxruntime session and torch executor), built once.
-    ``runner_cls`` is ``pipeline.Runner``, passed in so that this module does not import the pipeline."""
+    """A Ray actor: a Runner per model (onnxruntime session and torch executor), built once, and the
+    same :class:`~cloakonnx.backend.LocalBackend` loops as one process runs."""
 
-    def __init__(self, threads: int, runner_cls):
+    def __init__(self, threads: int):
         from .runtime import limit_threads
 
         limit_threads(threads)
-        self.runner_cls = runner_cls
+        self.local = LocalBackend()
         self.runners: dict = {}
 
-    def _runner(self, model):
+    def _runner(self, model) -> Runner:
         key, data, args = model
         if key not in self.runners:
             import onnx
             import ray
 
             data = data if isinstance(data, bytes) else ray.get(data)  # a reference inside a tuple is not resolved
-            self.runners[key] = self.runner_cls(onnx.load_from_string(data), **args)
+            self.runners[key] = Runner(onnx.load_from_string(data), **args)
         return self.runners[key]
 
     def calibrate(self, model, ds, attack, batch, device, feature, logits, head_weight, ort_batch_size):
-        from .stats import StatsStream
-
-        runner = self._runner(model)
-        stream = StatsStream(runner.session, feature, logits, runner.feed, ort_batch_size, head_weight,
-                             keep_batches=True)
-        for start, clean, adv in runner.craft_batches(attack, ds, device, "", batch):
-            stream.add(clean, adv, ds.y[start : start + len(adv)])
+        stream = self.local.calibration_stream(self._runner(model), ds, attack, batch, device, feature, logits,
+                                               head_weight, ort_batch_size, keep_batches=True)
         stream.finish()
         return stream.batches, stream.correct_clean, stream.correct_adv, stream.count
 
     def craft(self, model, ds, attack, batch, device):
-        return np.concatenate([adv for _, _, adv in self._runner(model).craft_batches(attack, ds, device, "", batch)])
+        return np.concatenate([adv for _, _, adv in
+                               self.local.craft_batches(self._runner(model), attack, ds, device, "", batch)])
 
     def survivors(self, judge, crafter, ds, attack, batch, device, ort_batch_size):
-        return self._runner(judge).survivors(self._runner(crafter), attack, ds, device, batch, ort_batch_size)
+        return self.local.survivors(self._runner(judge), self._runner(crafter), attack, ds, device, batch,
+                                    ort_batch_size)

@@ -14,32 +14,16 @@ from .config import EvaluateConfig
 from .data import Dataset
 from .errors import CloakError
 from .graph import find_head, load_model, logits_output
-from .pipeline import Runner, load_checked, open_cluster, resolve_device
+from .pipeline import load_checked, open_backend, resolve_device
+from .presets import MIN_CLASSES, THREAT_ORDER, attack_plan
+from .runner import Runner
 from .runtime import resolve_providers, run_batch
-from .sources import DATA_WAIT
+from .sanity import large_eps_reaches_chance, model_checks, sanity_checks
+from .data import DATA_WAIT
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EvaluateConfig", "EvaluateReport", "evaluate", "sanity_checks"]
-
-# Fixed, documented sets with fixed settings, run AutoAttack's way: each attack only on the points
-# still robust after the ones before it, so each row is the robust accuracy so far.
-# The settings are the reference implementation's (fra31/auto-attack, 100 iterations; torchattacks'
-# AutoAttack class keeps its attacks' default of 10). "standard" is AutoAttack's standard version
-# (Croce & Hein 2020): APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square with 5,000 queries.
-# "plus" is its plus version: APGD-CE, APGD-DLR and untargeted FAB with 5 restarts, Square, then
-# APGD-T and FAB-T. "fast", for quick iterations: APGD-CE and APGD-T.
-PRESETS = {
-    "standard": (("apgd-ce", dict(steps=100, restarts=1)), ("apgd-t", dict(steps=100, restarts=1)),
-                 ("fab-t", dict(steps=100, restarts=1)), ("square", dict(queries=5000))),
-    "plus": (("apgd-ce", dict(steps=100, restarts=5)), ("apgd-dlr", dict(steps=100, restarts=5)),
-             ("fab", dict(steps=100, restarts=5)), ("square", dict(queries=5000)),
-             ("apgd-t", dict(steps=100, restarts=1)), ("fab-t", dict(steps=100, restarts=1))),
-    "fast": (("apgd-ce", dict(steps=100, restarts=1)), ("apgd-t", dict(steps=100, restarts=1))),
-}
-THREAT_ORDER = ("adaptive", "transfer", "gradient-free")
-MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 3}  # DLR losses compare the top three logits
-
 
 @dataclass
 class EvaluateReport:
@@ -70,32 +54,29 @@ class EvaluateReport:
         return asdict(self)
 
 
-def _attack_configs(config: EvaluateConfig) -> list[AttackConfig]:
-    if config.preset is not None and config.preset not in PRESETS:
-        raise CloakError(f"unknown --preset {config.preset!r}; choose from {', '.join(PRESETS)}")
-    plan = PRESETS[config.preset] if config.preset else tuple((a, {}) for a in config.attacks)
-    out = []
-    for name, settings in plan:
-        if name not in ATTACKS:
-            raise CloakError(f"unknown attack {name!r}; choose from {', '.join(sorted(ATTACKS))}")
-        if config.preset:  # fixed settings: only the norm and the batch come from the user
-            cfg = AttackConfig(name=name, eps=config.eps[0], norm=config.attack.norm, seed=config.seed,
-                               batch_size=config.attack.batch_size, **settings)
-        else:
-            cfg = replace(config.attack, name=name, eps=config.eps[0], seed=config.seed)
-        out.append(cfg)
-    return out
+@dataclass
+class Session:
+    """What one evaluation works with: the model, the optional reference, the data and where the
+    attacks run."""
+
+    config: EvaluateConfig
+    runner: Runner
+    reference: Runner | None
+    ds: Dataset
+    n_classes: int
+    backend: object  # backend.LocalBackend or distributed.RayBackend
+    device: str
+    notes: list[str] = field(default_factory=list)
 
 
 def evaluate(model_path: str | Path, data: str | Path | Dataset, config: EvaluateConfig) -> EvaluateReport:
     """Clean accuracy and accuracy under adaptive, transfer and gradient-free attacks, for each eps."""
     t0, waited = time.perf_counter(), DATA_WAIT.seconds
     config.validate()
-    bounds = config.preprocess.bounds
-    attack_cfgs = _attack_configs(config)
+    attack_cfgs = attack_plan(config)
     for eps in config.eps:
         for cfg in attack_cfgs:
-            replace(cfg, eps=eps).validate(bounds)
+            replace(cfg, eps=eps).validate(config.preprocess.bounds)
     device = resolve_device(config.device)
     providers = resolve_providers(config.providers)
     runner = _runner(model_path, config, device)
@@ -106,24 +87,18 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     notes: list[str] = []
     runner = on_logits(runner, ds, config, device, notes)
     reference = on_logits(reference, ds, config, device, notes) if reference is not None else None
-    cluster = open_cluster(config, device)
-    for r in (runner, reference):
-        if r is not None:
-            r.cluster = cluster
+    s = Session(config, runner, reference, ds, n_classes, open_backend(config, device), device, notes)
     try:
-        report = _evaluate(model_path, config, ds, n_classes, runner, reference, attack_cfgs, notes, device,
-                           providers, t0)
+        report = _evaluate(s, model_path, attack_cfgs, providers, t0)
         report.data_wait_seconds = round(DATA_WAIT.seconds - waited, 3)
         return report
     finally:
-        if cluster is not None:
-            cluster.close()
+        s.backend.close()
 
 
-def _evaluate(model_path, config: EvaluateConfig, ds: Dataset, n_classes: int, runner: Runner,
-              reference: Runner | None, attack_cfgs: list[AttackConfig], notes: list[str], device: str,
-              providers, t0: float) -> EvaluateReport:
-    """The attacks, the checks and the report (``evaluate`` after loading)."""
+def model_notes(runner: Runner) -> list[str]:
+    """What the report must say about how the model was attacked."""
+    notes = []
     if runner.torch_model is None:
         notes.append(f"{runner.unsupported}: gradient attacks were skipped, only gradient-free ones ran")
     if runner.computes_in_float32:
@@ -131,9 +106,11 @@ def _evaluate(model_path, config: EvaluateConfig, ds: Dataset, n_classes: int, r
     if runner.quantized:
         notes.append("the model is QDQ-quantized: gradients pass its rounding straight through (BPDA, Athalye et "
                      "al. 2018)")
+    return notes
 
-    clean_pred = runner.predict(ds.x, config.ort_batch_size)
-    clean = float((clean_pred == ds.y).mean())
+
+def runnable_attacks(attack_cfgs: list[AttackConfig], n_classes: int, notes: list[str]) -> list[AttackConfig]:
+    """The attacks this model can take (DLR losses need three classes); the others are noted."""
     runnable = []
     for cfg in attack_cfgs:
         if n_classes < MIN_CLASSES.get(cfg.name, 0):
@@ -141,64 +118,98 @@ def _evaluate(model_path, config: EvaluateConfig, ds: Dataset, n_classes: int, r
                          f"has {n_classes}")
         else:
             runnable.append(cfg)
+    return runnable
+
+
+def _evaluate(s: Session, model_path, attack_cfgs: list[AttackConfig], providers, t0: float) -> EvaluateReport:
+    """The attacks, the checks and the report (``evaluate`` after loading)."""
+    config, runner, ds = s.config, s.runner, s.ds
+    s.notes.extend(model_notes(runner))
+    clean_pred = runner.predict(ds.x, config.ort_batch_size)
+    clean = float((clean_pred == ds.y).mean())
     cumulative = config.preset is not None  # AutoAttack's way: each attack on the points still robust
-    results: list[dict] = []
-    failures: list[dict] = []
-    robust: dict[str, float] = {}
-    runs = [(base, threat, source) for base in runnable for threat, source in _sources(base.name, runner, reference)]
-    if cumulative:  # AutoAttack's order: every white-box attack first, then transfer, then gradient-free
+    runs = [(base, threat, source) for base in runnable_attacks(attack_cfgs, s.n_classes, s.notes)
+            for threat, source in _sources(base.name, runner, s.reference)]
+    if cumulative:
         runs.sort(key=lambda run: THREAT_ORDER.index(run[1]))
+    results, failures, robust = [], [], {}
     for eps in config.eps:
-        survived = clean_pred == ds.y
+        tally = Tally(clean_pred == ds.y, cumulative)
         for base, threat, source in runs:
             cfg = replace(base, eps=eps)
-            idx = np.flatnonzero(survived) if cumulative else np.arange(len(ds))
+            idx = tally.targets()
             try:
-                ok = _survivors(runner, source, cfg, ds.subset(idx), device, threat, config)
+                ok = _survivors(s, source, cfg, ds.subset(idx), threat)
             except CloakError as exc:  # keep what finished; name what did not
                 log.warning("%s (%s, eps=%g) failed: %s", cfg.name, threat, eps, exc)
                 failures.append({"eps": eps, "attack": cfg.name, "threat": threat, "error": str(exc)})
                 continue
-            now = survived.copy() if cumulative else np.zeros(len(ds), bool)
-            now[idx] = ok
-            survived &= now
-            results.append({"eps": eps, "attack": cfg.name, "threat": threat, "accuracy": float(now.mean())})
-        robust[repr(eps)] = float(survived.mean())
-    check_batch = (runner.attack_batch(config.attack.batch_size, "pgd", ds.x.shape[1:]).size
-                   if runner.torch_model is not None else 1)
-    checks = sanity_checks(results, robust, clean, len(ds), cumulative) + model_checks(runner, ds, check_batch)
-    if config.sanity and runner.torch_model is not None:
-        try:
-            checks.append(_large_eps_check(runner, ds, config, device, n_classes))
-        except CloakError as exc:
-            failures.append({"eps": None, "attack": "pgd", "threat": "sanity: large eps", "error": str(exc)})
+            results.append({"eps": eps, "attack": cfg.name, "threat": threat, "accuracy": tally.record(idx, ok)})
+        robust[repr(eps)] = tally.robust()
+    checks = all_checks(s, results, robust, clean, cumulative, failures)
     if failures:
-        notes.append(f"{len(failures)} attack run(s) failed (see failures): the robust accuracy is an upper bound")
-    for c in checks:
-        if not c["ok"]:
-            log.warning("SANITY CHECK FAILED: %s: %s", c["name"], c["detail"])
+        s.notes.append(f"{len(failures)} attack run(s) failed (see failures): the robust accuracy is an upper bound")
     return EvaluateReport(
         model=str(model_path), reference=str(config.reference) if config.reference else None, samples=len(ds),
         norm=config.attack.norm, eps=list(config.eps), clean_accuracy=clean, results=results, robust_accuracy=robust,
-        checks=checks, attacks={c.name: c.to_dict() for c in attack_cfgs}, notes=notes,
-        seconds=round(time.perf_counter() - t0, 3), failures=failures, providers=list(providers), device=device,
-        seed=config.seed, cumulative=cumulative, ray=runner.cluster.describe() if runner.cluster else None, summary={
+        checks=checks, attacks={c.name: c.to_dict() for c in attack_cfgs}, notes=s.notes,
+        seconds=round(time.perf_counter() - t0, 3), failures=failures, providers=list(providers), device=s.device,
+        seed=config.seed, cumulative=cumulative, ray=s.backend.describe(), summary={
             "clean_accuracy": clean, "robust_accuracy": robust, "norm": config.attack.norm, "eps": list(config.eps),
             "n": len(ds), "attacks": sorted({r["attack"] for r in results}),
             "unreliable": bool(failures) or not all(c["ok"] for c in checks)},
     )
 
 
-def _survivors(runner: Runner, source: Runner, cfg: AttackConfig, ds: Dataset, device: str, threat: str,
-               config: EvaluateConfig) -> np.ndarray:
+class Tally:
+    """Per-sample survival over the rows of one eps. Cumulative (AutoAttack's way): each attack runs
+    only on the points still robust, and its row is the robust accuracy so far. Otherwise each attack
+    runs on every sample and its row is its own accuracy. Either way ``robust`` is the worst case per
+    sample over every row."""
+
+    def __init__(self, correct: np.ndarray, cumulative: bool):
+        self.survived, self.cumulative = correct.copy(), cumulative
+
+    def targets(self) -> np.ndarray:
+        return np.flatnonzero(self.survived) if self.cumulative else np.arange(len(self.survived))
+
+    def record(self, idx: np.ndarray, ok: np.ndarray) -> float:
+        """Add one attack's survivors (``ok`` for the samples ``idx``); the row's accuracy."""
+        now = self.survived.copy() if self.cumulative else np.zeros(len(self.survived), bool)
+        now[idx] = ok
+        self.survived &= now
+        return float(now.mean())
+
+    def robust(self) -> float:
+        return float(self.survived.mean())
+
+
+def all_checks(s: Session, results: list[dict], robust: dict, clean: float, cumulative: bool,
+               failures: list[dict]) -> list[dict]:
+    """The sanity checks on the results and on the model (:mod:`cloakonnx.sanity`); each failure is logged."""
+    config, runner, ds = s.config, s.runner, s.ds
+    check_batch = (runner.attack_batch(config.attack.batch_size, "pgd", ds.x.shape[1:]).size
+                   if runner.torch_model is not None else 1)
+    checks = sanity_checks(results, robust, clean, len(ds), cumulative) + model_checks(runner, ds, check_batch)
+    if config.sanity and runner.torch_model is not None:
+        try:
+            checks.append(large_eps_reaches_chance(s.backend, runner, ds, config.attack.norm, config.preprocess.bounds,
+                                                   config.seed, config.attack.batch_size, s.device, s.n_classes))
+        except CloakError as exc:
+            failures.append({"eps": None, "attack": "pgd", "threat": "sanity: large eps", "error": str(exc)})
+    for c in checks:
+        if not c["ok"]:
+            log.warning("SANITY CHECK FAILED: %s: %s", c["name"], c["detail"])
+    return checks
+
+
+def _survivors(s: Session, source: Runner, cfg: AttackConfig, ds: Dataset, threat: str) -> np.ndarray:
     """Which samples of ``ds`` the model still classifies correctly after ``cfg`` crafted on ``source``."""
     if len(ds) == 0:
         return np.zeros(0, bool)
-    batch = source.attack_batch(config.attack.batch_size, cfg.name, ds.x.shape[1:]).size
+    batch = source.attack_batch(s.config.attack.batch_size, cfg.name, ds.x.shape[1:]).size
     desc = f"{cfg.name} eps={cfg.eps:g} {threat}"
-    if source.cluster is not None:
-        return source.cluster.survivors(runner, source, ds, cfg, batch, device, config.ort_batch_size, desc)
-    return runner.survivors(source, cfg, ds, device, batch, config.ort_batch_size, desc)
+    return s.backend.survivors(s.runner, source, cfg, ds, s.device, batch, s.config.ort_batch_size, desc)
 
 
 def _sources(name: str, runner: Runner, reference: Runner | None) -> list[tuple[str, Runner]]:
@@ -208,62 +219,6 @@ def _sources(name: str, runner: Runner, reference: Runner | None) -> list[tuple[
         return [("gradient-free", runner)]
     return [(threat, source) for threat, source in (("adaptive", runner), ("transfer", reference))
             if source is not None and source.torch_model is not None]
-
-
-def sanity_checks(results: list[dict], robust: dict, clean: float, n: int, cumulative: bool = False) -> list[dict]:
-    """The checks the field recommends (Carlini et al. 2019): failures hint at masked gradients or bugs.
-    With ``cumulative`` results (presets) the last check is AutoAttack's: a transfer or gradient-free
-    attack must not break many points that the white-box attacks before it left robust."""
-    tol = 1.0 / max(n, 1) + 0.01
-    checks = []
-    by_series: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for r in results:
-        by_series.setdefault((r["attack"], r["threat"]), []).append((r["eps"], r["accuracy"]))
-    bad = [f"{a} ({t})" for (a, t), pts in by_series.items()
-           if any(b[1] > a_[1] + tol for a_, b in zip(sorted(pts), sorted(pts)[1:]))]
-    checks.append({"name": "accuracy falls as eps grows", "ok": not bad,
-                   "detail": "rises with eps for " + ", ".join(bad) if bad else "monotone for every attack"})
-    above_clean = [f"{r['attack']} ({r['threat']}) eps={r['eps']:g}" for r in results if r["accuracy"] > clean + tol]
-    checks.append({"name": "no attack beats clean accuracy", "ok": not above_clean,
-                   "detail": ", ".join(above_clean) if above_clean else "ok"})
-    weaker = []
-    for eps in sorted({r["eps"] for r in results}):
-        here = [r for r in results if r["eps"] == eps]
-        if cumulative:  # rows are robust accuracy so far: a non-adaptive row must not break many more points
-            previous = clean
-            for r in here:
-                if r["threat"] != "adaptive" and previous - r["accuracy"] > tol:
-                    weaker.append(f"eps={eps:g}: {r['threat']} {r['attack']} broke {100 * (previous - r['accuracy']):.1f}% "
-                                  "more that the white-box attacks before it did not")
-                previous = r["accuracy"]
-            continue
-        white = [r["accuracy"] for r in here if r["threat"] == "adaptive"]
-        others = [r for r in here if r["threat"] != "adaptive"]
-        if white:
-            for r in others:
-                if min(white) > r["accuracy"] + tol:
-                    weaker.append(f"eps={eps:g}: white-box {100 * min(white):.1f}% > {r['threat']} "
-                                  f"{r['attack']} {100 * r['accuracy']:.1f}%")
-    checks.append({"name": "white-box is no weaker than transfer or gradient-free", "ok": not weaker,
-                   "detail": "; ".join(weaker) if weaker else "ok"})
-    return checks
-
-
-def _large_eps_check(runner: Runner, ds: Dataset, config: EvaluateConfig, device: str, n_classes: int) -> dict:
-    """At a budget that covers half the box, a working attack brings accuracy to about chance."""
-    bounds = config.preprocess.bounds
-    width = bounds[1] - bounds[0]
-    sub = ds.subset(np.arange(min(len(ds), 200)))
-    eps = 0.5 * width if config.attack.norm == "linf" else 0.5 * width * float(np.sqrt(np.prod(ds.x.shape[1:])))
-    cfg = AttackConfig(name="pgd", eps=eps, norm=config.attack.norm, steps=20, seed=config.seed,
-                       batch_size=config.attack.batch_size)
-    batch = runner.attack_batch(config.attack.batch_size, "pgd", sub.x.shape[1:]).size
-    adv = runner.craft(cfg, sub, device, "sanity: large eps", batch)
-    acc = float((runner.predict(adv) == sub.y).mean())
-    chance = 1.0 / max(n_classes, 1)
-    ok = acc <= chance + 0.1
-    return {"name": "a large eps brings accuracy to about chance", "ok": ok,
-            "detail": f"PGD at eps={eps:g}: {100 * acc:.1f}% (chance {100 * chance:.1f}%)"}
 
 
 def on_logits(runner: Runner, ds: Dataset, config: EvaluateConfig, device: str, notes: list[str]) -> Runner:
@@ -287,31 +242,6 @@ def on_logits(runner: Runner, ds: Dataset, config: EvaluateConfig, device: str, 
     notes.append(f"the output {runner.logits!r} holds probabilities (non-negative, rows sum to 1): attacks ran on "
                  f"the pre-Softmax tensor {head.output!r}")
     return Runner.for_config(runner.model, head.output, [head.output], config, device)
-
-
-def model_checks(runner: Runner, ds: Dataset, batch: int = 32) -> list[dict]:
-    """AutoAttack's automatic checks on the model itself: the same outputs for the same input (no
-    randomness), and the share of samples whose input gradient is exactly zero (``batch`` at a time)."""
-    import torch
-    import torch.nn.functional as F
-
-    x = ds.x[:200]
-    first, second = (run_batch(runner.session, runner.feed(x), [runner.logits])[0] for _ in range(2))
-    checks = [{"name": "the same input gives the same output", "ok": bool(np.array_equal(first, second)),
-               "detail": "ok" if np.array_equal(first, second) else "onnxruntime outputs differ between two runs"}]
-    if runner.torch_model is None:
-        return checks
-    zeros = 0
-    for s in range(0, len(x), batch):  # in attack-sized batches: a large model's activations add up
-        xt = torch.from_numpy(x[s : s + batch]).to(runner.device).requires_grad_(True)
-        yt = torch.from_numpy(ds.y[: len(x)][s : s + batch]).to(runner.device)
-        (grad,) = torch.autograd.grad(F.cross_entropy(runner.torch_model(xt), yt, reduction="sum"), xt)
-        zeros += int((grad.flatten(1).abs().amax(1) == 0).sum())
-    zero = zeros / len(x)
-    checks.append({"name": "input gradients are non-zero", "ok": zero == 0.0,
-                   "detail": "ok" if zero == 0 else f"{100 * zero:.1f}% of samples have an exactly zero input "
-                                                    "gradient (masked gradients, or a model saturated on them)"})
-    return checks
 
 
 def _runner(model_path: str | Path, config: EvaluateConfig, device: str) -> Runner:

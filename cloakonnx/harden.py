@@ -20,7 +20,10 @@ from .graph.record import FOLDED, MUL, is_soft
 from .layers import search_layers
 from .learn import learn_stage
 from .mask import DEFAULT_FRACTION, count_for, mask_top, ranking, score_features
-from .pipeline import Baseline, MaskSearch, Prepared, StageTimer, calibrate, collect_features, prepare
+from .pipeline import Prepared, prepare
+from .runner import collect_features
+from .search import Baseline, MaskSearch
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
         rounds=search.rounds, curve=search.curve,
         scores=search.scores.tolist() if config.curve and search.scores is not None else None, stages_cpu=stages_cpu,
-        masks=search.describe(), learning=search.learning, ray=p.runner.cluster.describe() if p.runner.cluster else None,
+        masks=search.describe(), learning=search.learning, ray=p.backend.describe(),
     )
 
 
@@ -146,7 +149,7 @@ def check_needs_head(p: Prepared, config: HardenConfig) -> None:
 def evaluate_original(p: Prepared, config: HardenConfig) -> Baseline:
     bs = config.ort_batch_size
     clean = p.runner.accuracy(p.val, bs)
-    adv = p.craft(p.runner, p.val, " validation")  # crafted on the original: the transfer set
+    adv = p.adversarial(p.runner, p.val, " validation")  # crafted on the original: the transfer set
     return Baseline(clean, adv, p.runner.accuracy(p.val, bs, adv))
 
 
@@ -157,14 +160,14 @@ def search_mask(p: Prepared, config: HardenConfig, base: Baseline, timer: StageT
     search = MaskSearch(feature, p.runner, {feature: mask}, {}, previously)
     f_val_clean = None
     for r in range(config.rounds):
-        stats, calib_clean, calib_adv = calibrate(p, search.runner, config.ort_batch_size, timer, f" (round {r + 1})")
+        stats, calib_clean, calib_adv = p.calibrate(search.runner, config.ort_batch_size, timer, f" (round {r + 1})")
         search.widths[feature], search.ranks[feature] = stats.width, stats.ndim
         learned = learn_stage(p, config, search, timer, [feature])[feature] if config.score == LEARNED else None
         with timer("selection"):
             scores = 1.0 - learned if learned is not None else score_features(stats, config.score)
             scale = learned if config.mask_values == "soft" else None
             order = ranking(scores, search.mask)
-            adv_val = base.adv if r == 0 else p.craft(search.runner, p.val, f" validation (round {r + 1})")
+            adv_val = base.adv if r == 0 else p.adversarial(search.runner, p.val, f" validation (round {r + 1})")
             k = default_count(config, stats.width, order, learned)
             if config.max_clean_drop is not None or (config.curve and r == 0):
                 if f_val_clean is None:
@@ -254,7 +257,7 @@ def evaluate_hardened(p: Prepared, config: HardenConfig, base: Baseline, search:
     hard, bs = search.runner, config.ort_batch_size
     result = {"clean": hard.accuracy(p.val, bs), "transfer": hard.accuracy(p.val, bs, base.adv), "adaptive": None}
     if config.adaptive:
-        adv = p.craft(hard, p.val, " hardened (adaptive)") if search.changed else base.adv
+        adv = p.adversarial(hard, p.val, " hardened (adaptive)") if search.changed else base.adv
         result["adaptive"] = hard.accuracy(p.val, bs, adv)
     if config.rounds == 1 and search.rounds and search.rounds[0]["added"]:
         search.rounds[0].update(clean_accuracy=result["clean"], adversarial_accuracy_before=base.adv_accuracy,

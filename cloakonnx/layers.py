@@ -15,10 +15,13 @@ import numpy as np
 import onnx
 
 from .config import HardenConfig
-from .curve import clean_drop_bound
+from .curve import CutPoint, choose_point, clean_drop_bound
 from .errors import CloakError
 from .graph import apply_mask, find_mask
-from .pipeline import Baseline, MaskSearch, Prepared, StageTimer, calibrate, predict
+from .pipeline import Prepared
+from .runner import predict
+from .search import Baseline, MaskSearch
+from .timing import StageTimer
 from .runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ def search_layers(p: Prepared, config: HardenConfig, base: Baseline, timer: Stag
     existing = {t: _existing(p, t) for t in tensors}
     previously = sum(int((m == 0).sum()) for m in existing.values() if m is not None)
     search = MaskSearch(tensors[0], p.runner, dict(existing), {}, previously)
-    _, calib_clean, calib_adv = calibrate(p, p.runner, config.ort_batch_size, timer)
+    _, calib_clean, calib_adv = p.calibrate(p.runner, config.ort_batch_size, timer)
     search.calibration = {"clean_accuracy": calib_clean, "adversarial_accuracy": calib_adv}
     learned = learn_stage(p, config, search, timer, tensors)
     search.widths = {t: v.size for t, v in learned.items()}
@@ -135,17 +138,8 @@ def choose_threshold(p: Prepared, config: HardenConfig, base: Baseline, search: 
         session = make_session(with_masks(p.model, masks, search.ranks), config.providers)
         correct = predict(session, p.val.x, p.runner.feed, p.target.logits, bs) == y
         adv = float((predict(session, base.adv, p.runner.feed, p.target.logits, bs) == y).mean())
-        points.append({"threshold": threshold, "masked": int(sum((m == 0).sum() for m in masks.values())),
-                       "clean_accuracy": float(correct.mean()), "adversarial_accuracy": adv,
-                       "clean_drop_bound": clean_drop_bound(before, correct, config.budget_confidence or 0.9)})
-
-    def within(point: dict) -> bool:
-        drop = 100 * (base.clean - point["clean_accuracy"])
-        bound_ok = not config.budget_confidence or point["clean_drop_bound"] <= config.max_clean_drop + 1e-9
-        return drop <= config.max_clean_drop + 1e-9 and bound_ok
-
-    eligible = [pt for pt in points if within(pt)]
-    best = max(eligible, key=lambda pt: (pt["adversarial_accuracy"], -pt["masked"]), default=None)
-    if best is None or best["adversarial_accuracy"] <= base.adv_accuracy:
-        return None, points
-    return best["threshold"], points
+        points.append(CutPoint(threshold, int(sum((m == 0).sum() for m in masks.values())), float(correct.mean()),
+                               adv, clean_drop_bound(before, correct, config.budget_confidence or 0.9)))
+    best = choose_point(points, base.clean, config.max_clean_drop, use_bound=bool(config.budget_confidence),
+                        floor=base.adv_accuracy)
+    return (None if best is None else best.threshold), [pt.to_dict() for pt in points]

@@ -26,7 +26,9 @@ from .data import Dataset, Preprocess
 from .errors import CloakError
 from .graph import select_input
 from .graph.surgery import mask_shape, with_mask_inputs
-from .pipeline import MaskSearch, Prepared, StageTimer
+from .pipeline import Prepared
+from .search import MaskSearch
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
     shapes = tensor_widths(model, tensors, preprocess, data.x[:1], image)
     masked, value_inputs = with_mask_inputs(model, {t: mask_shape(w, r) for t, (w, r) in shapes.items()})
     module = OnnxTorchModule(masked, outputs=[logits]).to(device).eval()
-    masked_net = _MaskedModel(module, image, dict(zip(value_inputs, tensors)), shapes, config.init).to(device)
+    masked_net = masked_model(module, image, dict(zip(value_inputs, tensors)), shapes, config.init).to(device)
     net = preprocess.torch_wrap(masked_net, data.x.ndim)  # box-space inputs, as the attacks expect
     inner = PGD(net, inner_attack_config(attack, config, seed), preprocess.bounds)
     optimiser = torch.optim.Adam(masked_net.thetas.parameters(), lr=config.lr)
@@ -165,5 +167,6 @@ def _masked_model_class():
     return MaskedModel
 
 
-def _MaskedModel(*args):  # noqa: N802 - a class built on first use, so torch loads lazily
-    return _masked_model_class()(*args)
+def masked_model(module, image: str, tensor_of: dict[str, str], shapes, init: float):
+    """A ``MaskedModel`` over ``module`` (the class is built on first use, so torch loads lazily)."""
+    return _masked_model_class()(module, image, tensor_of, shapes, init)

@@ -67,13 +67,3 @@ def mask_top(order: np.ndarray, k: int, width: int, existing: np.ndarray | None 
     keep = np.ones(width, np.float32) if existing is None else np.asarray(existing, np.float32).reshape(-1).copy()
     keep[order[:k]] = 0.0
     return keep
-
-
-def select_mask(scores: np.ndarray, fraction: float, existing: np.ndarray | None = None) -> np.ndarray:
-    """A 0/1 float32 mask zeroing the top ``fraction`` of features by score.
-
-    Features an existing mask already zeroes stay zero and are not counted again: the result's zeros
-    are the union of the old ones and the newly chosen ones.
-    """
-    k = count_for(fraction, len(scores))
-    return mask_top(ranking(scores, existing), k, len(scores), existing)

@@ -186,11 +186,3 @@ def _shrinking_run_options():
 def batch_size_for(session, wanted: int) -> int:
     """A static-batch model dictates its batch size; a dynamic one takes ``wanted``."""
     return fixed_batch(session) or wanted
-
-
-def run_batched(session, x: np.ndarray, outputs: Sequence[str] | None = None,
-                batch_size: int = 256) -> list[np.ndarray]:
-    """Run ``x`` batch by batch and concatenate each output. Only for small outputs (logits)."""
-    bs = batch_size_for(session, batch_size)
-    chunks = [run_batch(session, x[s : s + bs], outputs) for s in range(0, len(x), bs)]
-    return [np.concatenate(parts) for parts in zip(*chunks)]

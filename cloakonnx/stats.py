@@ -22,12 +22,10 @@ class FeatureStats:
     sum_absdiff: np.ndarray = field(default=None, repr=False)  # sum |f_adv - f_clean|
     sum_clean: np.ndarray = field(default=None, repr=False)
     sum_clean_sq: np.ndarray = field(default=None, repr=False)
-    sum_adv: np.ndarray = field(default=None, repr=False)
-    sum_adv_sq: np.ndarray = field(default=None, repr=False)
     sum_margin: np.ndarray | None = field(default=None, repr=False)  # needs the head's weights
 
     def __post_init__(self) -> None:
-        for name in ("sum_absdiff", "sum_clean", "sum_clean_sq", "sum_adv", "sum_adv_sq"):
+        for name in ("sum_absdiff", "sum_clean", "sum_clean_sq"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(self.width, np.float64))
 
@@ -42,8 +40,6 @@ class FeatureStats:
         self.sum_absdiff += np.abs(a - c).sum(0)
         self.sum_clean += c.sum(0)
         self.sum_clean_sq += (c * c).sum(0)
-        self.sum_adv += a.sum(0)
-        self.sum_adv_sq += (a * a).sum(0)
 
     def merge(self, other: "FeatureStats") -> None:
         """Add another stream's sums (a worker's, one onnxruntime batch at a time: added in the same order
@@ -51,7 +47,7 @@ class FeatureStats:
         if other.width != self.width:
             raise CloakError(f"feature tensor has {other.width} features, expected {self.width}")
         self.count += other.count
-        for name in ("sum_absdiff", "sum_clean", "sum_clean_sq", "sum_adv", "sum_adv_sq"):
+        for name in ("sum_absdiff", "sum_clean", "sum_clean_sq"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.sum_margin is not None:
             self.sum_margin = (0 if self.sum_margin is None else self.sum_margin) + other.sum_margin
@@ -59,15 +55,9 @@ class FeatureStats:
     def mean_absdiff(self) -> np.ndarray:
         return self.sum_absdiff / max(self.count, 1)
 
-    def clean_mean(self) -> np.ndarray:
-        return self.sum_clean / max(self.count, 1)
-
     def clean_std(self) -> np.ndarray:
         n = max(self.count, 1)
         return np.sqrt(np.maximum(self.sum_clean_sq / n - (self.sum_clean / n) ** 2, 0.0))
-
-    def adv_mean(self) -> np.ndarray:
-        return self.sum_adv / max(self.count, 1)
 
 
 def per_feature(f: np.ndarray) -> np.ndarray:
@@ -141,23 +131,3 @@ class StatsStream:
         self.count += len(y)
         self.correct_clean += int((l_c.reshape(len(l_c), -1).argmax(1) == y).sum())
         self.correct_adv += int((l_a.reshape(len(l_a), -1).argmax(1) == y).sum())
-
-
-def stream_stats(session, feature: str, logits: str, x_clean, x_adv, y: np.ndarray, to_model,
-                 batch_size: int = 256, desc: str = "statistics", head_weight: np.ndarray | None = None):
-    """Run clean and adversarial batches through ``session``; return FeatureStats and accuracies.
-
-    ``to_model`` maps box-space inputs to the model's (normalisation). Only running sums are kept.
-    With the head's weights ([features, classes]) the margin score's sums are kept too.
-    """
-    from tqdm.auto import tqdm
-
-    from .sources import batch_bounds, prefetched
-
-    stream = StatsStream(session, feature, logits, to_model, batch_size, head_weight)
-    bounds = batch_bounds(len(y), stream.batch_size)
-    with tqdm(total=len(y), desc=desc, unit="img", leave=False, disable=None) as bar:
-        for (s, e), c, a in zip(bounds, prefetched(x_clean, bounds), prefetched(x_adv, bounds)):
-            stream.add(c, a, y[s:e])
-            bar.update(e - s)
-    return stream.finish()

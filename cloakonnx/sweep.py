@@ -12,7 +12,9 @@ from .data import Dataset
 from .errors import CloakError
 from .learn import learn_on
 from .mask import SCORES, ranking, score_features
-from .pipeline import StageTimer, calibrate, collect_features, prepare
+from .pipeline import prepare
+from .runner import collect_features
+from .timing import StageTimer
 
 
 @dataclass
@@ -55,8 +57,8 @@ def _sweep(p, model_path, config: MaskConfig, scores: Sequence[str], t0: float) 
         raise CloakError("sweep evaluates masks through the linear head in numpy; it needs the head's input as "
                          "the feature tensor (not a custom --feature-tensor)")
     runner, val, head, bs = p.runner, p.val, p.target.head, config.ort_batch_size
-    stats, _, _ = calibrate(p, runner, bs, StageTimer())
-    adv_val = p.craft(runner, val, " validation")
+    stats, _, _ = p.calibrate(runner, bs, StageTimer())
+    adv_val = p.adversarial(runner, val, " validation")
     clean, adv = runner.accuracy(val, bs), runner.accuracy(val, bs, adv_val)
     f_clean = collect_features(runner.session, p.target.feature, val.x, runner.feed, bs)
     f_adv = collect_features(runner.session, p.target.feature, adv_val, runner.feed, bs)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cloakonnx.attacks import ATTACKS, AttackConfig, craft
+from cloakonnx.attacks import ATTACKS, AttackConfig
+from cloakonnx.backend import craft
 from cloakonnx.errors import CloakError
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cloakonnx.attacks import AttackConfig, craft
+from cloakonnx.attacks import AttackConfig
+from cloakonnx.backend import craft
 from cloakonnx.batching import (CPU_CAP, CUDA_CAP, BatchChoice, fit_batch, free_memory, is_out_of_memory,
                                 saved_bytes_per_sample)
 from cloakonnx.errors import CloakError

@@ -1,14 +1,23 @@
-"""The command line end to end on a real digits model: results, JSON, errors, files left untouched."""
+"""The command line: the config each command line gives (no model runs), then end to end on a real
+digits model: results, JSON, errors, files left untouched."""
+import importlib
+import inspect
 import json
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 
+from cloakonnx.attacks import AttackConfig
 from cloakonnx.cli import main
+from cloakonnx.config import EvaluateConfig, HardenConfig, LearnConfig, MaskConfig, RayConfig
+from cloakonnx.data import LoaderScript, Preprocess
+from cloakonnx.demo import DemoOptions
 
 from .conftest import UNSUPPORTED_OP, sha256, with_unsupported_op
 
@@ -19,6 +28,144 @@ def run(*args, code=0):
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == code, (result.output, result.exception)
     return result
+
+
+# --- what each command line asks of the library: recorded, not run ------------------------------------------
+
+LIBRARY = (("cloakonnx.harden", "harden"), ("cloakonnx.sweep", "sweep"), ("cloakonnx.evaluate", "evaluate"),
+           ("cloakonnx.graph", "inspect_model"), ("cloakonnx.check", "check_model"), ("cloakonnx.demo", "run_demo"))
+
+
+class Called(Exception):
+    """Raised by a recorded library function, so that nothing runs after it."""
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The library functions the commands call, replaced by recorders of (name, arguments by parameter)."""
+    seen = []
+    for module_name, name in LIBRARY:
+        module = importlib.import_module(module_name)
+        signature = inspect.signature(getattr(module, name))
+
+        def record(*args, _name=name, _signature=signature, **kwargs):
+            seen.append((_name, dict(_signature.bind(*args, **kwargs).arguments)))
+            raise Called
+
+        monkeypatch.setattr(module, name, record)
+    monkeypatch.setattr(importlib.import_module("cloakonnx.graph"), "load_model", lambda path: f"loaded {path}")
+    return seen
+
+
+SCORES3 = ("absdiff", "normalised", "margin")
+LOADED = LoaderScript("load.py:make")
+# command line -> (library function, its arguments); the model is m.onnx and the data d.npz unless given
+COMMAND_LINES = {
+    # the library's defaults are the command line's
+    "harden m.onnx --data d.npz": ("harden", dict(config=HardenConfig())),
+    "sweep m.onnx --data d.npz": ("sweep", dict(config=MaskConfig(), scores=SCORES3)),
+    "evaluate m.onnx --data d.npz": ("evaluate", dict(config=EvaluateConfig())),
+    "harden m.onnx --data d.npz --score learned --feature-tensor auto --mask-values soft --learn-steps 50 "
+    "--learn-batch 64 --learn-lr 0.05 --learn-attack fgsm --learn-attack-steps 3 --learn-sparsity 0.01":
+        ("harden", dict(config=HardenConfig(score="learned", feature_tensors=("auto",), mask_values="soft",
+                                            learn=LearnConfig(steps=50, batch_size=64, lr=0.05, inner_attack="fgsm",
+                                                              inner_steps=3, sparsity=0.01)))),
+    "harden m.onnx --data d.npz --max-clean-drop 1.5 --budget-confidence 0 --val-split 0.3 --val-max 500 "
+    "--fraction 0.1": ("harden", dict(config=HardenConfig(max_clean_drop=1.5, budget_confidence=0.0, val_split=0.3,
+                                                          val_max=500, fraction=0.1))),
+    "harden m.onnx --data d.npz --ray --ray-workers 3": ("harden", dict(config=HardenConfig(ray=RayConfig(workers=3)))),
+    "harden m.onnx --data d.npz --ray auto": ("harden", dict(config=HardenConfig(ray=RayConfig(address="auto")))),
+    "harden m.onnx --data d.npz --ray=ray://h:10001":
+        ("harden", dict(config=HardenConfig(ray=RayConfig(address="ray://h:10001")))),
+    "harden m.onnx --data d.npz --input-shapes a:[1,3,8,8] b:[1,5] --input x --logits out":
+        ("harden", dict(config=HardenConfig(input_shapes={"a": (1, 3, 8, 8), "b": (1, 5)}, input_name="x",
+                                            logits="out"))),
+    "harden m.onnx --data d.npz --input-shapes=a:[1,3,8,8] --input-shapes b:[] --seed 5":
+        ("harden", dict(config=HardenConfig(input_shapes={"a": (1, 3, 8, 8), "b": ()}, seed=5,
+                                            attack=AttackConfig(seed=5)))),
+    "harden m.onnx --data d.npz --mean 0.5,0.4,0.3 --std 0.2,0.2,0.1 --bounds -1,1 --eps 0.1 --norm l2":
+        ("harden", dict(config=HardenConfig(preprocess=Preprocess((-1.0, 1.0), [0.5, 0.4, 0.3], [0.2, 0.2, 0.1]),
+                                            attack=AttackConfig(eps=0.1, norm="l2")))),
+    "harden m.onnx --data imgs --size 16 --data-workers 2":
+        ("harden", dict(data="imgs", config=HardenConfig(image_size=(16, 16), data_workers=2))),
+    "harden m.onnx --data imgs --size 16,24 --resize 256 --crop 224":
+        ("harden", dict(data="imgs", config=HardenConfig(image_size=(16, 24), resize=256, crop=224))),
+    "harden m.onnx --data-loader-script load.py:make --seed 3 --device cpu --providers CPUExecutionProvider,,X "
+    "-o out.onnx --rounds 2 --no-adaptive --plot p.png --fold --attack square --queries 50 --steps 3 "
+    "--step-size 0.01 --restarts 2 --no-random-start --batch-size 16 --json --report r.json":
+        ("harden", dict(data=LOADED, config=HardenConfig(
+            seed=3, device="cpu", providers=("CPUExecutionProvider", "X"), output=Path("out.onnx"), rounds=2,
+            adaptive=False, curve=True, fold=True, attack=AttackConfig(
+                name="square", queries=50, steps=3, step_size=0.01, restarts=2, random_start=False, batch_size=16,
+                seed=3)))),
+    "sweep m.onnx --data d.npz --scores absdiff,learned --feature-tensor t1 --attack fgsm --eps 0.2 "
+    "--max-clean-drop 2 --ray --plot s.png":
+        ("sweep", dict(scores=("absdiff", "learned"), config=MaskConfig(
+            feature_tensors=("t1",), attack=AttackConfig(name="fgsm", eps=0.2), max_clean_drop=2.0, ray=RayConfig()))),
+    "sweep m.onnx --data-loader-script load.py --scores ' margin , normalised,' --learn-steps 7":
+        ("sweep", dict(data=LoaderScript("load.py"), scores=("margin", "normalised"),
+                       config=MaskConfig(learn=LearnConfig(steps=7)))),
+    "evaluate m.onnx --data d.npz --preset standard --reference ref.onnx --eps 0.03,8/255 --max-samples 10 "
+    "--no-large-eps-check":
+        ("evaluate", dict(config=EvaluateConfig(preset="standard", reference=Path("ref.onnx"), eps=(0.03, 8 / 255),
+                                                attack=AttackConfig(eps=0.03, steps=20), max_samples=10,
+                                                sanity=False))),
+    "evaluate m.onnx --data d.npz --attack fgsm,pgd,,square --eps 0.1 --steps 5 --ray --ray-workers 2 "
+    "--input-shapes input:[2,1,8,8] --batch-size 4 --plot e.png --norm l2 --mean 0.1 --std 0.3":
+        ("evaluate", dict(config=EvaluateConfig(
+            attacks=("fgsm", "pgd", "square"), eps=(0.1,), attack=AttackConfig(eps=0.1, steps=5, batch_size=4,
+                                                                              norm="l2"),
+            ray=RayConfig(workers=2), input_shapes={"input": (2, 1, 8, 8)}, preprocess=Preprocess(mean=[0.1],
+                                                                                                   std=[0.3])))),
+    "evaluate m.onnx --data imgs --preset plus --size 8 --resize 10 --crop 8 --data-workers 1 --seed 9 "
+    "--device cuda:1 --providers A,B --queries 7 --restarts 3 --no-random-start --step-size 0.5":
+        ("evaluate", dict(data="imgs", config=EvaluateConfig(
+            preset="plus", image_size=(8, 8), resize=10, crop=8, data_workers=1, seed=9, device="cuda:1",
+            providers=("A", "B"), attack=AttackConfig(steps=20, queries=7, restarts=3, random_start=False,
+                                                      step_size=0.5, seed=9)))),
+    "inspect m.onnx --logits out --input-shapes a:[1,2] b:[3]":
+        ("inspect_model", dict(path="m.onnx", logits="out", input_shapes={"a": (1, 2), "b": (3,)})),
+    "inspect m.onnx": ("inspect_model", dict(path="m.onnx", logits=None, input_shapes={})),
+    "check m.onnx --batch 3 --bounds -1,1 --input-shapes a:[1,2]":
+        ("check_model", dict(model="loaded m.onnx", batch=3, bounds=(-1.0, 1.0), input_shapes={"a": (1, 2)})),
+    "check m.onnx": ("check_model", dict(model="loaded m.onnx", batch=2, bounds=(0.0, 1.0), input_shapes={})),
+    "demo --out dd --epochs 2 --seed 1": ("run_demo", dict(options=DemoOptions(out=Path("dd"), epochs=2, seed=1))),
+}
+
+
+@pytest.mark.parametrize("argv", COMMAND_LINES)
+def test_a_command_line_gives_the_config_of_the_api(calls, argv):
+    """Each command calls one library function, with the config the Python API spells the same way."""
+    function, arguments = COMMAND_LINES[argv]
+    if function in ("harden", "sweep", "evaluate"):
+        arguments = dict(model_path="m.onnx", data="d.npz") | arguments
+    result = CliRunner().invoke(main, shlex.split(argv))
+    assert isinstance(result.exception, Called), (result.output, result.exception)
+    assert calls == [(function, arguments)]
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    ("harden m.onnx --data d.npz --ray-workers 2", 2, "Error: --ray-workers needs --ray"),
+    ("evaluate m.onnx", 2,
+     "Error: give the data with --data PATH or --data-loader-script FILE.py[:FUNC] (one of them)"),
+    ("sweep m.onnx --data d.npz --data-loader-script l.py", 2, "Error: give the data with --data PATH or"),
+    ("harden m.onnx --data d.npz --crop 0", 2, "Error: Invalid value for '--crop': 0 is not in the range x>=1."),
+    ("sweep m.onnx --data d.npz --eps 0.1,0.2", 1, "cloakonnx: error: --eps takes one value here, got 2"),
+    ("evaluate m.onnx --data d.npz --eps 1/0", 1, "cloakonnx: error: --eps takes numbers or fractions such as 8/255"),
+    ("harden m.onnx --data d.npz --mean 0.5", 1, "cloakonnx: error: --mean and --std go together"),
+    ("harden m.onnx --data d.npz --mean a,b --std 1,1", 1,
+     "cloakonnx: error: --mean must be comma-separated numbers, got 'a,b'"),
+    ("harden m.onnx --data d.npz --bounds 1,0", 1, "cloakonnx: error: --bounds must be LOW,HIGH with LOW < HIGH"),
+    ("evaluate m.onnx --data d.npz --size 1,2,3", 1,
+     "cloakonnx: error: --size takes two comma-separated values (or one, for a square), got '1,2,3'"),
+    ("harden m.onnx --data d.npz --input-shapes a:[1] a:[2]", 1, "cloakonnx: error: --input-shapes gives 'a' twice"),
+    ("inspect m.onnx --input-shapes a:[x]", 1, "cloakonnx: error: --input-shapes takes NAME:[D0,D1,...] for each"),
+    ("check m.onnx --bounds 0", 1, "cloakonnx: error: --bounds takes two comma-separated values, got '0'"),
+])
+def test_a_bad_command_line_is_refused_before_the_library_runs(calls, argv, code, message):
+    result = CliRunner().invoke(main, shlex.split(argv))
+    assert result.exit_code == code and message in result.output and "Traceback" not in result.output
+    assert calls == []
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +179,16 @@ def hardened(digits_files, tmp_path_factory):
     return json.loads(result.stdout), out, before
 
 
-def test_help_is_fast_and_lists_commands():
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "cloakonnx.cli", "--help"],
+@pytest.mark.parametrize("argv", [["--help"], ["harden", "--help"], ["evaluate", "--help"]])
+def test_help_imports_no_heavy_library(argv):
+    """The option groups import only click: --help never loads torch, onnxruntime or onnx."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "cloakonnx", *argv],
                          capture_output=True, text=True, check=True)
-    for cmd in ("demo", "harden", "inspect", "check"):
-        assert cmd in out.stdout
-    assert "torch" not in {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines()}
-    assert "onnxruntime" not in out.stderr
+    if argv == ["--help"]:
+        assert all(cmd in out.stdout for cmd in ("demo", "harden", "sweep", "evaluate", "inspect", "check"))
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines()}
+    heavy = imported & {"torch", "onnxruntime", "onnx", "numpy"}
+    assert not heavy, heavy
 
 
 def test_inspect_json(digits_files):

@@ -1,7 +1,8 @@
 """sweep, harden and evaluate from the command line: JSON, plots, --eps parsing, the standard preset,
-and the option groups the three commands share."""
+and the option groups the commands share."""
 import json
 
+import click
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -124,29 +125,50 @@ def test_evaluate_standard_preset(digits_files):
 # --- the shared option groups -------------------------------------------------------------------------------------
 
 
-def _help(command: str) -> str:
-    return " ".join(run(command, "--help").output.split())
+COMMANDS = ("harden", "sweep", "evaluate", "inspect", "check", "demo")
 
 
-def _steps_help(text: str) -> str:
-    return text[text.index("--steps INTEGER"):text.index("--step-size")]
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help(command):
+    options = [p for p in main.commands[command].params if isinstance(p, click.Option)]
+    assert options and [o.opts for o in options if not o.help] == []
 
 
-@pytest.mark.parametrize("command", ["harden", "sweep", "evaluate"])
-def test_help_shows_the_shared_groups(command):
-    text = _help(command)
-    for option in ("--data PATH", "--bounds TEXT", "--mean", "--seed", "--eps EPS", "--norm", "--steps INTEGER",
-                   "--queries", "--batch-size", "--device TEXT", "--providers"):
-        assert option in text, (command, option)
-    assert "[default: 8/255]" in text and "[default: 0,1]" in text
+def test_harden_sweep_and_evaluate_share_the_data_attack_and_runtime_groups():
+    def flags(command):
+        return {o for p in main.commands[command].params for o in p.opts}
+
+    shared = {"--data", "--data-loader-script", "--bounds", "--mean", "--std", "--size", "--resize", "--crop",
+              "--data-workers", "--input", "--input-shapes", "--logits", "--seed", "--eps", "--norm", "--steps",
+              "--step-size", "--restarts", "--no-random-start", "--queries", "--batch-size", "--device",
+              "--providers", "--ray", "--ray-workers", "--json", "--report", "--plot"}
+    assert shared <= flags("harden") & flags("sweep") & flags("evaluate")
+    assert flags("harden") - {"-o", "--output", "--rounds", "--no-adaptive", "--fold"} == flags("sweep") - {"--scores"}
 
 
-def test_steps_defaults_differ_with_the_reason():
-    harden, sweep, evaluate = (_steps_help(_help(c)) for c in ("harden", "sweep", "evaluate"))
-    assert "[default: 10]" in harden and "10 here, for speed" in harden and "evaluate defaults to 20" in harden
-    assert sweep == harden
-    assert "[default: 20]" in evaluate and "20 here, to measure robustness" in evaluate
-    assert "harden and sweep default to 10" in evaluate
+def test_an_option_is_one_declaration_that_fills_its_field():
+    """The machinery under the groups: click's name for the value, ``to`` (nested with a dot), ``convert``."""
+    from cloakonnx.cli_args import ArgGroup, Command, Option, parse_pair
+    from cloakonnx.config import LearnConfig, MaskConfig
+    from cloakonnx.data import Preprocess
+
+    class Extra(ArgGroup):
+        options = (Option("--most", "val_max", type=int, default=7, to="val_max"),
+                   Option("--learn-rate", type=float, default=0.5, to="learn.lr"),
+                   Option("--box", default="0,1", to="preprocess.bounds", convert=parse_pair))
+
+    assert [o.dest for o in Extra.options] == ["val_max", "learn_rate", "box"]
+    command, built = Command(Extra()), []
+
+    @click.command()
+    @command
+    def cmd(**kw):
+        built.append(command.parse(kw).config(MaskConfig))
+
+    assert CliRunner().invoke(cmd, ["--learn-rate", "0.25", "--box", "-1,1"]).exit_code == 0
+    assert built == [MaskConfig(val_max=7, learn=LearnConfig(lr=0.25), preprocess=Preprocess((-1.0, 1.0)))]
+    with pytest.raises(ValueError, match="declared twice"):
+        Command(Extra(), Extra())
 
 
 def test_size_takes_one_value_for_a_square(tmp_path):

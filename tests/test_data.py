@@ -136,3 +136,19 @@ def test_harden_with_mean_std(digits_files, tmp_path):
     mask_normed = find_head(onnx.load(str(tmp_path / "b.onnx"))).mask
     assert mask_plain is not None and (mask_plain == 0).sum() == plain.masked > 0
     np.testing.assert_array_equal(mask_normed, mask_plain)
+
+
+def test_validate_checks_the_first_rows_of_lazy_data_at_once(digits, tmp_path):
+    """Inputs read lazily cannot be checked up front: validate checks the first rows itself (bad data
+    fails before any work starts) and wraps the rest to be checked as each batch is read."""
+    x = digits.x[:200].copy()
+    x[3, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "early.npz", x=x, y=digits.y[:200])
+    with pytest.raises(CloakError, match=r"NaN or Inf values in 1 sample\(s\) \(samples 3\)"):
+        validate(load_data(tmp_path / "early.npz"), ["N", 1, 8, 8], (0.0, 1.0), 10)
+    x[3], x[150, 0, 0, 0] = digits.x[3], np.nan
+    np.savez(tmp_path / "late.npz", x=x, y=digits.y[:200])
+    ds = validate(load_data(tmp_path / "late.npz"), ["N", 1, 8, 8], (0.0, 1.0), 10)  # past the rows checked now
+    assert ds.lazy
+    with pytest.raises(CloakError, match=r"\(samples 150\)"):
+        ds.x[128:192]

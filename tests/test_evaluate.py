@@ -8,7 +8,8 @@ import torch
 
 from cloakonnx.attacks import AttackConfig
 from cloakonnx.data import Dataset
-from cloakonnx.evaluate import EvaluateConfig, evaluate, sanity_checks
+from cloakonnx.evaluate import EvaluateConfig, evaluate
+from cloakonnx.sanity import sanity_checks
 
 
 @pytest.fixture(scope="module")
@@ -131,18 +132,18 @@ def test_a_failing_attack_keeps_the_others_and_exits_3(digits_files, tmp_path, m
     """One attack that fails (here: out of memory the retry cannot cure) is named; the others' results stay."""
     from click.testing import CliRunner
 
-    from cloakonnx import pipeline
+    from cloakonnx.backend import LocalBackend
     from cloakonnx.cli import main
     from cloakonnx.errors import CloakError
 
-    real = pipeline.Runner.craft_batches
+    real = LocalBackend.craft_batches
 
-    def craft_batches(self, cfg, ds, device, desc, batch):
+    def craft_batches(self, runner, cfg, ds, device, desc, batch):
         if cfg.name == "pgd":
             raise CloakError("cpu ran out of memory attacking a batch of 1")
-        return real(self, cfg, ds, device, desc, batch)
+        return real(self, runner, cfg, ds, device, desc, batch)
 
-    monkeypatch.setattr(pipeline.Runner, "craft_batches", craft_batches)
+    monkeypatch.setattr(LocalBackend, "craft_batches", craft_batches)
     result = CliRunner().invoke(main, ["-q", "evaluate", str(digits_files[0]), "--data", str(digits_files[1]),
                                        "--attack", "fgsm,pgd", "--eps", "0.1", "--max-samples", "40", "--json"])
     assert result.exit_code == 3, result.output
@@ -166,16 +167,16 @@ def test_fast_preset_runs_apgd_ce_and_apgd_t(digits_files):
 def test_standard_preset_is_autoattacks_run_on_the_points_still_robust(digits_files, monkeypatch):
     """APGD-CE, APGD-T, FAB-T, Square-5000 in that order, each crafted only on the points the ones before
     left robust: every row is the robust accuracy so far, and the last one is the worst case."""
-    from cloakonnx import pipeline
+    from cloakonnx.backend import LocalBackend
 
     sizes = []
-    real = pipeline.Runner.craft_batches
+    real = LocalBackend.craft_batches
 
-    def craft_batches(self, cfg, ds, device, desc, batch):
+    def craft_batches(self, runner, cfg, ds, device, desc, batch):
         sizes.append((cfg.name, len(ds)))
-        return real(self, cfg, ds, device, desc, batch)
+        return real(self, runner, cfg, ds, device, desc, batch)
 
-    monkeypatch.setattr(pipeline.Runner, "craft_batches", craft_batches)
+    monkeypatch.setattr(LocalBackend, "craft_batches", craft_batches)
     report = evaluate(digits_files[0], digits_files[1], EvaluateConfig(preset="standard", eps=(0.1,), max_samples=40,
                                                                       sanity=False)).to_dict()
     rows = [r["accuracy"] for r in report["results"]]
@@ -257,9 +258,9 @@ def test_zero_gradients_and_randomness_fail_their_checks(digits_files, tmp_path)
 def test_the_zero_gradient_check_runs_in_attack_sized_batches(digits_files):
     """200 samples in one backward pass would hold every activation of a large model at once."""
     from cloakonnx.data import load_data
-    from cloakonnx.evaluate import model_checks
     from cloakonnx.graph import load_model, logits_output
-    from cloakonnx.pipeline import Runner
+    from cloakonnx.runner import Runner
+    from cloakonnx.sanity import model_checks
 
     model = load_model(digits_files[0])
     runner = Runner.for_config(model, logits_output(model, None), [], EvaluateConfig(), "cpu")

@@ -187,7 +187,7 @@ def test_harden_takes_input_shapes_that_agree_with_the_data_but_the_batch(digits
 def test_onnxruntime_runs_every_dynamic_spelling(spelling):
     """onnxruntime itself reads a 0 dim as a fixed size 0: the Runner's session must not."""
     from cloakonnx.data import Preprocess
-    from cloakonnx.pipeline import Runner
+    from cloakonnx.runner import Runner
 
     runner = Runner(conv_classifier(spelling, batch=spelling), "logits", [], Preprocess())
     assert runner.fixed_batch is None
@@ -196,7 +196,7 @@ def test_onnxruntime_runs_every_dynamic_spelling(spelling):
 
 def test_a_given_batch_does_not_fix_the_models_batch(tmp_path):
     from cloakonnx.data import Preprocess
-    from cloakonnx.pipeline import Runner
+    from cloakonnx.runner import Runner
 
     model = onnx.load(str(torch_exported(tmp_path)))
     runner = Runner(model, "logits", [], Preprocess(), input_shapes={"input": (1, 1, 8, 8)})

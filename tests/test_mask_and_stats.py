@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cloakonnx.errors import CloakError
-from cloakonnx.mask import count_for, score_features, select_mask
+from cloakonnx.mask import count_for, mask_top, ranking, score_features
 from cloakonnx.stats import FeatureStats, per_feature
 
 
@@ -16,9 +16,7 @@ def test_streaming_stats_equal_in_memory_computation():
     assert stats.count == 1000
     clean, adv = clean.astype(np.float64), adv.astype(np.float64)  # the sums are kept in float64
     np.testing.assert_allclose(stats.mean_absdiff(), np.abs(adv - clean).mean(0), rtol=1e-6)
-    np.testing.assert_allclose(stats.clean_mean(), clean.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(stats.clean_std(), clean.std(0), rtol=1e-5)
-    np.testing.assert_allclose(stats.adv_mean(), adv.mean(0), rtol=1e-5, atol=1e-7)
 
 
 def test_conv_features_are_averaged_per_channel():
@@ -26,14 +24,19 @@ def test_conv_features_are_averaged_per_channel():
     np.testing.assert_allclose(per_feature(f), f.mean((2, 3)))
 
 
-def test_select_mask_zeroes_top_scores():
+def select_mask(scores, fraction, existing=None):
+    """How harden masks a fraction of features: rank what is not masked yet, zero the top ones."""
+    return mask_top(ranking(scores, existing), count_for(fraction, len(scores)), len(scores), existing)
+
+
+def test_the_top_scores_are_zeroed():
     scores = np.array([0.1, 5.0, 0.3, 4.0, 0.2, 0.0, 3.0, 0.05, 0.01, 0.02])
     mask = select_mask(scores, 0.3)
     assert mask.dtype == np.float32
     assert list(np.flatnonzero(mask == 0)) == [1, 3, 6]
 
 
-def test_select_mask_keeps_existing_zeros_and_adds_new_ones():
+def test_existing_zeros_are_kept_and_new_ones_added():
     scores = np.array([9.0, 5.0, 0.3, 4.0, 0.2])
     existing = np.array([0, 1, 1, 1, 1], np.float32)
     mask = select_mask(scores, 0.2, existing)  # one new feature: the best not already masked

@@ -1,4 +1,4 @@
-"""pipeline.py: the stage timer, the Runner (onnxruntime and torch views of one model), loading and
+"""pipeline.py, runner.py and timing.py: the stage timer, the Runner (onnxruntime and torch views of one model), loading and
 checking data against the model, the calibration/validation split, and the attack fallback."""
 import time
 
@@ -10,7 +10,9 @@ from cloakonnx.config import MaskConfig
 from cloakonnx.data import Dataset, Preprocess, load_npz
 from cloakonnx.errors import CloakError
 from cloakonnx.graph import load_model, resolve_target
-from cloakonnx.pipeline import Runner, StageTimer, choose_attack, load_checked, prepare
+from cloakonnx.pipeline import choose_attack, load_checked, prepare
+from cloakonnx.runner import Runner
+from cloakonnx.timing import StageTimer
 
 from .conftest import UNSUPPORTED_OP, with_unsupported_op
 
@@ -20,47 +22,79 @@ FGSM = AttackConfig(name="fgsm", eps=0.1)
 # --- StageTimer ------------------------------------------------------------------------------------------
 
 
+class FakeClock:
+    """A clock the test moves by hand: stage times are exact, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timer_with_clocks():
+    wall, cpu = FakeClock(), FakeClock()
+    return StageTimer(wall, cpu), wall, cpu
+
+
 def test_repeated_stages_add_up():
-    timer = StageTimer()
+    timer, wall, _ = timer_with_clocks()
     for _ in range(3):
         with timer("wait"):
-            time.sleep(0.03)
+            wall.now += 0.5
     with timer("other"):
-        pass
+        wall.now += 0.25
     assert set(timer.wall) == set(timer.cpu) == {"wait", "other"}
-    assert 0.09 <= timer.wall["wait"] < 1.0
-    assert timer.wall["other"] < timer.wall["wait"]
+    assert timer.wall == {"wait": 1.5, "other": 0.25}
 
 
 def test_nested_stages_are_each_recorded():
-    timer = StageTimer()
+    timer, wall, _ = timer_with_clocks()
     with timer("outer"):
-        time.sleep(0.02)
+        wall.now += 2.0
         with timer("inner"):
-            time.sleep(0.04)
-    assert timer.wall["inner"] >= 0.04
-    assert timer.wall["outer"] >= timer.wall["inner"] + 0.02  # the outer stage includes the inner one
+            wall.now += 4.0
+    assert timer.wall == {"inner": 4.0, "outer": 6.0}  # the outer stage includes the inner one
 
 
 def test_cpu_time_is_recorded_separately_from_wall_time():
-    timer = StageTimer()
+    timer, wall, cpu = timer_with_clocks()
     with timer("sleep"):
-        time.sleep(0.2)
+        wall.now += 2.0
     with timer("busy"):
-        end = time.process_time() + 0.15
+        wall.now += 1.0
+        cpu.now += 0.75
+    assert timer.wall == {"sleep": 2.0, "busy": 1.0} and timer.cpu == {"sleep": 0.0, "busy": 0.75}
+
+
+def test_the_default_clocks_are_the_process_clocks():
+    timer = StageTimer()
+    with timer("busy"):
+        end = time.process_time() + 0.05
         while time.process_time() < end:
             pass
-    assert timer.cpu["busy"] >= 0.15
-    assert timer.cpu["sleep"] < 0.1 < timer.wall["sleep"]  # sleeping costs wall time, not CPU time
+    assert timer.cpu["busy"] >= 0.05 and timer.wall["busy"] > 0
 
 
 def test_a_stage_that_raises_is_still_recorded():
-    timer = StageTimer()
+    timer, wall, _ = timer_with_clocks()
     with pytest.raises(ZeroDivisionError):
         with timer("fails"):
-            time.sleep(0.02)
+            wall.now += 3.0
             1 / 0
-    assert timer.wall["fails"] >= 0.02 and "fails" in timer.cpu
+    assert timer.wall["fails"] == 3.0 and "fails" in timer.cpu
+
+
+def test_data_wait_adds_the_clock_s_growth_as_its_own_stage():
+    class Wait:
+        seconds = 1.0
+
+    timer, clock = StageTimer(), Wait()
+    with timer.data_wait(clock):
+        clock.seconds += 0.5
+    with timer.data_wait(clock):
+        clock.seconds += 0.25
+    assert timer.wall["data wait"] == 0.75
 
 
 def test_rounded_keeps_the_keys_and_rounds_to_milliseconds():

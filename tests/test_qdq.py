@@ -96,9 +96,10 @@ def test_gradient_attacks_through_a_qdq_model_are_as_strong_as_transfer_from_the
                                                                                               digits_files):
     """FGSM through the QDQ graph must do at least as well as FGSM crafted on the float model it came
     from (it did far worse while the input's zero pixels had zero gradient)."""
-    from cloakonnx.attacks import AttackConfig, craft
+    from cloakonnx.attacks import AttackConfig
+    from cloakonnx.backend import craft
     from cloakonnx.data import Preprocess
-    from cloakonnx.pipeline import Runner
+    from cloakonnx.runner import Runner
     from cloakonnx.graph import load_model
 
     data = np.load(digits_files[1])

@@ -8,13 +8,14 @@ import numpy as np
 import onnx
 import pytest
 
-from cloakonnx.attacks import AttackConfig, craft
+from cloakonnx.attacks import AttackConfig
+from cloakonnx.backend import craft
 from cloakonnx.attacks.pgd import PGD
 from cloakonnx.config import HardenConfig
-from cloakonnx.data import Dataset, ImageTransform, LoaderScript, from_calibration_reader, load_data, split
+from cloakonnx.data import (DATA_WAIT, Dataset, ImageTransform, LoaderScript, RowFile, Rows, from_calibration_reader,
+                            load_data, prefetched, split)
 from cloakonnx.errors import CloakError
 from cloakonnx.harden import harden
-from cloakonnx.sources import DATA_WAIT, RowFile, Rows, prefetched
 
 from .conftest import sha256
 
@@ -230,12 +231,14 @@ def test_every_source_hardens_to_the_same_model(digits_files, tmp_path):
         np.save(folder / "y.npy", f["y"])
         in_memory = Dataset(f["x"], f["y"])
     reader = DigitsReader(npz, with_labels=False)
-    assert not isinstance(reader, CalibrationDataReader) or True  # duck-typed: only get_next() is used
+    # duck-typed: onnxruntime's ABC accepts any class with get_next(), and that is all cloakonnx calls
+    assert isinstance(reader, CalibrationDataReader) and CalibrationDataReader not in type(reader).__mro__
     sources = {
         "npz": npz, "npy": folder, "memory": in_memory, "script": LoaderScript(f"{tmp_path / 'loader.py'}:load_data"),
         "reader-labels": from_calibration_reader(reader, labels=reader.labels),
         "reader-key": from_calibration_reader(DigitsReader(npz, with_labels=True), label_key="label"),
     }
+    assert reader.get_next() is None  # read once, through get_next(), to its end
     hashes, reports = {}, {}
     for name, data in sources.items():
         out = tmp_path / f"{name}.onnx"
@@ -245,7 +248,15 @@ def test_every_source_hardens_to_the_same_model(digits_files, tmp_path):
     figures = {n: json.dumps([r.masked, r.clean_accuracy, r.adversarial_accuracy, r.calibration]) for n, r in
                reports.items()}
     assert len(set(figures.values())) == 1
-    assert onnx.load(str(tmp_path / "npz.onnx"))  # a real model
+    # the one model every source gave is a hardened one (not, say, an untouched copy): a valid graph
+    # whose cloak Mul zeroes as many features as the report says were masked
+    from cloakonnx.graph import find_mask
+
+    hardened = onnx.load(str(tmp_path / "npz.onnx"))
+    onnx.checker.check_model(hardened)
+    report = reports["npz"]
+    mask = find_mask(hardened, report.feature_tensor)
+    assert report.masked > 0 and mask is not None and int((mask[1] == 0).sum()) == report.masked
 
 
 def test_loader_script_errors_are_clear(tmp_path):

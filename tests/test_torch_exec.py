@@ -653,8 +653,205 @@ def test_registering_an_op_version_twice_raises(monkeypatch):
     assert "NewOp" not in registry.supported_ops()
 
     registry.op("Relu", 99)(relu_again)  # a new version of a known op is fine
-    assert registry._resolve("Relu", 99).fn is relu_again
-    assert registry._resolve("Relu", 98).fn is before[-1][1]
+    assert [e.since for e in registry._OPS["Relu"]] == [s for s, _ in before] + [99]
+    # exact resolution: opset 20 has Relu's since_version 14, which keeps its own handler
+    assert registry._resolve("Relu", 20).fn is before[-1][1]
+    registry._OPS["Relu"] = [e for e in registry._OPS["Relu"] if e.since != 14]
+    registry.op("Relu", 14)(relu_again)
+    assert registry._resolve("Relu", 20).fn is relu_again and registry._resolve("Relu", 13).fn is before[-2][1]
+
+
+# --------------------------------------------------------------------------------------------
+# Op versions: exactly the since_version a node has at the model's opset, or a refusal
+# --------------------------------------------------------------------------------------------
+
+
+def _onnx_since_versions() -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        if schema.domain in ("", "ai.onnx"):
+            out.setdefault(schema.name, set()).add(schema.since_version)
+    return out
+
+
+def _not_since_versions(table: dict[str, list[int]]) -> list[tuple[str, int]]:
+    """(op, version) of every registration whose version is not a since_version of that op."""
+    real = _onnx_since_versions()
+    return [(name, v) for name, versions in table.items() for v in versions if v not in real.get(name, set())]
+
+
+def test_every_registered_version_is_a_since_version_of_its_op(monkeypatch):
+    from cloakonnx.torch_exec import registry
+
+    assert _not_since_versions(registry.supported_ops()) == []
+    # a typo would be caught: Gemm has since_versions 1, 6, 7, 9, 11, 13, not 8
+    monkeypatch.setattr(registry, "_OPS", {name: list(entries) for name, entries in registry._OPS.items()})
+    registry.op("Gemm", 8)(lambda inputs, attrs, ctx: (inputs[0],))
+    assert _not_since_versions(registry.supported_ops()) == [("Gemm", 8)]
+
+
+def _bn_model(opset: int, outputs=("y",)):
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "s", "s", "s"], list(outputs))]
+    inits = [numpy_helper.from_array(np.ones(3, np.float32), "s")]
+    return _model(nodes, [_vi("x", [2, 3, 4])], [_vi(o, None) for o in outputs], inits, opset=opset)
+
+
+def test_unregistered_since_version_is_refused_with_op_and_opset():
+    """BatchNormalization-6 (is_test=0 by default: training) has no handler; opset 6 gives it, 8 gives 7."""
+    m = _bn_model(6)
+    assert unsupported_ops(m) == [("BatchNormalization", 6)]
+    with pytest.raises(UnsupportedOpsError) as err:
+        OnnxTorchModule(m)
+    assert err.value.ops == [("BatchNormalization", 6)]
+    assert err.value.since_versions == {("BatchNormalization", 6): 6}
+    assert "ai.onnx::BatchNormalization (opset 6, since_version 6): not verified by cloakonnx's executor" in str(err.value)
+    assert unsupported_ops(_bn_model(8)) == []
+    assert OnnxTorchModule(_bn_model(8))._plan[0].ctx.since == 7
+
+
+def test_an_older_handler_never_serves_a_newer_version(monkeypatch):
+    """Without an entry for Gemm-9, opsets 9 and 10 are refused; Gemm-7 still serves opsets 7 and 8."""
+    from cloakonnx.torch_exec import registry
+
+    monkeypatch.setattr(registry, "_OPS", {n: [e for e in entries if (n, e.since) != ("Gemm", 9)]
+                                          for n, entries in registry._OPS.items()})
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(r(4, 5), "w")]
+
+    def gemm(opset):
+        return _model(nodes, [_vi("x", [3, 5])], [_vi("y", [3, 4])], inits, opset=opset)
+
+    assert [unsupported_ops(gemm(v)) for v in (8, 9, 10, 11)] == [[], [("Gemm", 9)], [("Gemm", 10)], []]
+    with pytest.raises(UnsupportedOpsError, match=r"ai\.onnx::Gemm \(opset 10, since_version 9\): not verified"):
+        OnnxTorchModule(gemm(10))
+    assert OnnxTorchModule(gemm(8))._plan[0].ctx.since == 7
+
+
+@pytest.mark.parametrize("op_type, opset, since", [
+    ("Gemm", 10, 9), ("Relu", 20, 14), ("Softmax", 12, 11), ("Softmax", 17, 13), ("Add", 6, 6), ("Conv", 21, 11),
+    ("Reshape", 13, 13), ("ReduceMean", 17, 13), ("ReduceMean", 18, 18), ("Cast", 28, 28), ("Clip", 12, 12),
+])
+def test_a_registered_later_version_resolves_to_its_own_entry(op_type, opset, since):
+    from cloakonnx.torch_exec import registry
+
+    entry = registry._resolve(op_type, opset)
+    assert entry is not None and entry.since == since
+    assert entry is next(e for e in registry._OPS[op_type] if e.since == since)
+
+
+def test_handlers_follow_the_versions_they_serve():
+    """One handler per form: the attribute and input forms of an op are different entries."""
+    from cloakonnx.torch_exec import registry
+
+    fn = {v: registry._resolve("Softmax", v).fn for v in (1, 11, 13)}
+    assert fn[1] is fn[11] and fn[11] is not fn[13]
+    fn = {v: registry._resolve("Squeeze", v).fn for v in (1, 11, 13, 25)}
+    assert fn[1] is fn[11] and fn[13] is fn[25] and fn[11] is not fn[13]
+
+
+def test_opset_newer_than_onnx_knows_and_op_before_its_first_version_are_refused():
+    newest = onnx.defs.onnx_opset_version()
+    relu = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=newest + 1)
+    relu.ir_version = onnx.IR_VERSION
+    with pytest.raises(UnsupportedOpsError, match=rf"Relu \(opset {newest + 1}\): opset {newest + 1} is newer than"):
+        OnnxTorchModule(relu)
+    sin = _model([helper.make_node("Sin", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=6)  # Sin is from 7
+    with pytest.raises(UnsupportedOpsError, match=r"ai\.onnx::Sin \(opset 6\): no such op at this opset"):
+        OnnxTorchModule(sin)
+
+
+@pytest.mark.parametrize("node, opset, reason", [
+    (helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], output_shape=[10, 11]), 10, "output_shape"),
+    (helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], auto_pad="SAME_UPPER"), 10, "auto_pad SAME_"),
+    (helper.make_node("BatchNormalization", ["x", "s", "s", "s", "v"], ["y", "m", "var"]), 9, "statistics outputs"),
+    (helper.make_node("QuantizeLinear", ["x", "s"], ["y"], precision=TensorProto.FLOAT16), 23, "precision FLOAT16"),
+    (helper.make_node("DequantizeLinear", ["q", "s"], ["y"], output_dtype=TensorProto.FLOAT16), 23, "output_dtype FLOAT16"),
+])
+def test_version_specific_settings_are_refused(node, opset, reason):
+    inits = [numpy_helper.from_array(r(4, 3, 3, 3), "w"), numpy_helper.from_array(np.ones(4, np.float32), "s"),
+             numpy_helper.from_array(np.ones(4, np.float32), "v"), numpy_helper.from_array(np.zeros((2, 4, 5, 5), np.uint8), "q")]
+    m = _model([node], [_vi("x", [2, 4, 5, 5])], [_vi(o, None) for o in node.output], inits, opset=opset)
+    with pytest.raises(UnsupportedOpsError, match=rf"{node.op_type} \(opset {opset}\): .*{reason}"):
+        OnnxTorchModule(m)
+    if node.op_type == "ConvTranspose":  # explicit pads, or opset 11, run
+        ok = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1])
+        assert unsupported_ops(_model([ok], [_vi("x", [2, 4, 5, 5])], [_vi("y", None)], inits, opset=10)) == []
+        assert unsupported_ops(_model([node], [_vi("x", [2, 4, 5, 5])], [_vi("y", None)], inits, opset=11)) == []
+
+
+@pytest.mark.parametrize("opset", [13, 19, 21, 23, 25, 28])
+def test_quantize_dequantize_at_each_registered_version(opset):
+    """A per-channel QuantizeLinear -> DequantizeLinear pair matches the reference at every version."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=1),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=1)]
+    inits = [numpy_helper.from_array(f32(0.02, 0.05, 0.1), "s"), numpy_helper.from_array(np.array([0, 10, -5], np.int8), "z")]
+    m = _model(nodes, [_vi("x", [2, 3, 4])], [_vi("y", [2, 3, 4])], inits, opset=opset)
+    m.ir_version = max(m.ir_version, 7)
+    x = r(2, 3, 4) * 3
+    assert unsupported_ops(m) == []
+    assert_matches(OnnxTorchModule(m)(torch.from_numpy(x)), np.asarray(_reference(m, {"x": x})[0]), 1e-6)
+
+
+def test_dropout_training_mode_input_is_refused_when_true():
+    nodes = [helper.make_node("Dropout", ["x", "", "t"], ["y"])]
+    for flag, ok in ((False, True), (True, False)):
+        m = _model(nodes, [_vi("x", [2, 3])], [_vi("y", [2, 3])], [numpy_helper.from_array(np.array(flag), "t")], opset=13)
+        mod, x = OnnxTorchModule(m), torch.from_numpy(r(2, 3))
+        if ok:
+            assert torch.equal(mod(x), x)
+        else:
+            with pytest.raises(CloakError, match="training_mode=1"):
+                mod(x)
+
+
+def _reference(model, feeds):
+    """onnxruntime, or the ONNX reference implementation for opsets onnxruntime does not load yet."""
+    try:
+        return ort_run(model, feeds)
+    except Exception as exc:  # noqa: BLE001 - only a too-new opset (or its IR version) falls back
+        if "opset" not in str(exc).lower() and "ir version" not in str(exc).lower():
+            raise
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+# Cases whose attributes have no place at the newest version of their handler (they are exercised
+# at their own opset in CASES): Split-18 needs num_outputs or a split input, Dropout-12 made ratio an input.
+_NOT_VALID_LATER = {"split_v13_equal", "dropout_v7_ratio"}
+
+
+def _at_newest_version(case: Case) -> Case | None:
+    """``case`` at the newest since_version its handler is registered for, if newer than its own."""
+    from cloakonnx.torch_exec import registry
+
+    entry = registry._resolve(case.op, case.opset)
+    newest = max(e.since for e in registry._OPS[case.op] if e.fn is entry.fn)
+    if newest <= case.opset or case.id in _NOT_VALID_LATER:
+        return None
+    return dataclasses.replace(case, opset=newest, id=f"{case.id}@v{newest}")
+
+
+NEWEST_CASES = [c for c in map(_at_newest_version, CASES) if c is not None] + [
+    C("SpaceToDepth", [r(1, 2, 4, 6)], 28, blocksize=2, mode="CRD", id="space_to_depth_v28_crd"),
+    C("SpaceToDepth", [r(1, 2, 4, 6)], 28, blocksize=2, mode="DCR", id="space_to_depth_v28_dcr"),
+    C("Mod", [r(6) * 5, f32(2, -2, 3, -3, 0.5, -0.5)], 28, grad=False, id="mod_v28_float_floor"),
+    C("Cast", [r(2, 5) * 5], 25, to=TensorProto.INT32, id="cast_v25"),
+]
+
+
+@pytest.mark.parametrize("case", NEWEST_CASES, ids=str)
+def test_op_matches_reference_at_newest_registered_version(case: Case):
+    """Every case again at the newest since_version registered for the handler it exercises."""
+    model, feeds = build(case)
+    onnx.checker.check_model(model)
+    assert unsupported_ops(model) == []
+    module = OnnxTorchModule(model)
+    ref = _reference(model, feeds)
+    got = torch_run(module, feeds, module.input_names)
+    assert len(got) == len(ref)
+    for i, (g, e) in enumerate(zip(got, ref)):
+        assert_matches(g, np.asarray(e), case.atol, f"{case.id} output {i}")
 
 
 def test_shared_initializer_and_constant_node_weights():
@@ -832,14 +1029,14 @@ def test_runtime_errors_name_the_node():
         mod(torch.zeros(6), torch.tensor([4, 4]))
 
 
-def test_readme_claims_what_these_cases_verify():
-    """The README's op count, case count and opset span are exactly what this file and the op table hold."""
+def test_executor_doc_claims_what_these_cases_verify():
+    """docs/executor.md's op count, case count and opset span are exactly what this file and the op table hold."""
     from pathlib import Path
 
     from cloakonnx.torch_exec.registry import supported_ops
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "executor.md").read_text(encoding="utf-8")
     opsets = sorted({c.opset for c in CASES})
-    assert f"The executor covers {len(supported_ops())} ONNX ops." in readme
-    assert f"compares {len(CASES)} one-node cases" in readme
-    assert f"the cases span opsets {opsets[0]}–{opsets[-1]}" in readme
+    assert f"The executor covers {len(supported_ops())} ONNX ops." in doc
+    assert f"compares {len(CASES)} one-node cases" in doc
+    assert f"the cases span opsets {opsets[0]}–{opsets[-1]}" in doc

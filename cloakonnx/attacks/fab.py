@@ -68,28 +68,16 @@ def project_l2(p, w, b, iters: int = 40):
     return torch.clamp(sign * hi * w, lo_box, hi_box)
 
 
-class FABT(Attack):
-    """Targeted FAB (AutoAttack's FAB-T). ``config.steps`` iterations per target; ``restarts`` > 1
-    adds runs from random starts around the original."""
+class FABBase(Attack):
+    """What FAB and FAB-T share: the projection steps of one run, and keeping the closest adversarial
+    point within eps. A subclass says which boundary each step linearises (``_diff_and_grad``) and
+    which runs to make (``schedule``)."""
 
-    name = "FAB-T"
-    n_targets = 9
+    def _diff_and_grad(self, x, y, target):  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def _diff_and_grad(self, x, y, target):
-        """f_target - f_y and its input gradient, per sample."""
-        import torch
-
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self.model(x)
-            u = torch.arange(len(y), device=x.device)
-            diff = logits[u, target] - logits[u, y]
-            (grad,) = torch.autograd.grad(diff.sum(), x)
-        return diff.detach(), grad.detach(), logits.detach()
-
-    def schedule(self, x, y):
-        """``fooled`` and the ``(idx, target, restart)`` runs: AutoAttack's targeted schedule."""
-        return self.target_schedule(x, y, min_classes=2, n_targets=self.n_targets)
+    def schedule(self, x, y):  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def _norm(self, d):
         return d.abs().amax(1) if self.config.norm == "linf" else d.norm(dim=1)
@@ -143,7 +131,31 @@ class FABT(Attack):
         return out.detach()
 
 
-class FAB(FABT):
+class FABT(FABBase):
+    """Targeted FAB (AutoAttack's FAB-T). ``config.steps`` iterations per target; ``restarts`` > 1
+    adds runs from random starts around the original."""
+
+    name = "FAB-T"
+    n_targets = 9
+
+    def _diff_and_grad(self, x, y, target):
+        """f_target - f_y and its input gradient, per sample."""
+        import torch
+
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(x)
+            u = torch.arange(len(y), device=x.device)
+            diff = logits[u, target] - logits[u, y]
+            (grad,) = torch.autograd.grad(diff.sum(), x)
+        return diff.detach(), grad.detach(), logits.detach()
+
+    def schedule(self, x, y):
+        """``fooled`` and the ``(idx, target, restart)`` runs: AutoAttack's targeted schedule."""
+        return self.target_schedule(x, y, min_classes=2, n_targets=self.n_targets)
+
+
+class FAB(FABBase):
     """Untargeted FAB (AutoAttack's plus set): ``restarts`` runs on the samples not yet fooled, the
     first from the original point, the others from random starts."""
 

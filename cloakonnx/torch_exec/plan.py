@@ -17,22 +17,30 @@ from onnx import TensorProto
 
 from ..errors import CloakError
 from .fuse import PlanNode, fuse as fuse_nodes
-from .registry import Handler, NodeContext, _OpVersion, _resolve
+from .registry import Handler, NodeContext, _OpVersion, _resolve, version_gap
 from .tensors import _FLOAT32_STANDINS, _UNPARSED, _attrs, _sparse_to_dense, tensor_from_proto
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 class UnsupportedOpsError(CloakError):
-    """The model uses ops (or op settings) the torch executor cannot run; all are listed at once."""
+    """The model uses ops (or op settings) the torch executor cannot run; all are listed at once.
 
-    def __init__(self, ops: list[tuple[str, int]], reasons: dict[tuple[str, int], str] | None = None):
+    ``ops`` holds (op_type, opset of its domain) pairs; ``reasons`` why, where there is more to say
+    than that the op is missing; ``since_versions`` the op's since_version at that opset, for the ops
+    that are refused because the executor has not been verified against that version of the op.
+    """
+
+    def __init__(self, ops: list[tuple[str, int]], reasons: dict[tuple[str, int], str] | None = None,
+                 since_versions: dict[tuple[str, int], int] | None = None):
         self.ops = list(ops)
         self.reasons = dict(reasons or {})
+        self.since_versions = dict(since_versions or {})
         parts = []
         for op_type, version in self.ops:
             domain, _, name = op_type.rpartition("::")
-            text = f"{domain or 'ai.onnx'}::{name} (opset {version})"
+            since = self.since_versions.get((op_type, version))
+            text = f"{domain or 'ai.onnx'}::{name} (opset {version}{f', since_version {since}' if since is not None else ''})"
             if (op_type, version) in self.reasons:
                 text += f": {self.reasons[(op_type, version)]}"
             parts.append(text)
@@ -68,22 +76,27 @@ def _op_key(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
 
 
-def _scan(model: onnx.ModelProto) -> dict[tuple[str, int], str | None]:
-    """Every unsupported (op, opset) with a reason when the op exists but a setting is missing."""
+def _scan(model: onnx.ModelProto) -> tuple[dict[tuple[str, int], str | None], dict[tuple[str, int], int]]:
+    """Every unsupported (op, opset) with a reason when the op exists but a version or a setting is
+    missing, and the since_version of each op refused for its version."""
     opsets = _opsets(model)
     bad: dict[tuple[str, int], str | None] = {}
+    since: dict[tuple[str, int], int] = {}
 
     def visit(graph: onnx.GraphProto):
         for node in graph.node:
             domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
             version = opsets.get(domain, 0)
             key = (_op_key(node), version)
-            if domain:
+            if domain:  # no handler serves another domain
                 bad.setdefault(key, None)
                 continue
             entry = _resolve(node.op_type, version)
             if entry is None:
-                bad.setdefault(key, None)
+                gap = version_gap(node.op_type, version)
+                bad[key] = gap[1] if gap else None
+                if gap and gap[0] is not None:
+                    since[key] = gap[0]
                 continue
             attrs = _attrs(node)
             reason = None
@@ -99,7 +112,7 @@ def _scan(model: onnx.ModelProto) -> dict[tuple[str, int], str | None]:
                     visit(g)
 
     visit(model.graph)
-    return bad
+    return bad, since
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, int]]:
@@ -107,14 +120,14 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, int]]:
 
     Ops outside the default ONNX domain are named ``domain::op_type``.
     """
-    return sorted(_scan(_prepared(model)))
+    return sorted(_scan(_prepared(model))[0])
 
 
 def _raise_if_unsupported(model: onnx.ModelProto) -> None:
-    bad = _scan(model)
+    bad, since = _scan(model)
     if bad:
         keys = sorted(bad)
-        raise UnsupportedOpsError(keys, {k: v for k, v in bad.items() if v})
+        raise UnsupportedOpsError(keys, {k: v for k, v in bad.items() if v}, since)
 
 
 def _toposort(graph: onnx.GraphProto, known: set[str]) -> list[onnx.NodeProto]:

@@ -17,7 +17,7 @@ def _check_constant(attrs, ctx):
     return None
 
 
-@op("Constant", 1, check=_check_constant)
+@op("Constant", 1, 9, 11, 12, 13, 19, 21, 23, 24, 25, check=_check_constant)  # 11: sparse_value, 12: value_*
 def _constant(inputs, attrs, ctx):
     for key in ("value", "sparse_value"):
         if key in attrs:
@@ -33,7 +33,7 @@ def _constant(inputs, attrs, ctx):
     raise CloakError(f"Constant node {ctx.name!r}: string constants are not supported")
 
 
-@op("ConstantOfShape", 9)
+@op("ConstantOfShape", 9, 20, 21, 23, 24, 25)
 def _constant_of_shape(inputs, attrs, ctx):
     value = attrs.get("value")
     shape = _ints(inputs[0])
@@ -43,7 +43,7 @@ def _constant_of_shape(inputs, attrs, ctx):
     return (torch.full(shape, value.reshape(-1)[0].item(), dtype=value.dtype, device=device),)
 
 
-@op("Range", 11)
+@op("Range", 11, 27)  # 27: stash_type, float16 math in float32 (as the executor computes it)
 def _range(inputs, attrs, ctx):
     start, limit, delta = inputs
     return (torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=start.dtype, device=start.device),)

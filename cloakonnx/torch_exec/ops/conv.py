@@ -14,12 +14,12 @@ from ..tensors import _pt_pad
 from .spatial import _spatial_pads
 
 
-@op("MatMul", 1)
+@op("MatMul", 1, 9, 13)
 def _matmul(inputs, attrs, ctx):
     return (torch.matmul(inputs[0], inputs[1]),)
 
 
-@op("Gemm", 1)
+@op("Gemm", 1, 6, 7, 9, 11, 13)  # 1, 6: broadcast=1 is the suffix broadcast numpy does; 11: C optional
 def _gemm(inputs, attrs, ctx):
     a, b = inputs[0], inputs[1]
     c = inputs[2] if len(inputs) > 2 else None
@@ -36,7 +36,7 @@ def _gemm(inputs, attrs, ctx):
     return (y,)
 
 
-@op("Einsum", 12)
+@op("Einsum", 12, 28)
 def _einsum(inputs, attrs, ctx):
     return (torch.einsum(attrs["equation"].replace(" ", ""), *inputs),)
 
@@ -52,7 +52,15 @@ def _check_conv(attrs, ctx):
     return None
 
 
-@op("Conv", 1, check=_check_conv)
+def _check_conv_transpose(attrs, ctx):
+    """Opset 11 reversed which side gets the odd pad for auto_pad SAME_* and output_shape; the
+    handler follows 11 and onnxruntime, so before 11 only explicit pads are run."""
+    if ctx.since < 11 and ("output_shape" in attrs or attrs.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")):
+        return "ConvTranspose output_shape or auto_pad SAME_* before opset 11"
+    return _check_conv(attrs, ctx)
+
+
+@op("Conv", 1, 11, 22, check=_check_conv)
 def _conv(inputs, attrs, ctx):
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None
@@ -67,7 +75,7 @@ def _conv(inputs, attrs, ctx):
     return (_CONV[n](x, w, b, strides, begins, dilations, attrs.get("group", 1)),)
 
 
-@op("ConvTranspose", 1, check=_check_conv)
+@op("ConvTranspose", 1, 11, 22, check=_check_conv_transpose)
 def _conv_transpose(inputs, attrs, ctx):
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
+from ...errors import CloakError
 from ..registry import op
 from ..tensors import _empty, _is_float, _norm_axis, _onnx_dtype
 
@@ -31,8 +32,10 @@ def _binary(fn):
     return handler
 
 
+# 1 and 6: the limited broadcast (broadcast=1, axis); 1 only adds consumed_inputs, an in-place hint
+# with no effect on values. 7: numpy broadcasting. 13, 14: more types.
 for _name, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}.items():
-    op(_name, 1, 7)(_binary(_fn))
+    op(_name, 1, 6, 7, 13, 14)(_binary(_fn))
 
 
 def _div(a, b):
@@ -41,16 +44,16 @@ def _div(a, b):
     return torch.div(a, b, rounding_mode="trunc")  # C-style integer division, as onnxruntime
 
 
-op("Div", 1, 7)(_binary(_div))
+op("Div", 1, 6, 7, 13, 14)(_binary(_div))
 
 
-@op("Pow", 1, 7)
+@op("Pow", 1, 7, 12, 13, 15)  # 12: the exponent may have another type
 def _pow(inputs, attrs, ctx):
     x, y = _legacy_broadcast(inputs[0], inputs[1], attrs) if ctx.since < 7 else inputs
     return (torch.pow(x, y).to(x.dtype),)
 
 
-@op("Mod", 10)
+@op("Mod", 10, 13, 28)  # 28 defines fmod=0 on floats as A - floor(A / B) * B: torch.remainder
 def _mod(inputs, attrs, ctx):
     a, b = inputs
     if attrs.get("fmod", 0):
@@ -72,47 +75,51 @@ def _pairwise(fn):
     return handler
 
 
+# Unary ops and their since_versions: 1 -> 6 drops consumed_inputs (an in-place hint), the other
+# steps only add types.
 _UNARY = {
-    "Sqrt": torch.sqrt,
-    "Exp": torch.exp,
-    "Log": torch.log,
-    "Neg": torch.neg,
-    "Abs": torch.abs,
-    "Reciprocal": torch.reciprocal,
-    "Relu": torch.relu,
-    "Sigmoid": torch.sigmoid,
-    "Tanh": torch.tanh,
-    "Softplus": F.softplus,
-    "Softsign": F.softsign,
-    "Floor": torch.floor,
-    "Ceil": torch.ceil,
-    "Round": torch.round,  # round half to even, as ONNX
-    "Sign": torch.sign,
-    "Not": torch.logical_not,
-    "Identity": lambda x: x,
-    "Sin": torch.sin,
-    "Cos": torch.cos,
-    "Erf": torch.erf,
-    "IsNaN": torch.isnan,
-    "Mish": F.mish,
+    "Sqrt": (torch.sqrt, (1, 6, 13)),
+    "Exp": (torch.exp, (1, 6, 13)),
+    "Log": (torch.log, (1, 6, 13)),
+    "Neg": (torch.neg, (1, 6, 13)),
+    "Abs": (torch.abs, (1, 6, 13)),
+    "Reciprocal": (torch.reciprocal, (1, 6, 13)),
+    "Relu": (torch.relu, (1, 6, 13, 14)),
+    "Sigmoid": (torch.sigmoid, (1, 6, 13)),
+    "Tanh": (torch.tanh, (1, 6, 13)),
+    "Softplus": (F.softplus, (1, 22)),
+    "Softsign": (F.softsign, (1, 22)),
+    "Floor": (torch.floor, (1, 6, 13)),
+    "Ceil": (torch.ceil, (1, 6, 13)),
+    "Round": (torch.round, (11, 22)),  # round half to even, as ONNX
+    "Sign": (torch.sign, (9, 13)),
+    "Not": (torch.logical_not, (1,)),
+    "Identity": (lambda x: x, (1, 13, 14, 16, 19, 21, 23, 24, 25)),  # 14, 16: sequences, optionals
+    "Sin": (torch.sin, (7, 22)),
+    "Cos": (torch.cos, (7, 22)),
+    "Erf": (torch.erf, (9, 13)),
+    "IsNaN": (torch.isnan, (9, 13, 20)),
+    "Mish": (F.mish, (18, 22)),
 }
+# Comparisons and logic from opset 7 (numpy broadcasting); their opset-1 versions broadcast the
+# limited way (broadcast=1, axis) and are not served.
 _COMPARE = {
-    "Equal": torch.eq,
-    "Less": torch.lt,
-    "Greater": torch.gt,
-    "And": torch.logical_and,
-    "Or": torch.logical_or,
-    "Xor": torch.logical_xor,
+    "Equal": (torch.eq, (7, 11, 13, 19)),
+    "Less": (torch.lt, (7, 9, 13)),
+    "Greater": (torch.gt, (7, 9, 13)),
+    "And": (torch.logical_and, (7,)),
+    "Or": (torch.logical_or, (7,)),
+    "Xor": (torch.logical_xor, (7,)),
 }
-for _name, _fn in _UNARY.items():
-    op(_name, 1)(_unary(_fn))
-for _name, _fn in _COMPARE.items():
-    op(_name, 1)(_pairwise(_fn))
-op("LessOrEqual", 12)(_pairwise(torch.le))
-op("GreaterOrEqual", 12)(_pairwise(torch.ge))
+for _name, (_fn, _versions) in _UNARY.items():
+    op(_name, *_versions)(_unary(_fn))
+for _name, (_fn, _versions) in _COMPARE.items():
+    op(_name, *_versions)(_pairwise(_fn))
+op("LessOrEqual", 12, 16)(_pairwise(torch.le))
+op("GreaterOrEqual", 12, 16)(_pairwise(torch.ge))
 
 
-@op("IsInf", 10)
+@op("IsInf", 10, 20)
 def _isinf(inputs, attrs, ctx):
     x = inputs[0]
     pos, neg = attrs.get("detect_positive", 1), attrs.get("detect_negative", 1)
@@ -125,41 +132,41 @@ def _isinf(inputs, attrs, ctx):
     return (torch.zeros_like(x, dtype=torch.bool),)
 
 
-@op("LeakyRelu", 1)
+@op("LeakyRelu", 1, 6, 16)
 def _leaky_relu(inputs, attrs, ctx):
     return (F.leaky_relu(inputs[0], attrs.get("alpha", 0.01)),)
 
 
-@op("PRelu", 1)
+@op("PRelu", 7, 9, 16)  # 1 and 6 spread a 1-D slope over channels, not by broadcasting
 def _prelu(inputs, attrs, ctx):
     x, slope = inputs
     return (torch.where(x < 0, x * slope, x),)
 
 
-@op("Elu", 1)
+@op("Elu", 1, 6, 22)
 def _elu(inputs, attrs, ctx):
     return (F.elu(inputs[0], attrs.get("alpha", 1.0)),)
 
 
-@op("Celu", 12)
+@op("Celu", 12, 28)
 def _celu(inputs, attrs, ctx):
     return (F.celu(inputs[0], attrs.get("alpha", 1.0)),)
 
 
-@op("Selu", 1)
+@op("Selu", 6, 22)  # 1 had other defaults (alpha 1.6732, gamma 1.0507)
 def _selu(inputs, attrs, ctx):
     alpha = attrs.get("alpha", 1.67326319217681884765625)
     gamma = attrs.get("gamma", 1.05070102214813232421875)
     return (gamma * F.elu(inputs[0], alpha),)
 
 
-@op("ThresholdedRelu", 10)
+@op("ThresholdedRelu", 10, 22)
 def _thresholded_relu(inputs, attrs, ctx):
     x = inputs[0]
     return (torch.where(x > attrs.get("alpha", 1.0), x, torch.zeros_like(x)),)
 
 
-@op("HardSigmoid", 1)
+@op("HardSigmoid", 1, 6, 22)
 def _hard_sigmoid(inputs, attrs, ctx):
     """torch's one-kernel F.hardsigmoid where the slope is its 1/6 (torch and Paddle exports, and
     fused decompositions); ONNX's default slope 0.2 and others as clamp(alpha * x + beta, 0, 1)."""
@@ -169,7 +176,7 @@ def _hard_sigmoid(inputs, attrs, ctx):
     return (torch.clamp(inputs[0] * alpha + beta, 0.0, 1.0),)
 
 
-@op("HardSwish", 14)
+@op("HardSwish", 14, 22)
 def _hard_swish(inputs, attrs, ctx):
     return (F.hardswish(inputs[0]),)
 
@@ -187,7 +194,7 @@ def _shrink(inputs, attrs, ctx):
     return (torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, zero)),)
 
 
-@op("Where", 9)
+@op("Where", 9, 16)
 def _where(inputs, attrs, ctx):
     return (torch.where(inputs[0].to(torch.bool), inputs[1], inputs[2]),)
 
@@ -205,18 +212,19 @@ def _variadic(fn, mean=False):
     return handler
 
 
-op("Max", 1)(_variadic(torch.maximum))
-op("Min", 1)(_variadic(torch.minimum))
-op("Sum", 1)(_variadic(torch.add))
-op("Mean", 1)(_variadic(torch.add, mean=True))
+# Before 8 all inputs had one shape (broadcasting them changes nothing); 8 broadcasts.
+op("Max", 1, 6, 8, 12, 13)(_variadic(torch.maximum))
+op("Min", 1, 6, 8, 12, 13)(_variadic(torch.minimum))
+op("Sum", 1, 6, 8, 13)(_variadic(torch.add))
+op("Mean", 1, 6, 8, 13)(_variadic(torch.add, mean=True))
 
 
-@op("Clip", 1)
+@op("Clip", 1, 6)
 def _clip_attr(inputs, attrs, ctx):
     return (torch.clamp(inputs[0], attrs.get("min", -math.inf), attrs.get("max", math.inf)),)
 
 
-@op("Clip", 11)
+@op("Clip", 11, 12, 13)  # 13: min > max gives max, as torch.clamp
 def _clip(inputs, attrs, ctx):
     x = inputs[0]
     lo = inputs[1] if len(inputs) > 1 and not _empty(inputs[1]) else None
@@ -226,7 +234,7 @@ def _clip(inputs, attrs, ctx):
     return (torch.clamp(x, lo.reshape(()) if lo is not None else None, hi.reshape(()) if hi is not None else None),)
 
 
-@op("Cast", 1)
+@op("Cast", 1, 6, 9, 13, 19, 21, 23, 24, 25, 28)  # 19+: saturate/round_mode, float8 and other types only
 def _cast(inputs, attrs, ctx):
     to = attrs["to"]
     if isinstance(to, str):  # opset 1 named the type
@@ -234,15 +242,18 @@ def _cast(inputs, attrs, ctx):
     return (inputs[0].to(_onnx_dtype(to)),)
 
 
-@op("CastLike", 15)
+@op("CastLike", 15, 19, 21, 23, 24, 25)
 def _cast_like(inputs, attrs, ctx):
     return (inputs[0].to(inputs[1].dtype),)
 
 
-@op("Dropout", 1)
+@op("Dropout", 7, 10, 12, 13, 22, host_inputs=(1, 2))  # 1, 6: is_test=0 (the default) means training
 def _dropout(inputs, attrs, ctx):
-    """Inference: the identity, with an all-true mask when the mask output is wanted."""
+    """Inference: the identity, with an all-true mask when the mask output is wanted. From opset 12
+    a true ``training_mode`` input asks for random dropout, which is refused."""
     x = inputs[0]
+    if len(inputs) > 2 and not _empty(inputs[2]) and bool(inputs[2].reshape(-1)[0]):
+        raise CloakError(f"Dropout node {ctx.name!r}: training_mode=1 (random dropout) is not supported by the torch executor")
     if ctx.wants(1):
         return (x, torch.ones_like(x, dtype=torch.bool if ctx.opset >= 10 else x.dtype))
     return (x,)

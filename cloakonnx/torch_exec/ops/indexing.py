@@ -19,7 +19,7 @@ def _fix_index(idx: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(idx < 0, idx + size, idx)
 
 
-@op("Gather", 1)
+@op("Gather", 1, 11, 13)  # 11 allows negative indices (before: never valid)
 def _gather(inputs, attrs, ctx):
     x, idx = inputs
     axis = _norm_axis(attrs.get("axis", 0), x.dim())
@@ -28,7 +28,7 @@ def _gather(inputs, attrs, ctx):
     return (out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1 :])),)
 
 
-@op("GatherElements", 11)
+@op("GatherElements", 11, 13)
 def _gather_elements(inputs, attrs, ctx):
     x, idx = inputs
     axis = _norm_axis(attrs.get("axis", 0), x.dim())
@@ -50,7 +50,7 @@ def _nd_index(data, idx, batch_dims: int):
     return tuple(parts)
 
 
-@op("GatherND", 11)
+@op("GatherND", 11, 12, 13)  # 12: batch_dims
 def _gather_nd(inputs, attrs, ctx):
     data, idx = inputs
     return (data[_nd_index(data, idx, attrs.get("batch_dims", 0))],)
@@ -59,7 +59,7 @@ def _gather_nd(inputs, attrs, ctx):
 _SCATTER_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
 
 
-@op("ScatterND", 11)
+@op("ScatterND", 11, 13, 16, 18)  # 16: reduction add/mul, 18: max/min
 def _scatter_nd(inputs, attrs, ctx):
     data, idx, updates = inputs
     reduction = attrs.get("reduction", "none")
@@ -77,7 +77,7 @@ def _scatter_nd(inputs, attrs, ctx):
     return (out.reshape(data.shape),)
 
 
-@op("ScatterElements", 11)
+@op("ScatterElements", 11, 13, 16, 18)
 def _scatter_elements(inputs, attrs, ctx):
     data, idx, updates = inputs
     axis = _norm_axis(attrs.get("axis", 0), data.dim())
@@ -96,7 +96,7 @@ def _trilu(inputs, attrs, ctx):
     return (torch.triu(x, k) if attrs.get("upper", 1) else torch.tril(x, k),)
 
 
-@op("OneHot", 9, host_inputs=(1,))
+@op("OneHot", 9, 11, 28, host_inputs=(1,))  # 11 allows negative indices (before: invalid)
 def _one_hot(inputs, attrs, ctx):
     idx, depth, values = inputs
     depth = int(_scalar(depth))
@@ -110,6 +110,6 @@ def _one_hot(inputs, attrs, ctx):
     return (torch.where(hot.bool(), values[1], values[0]),)
 
 
-@op("NonZero", 9)
+@op("NonZero", 9, 13)
 def _nonzero(inputs, attrs, ctx):
     return (torch.nonzero(inputs[0]).t().contiguous(),)

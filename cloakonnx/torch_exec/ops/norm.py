@@ -15,10 +15,12 @@ from ..tensors import _norm_axis
 def _check_bn(attrs, ctx):
     if attrs.get("training_mode", 0):
         return "training_mode=1 (only inference is supported)"
+    if ctx.since < 14 and any(ctx.wants(i) for i in range(1, 5)):
+        return "statistics outputs, which mean training before opset 14 (only inference is supported)"
     return None
 
 
-@op("BatchNormalization", 1, check=_check_bn)
+@op("BatchNormalization", 7, 9, 14, 15, check=_check_bn)  # 1, 6: is_test=0 (default) is training
 def _batch_norm(inputs, attrs, ctx):
     x, scale, bias, mean, var = inputs[:5]
     eps = attrs.get("epsilon", 1e-5)
@@ -31,7 +33,7 @@ def _batch_norm(inputs, attrs, ctx):
     return (y, mean, var) if ctx.n_outputs > 1 else (y,)  # inference: statistics pass through
 
 
-@op("InstanceNormalization", 1)
+@op("InstanceNormalization", 1, 6, 22)
 def _instance_norm(inputs, attrs, ctx):
     x, scale, bias = inputs
     return (F.instance_norm(x, weight=scale, bias=bias, eps=attrs.get("epsilon", 1e-5)),)
@@ -58,7 +60,7 @@ def _layer_norm(inputs, attrs, ctx):
     return (y, mean, inv_std)
 
 
-@op("GroupNormalization", 18)
+@op("GroupNormalization", 18, 21)  # 21: per-channel scale, stash_type
 def _group_norm(inputs, attrs, ctx):
     x, scale, bias = inputs
     groups = attrs["num_groups"]
@@ -69,7 +71,7 @@ def _group_norm(inputs, attrs, ctx):
     return (F.group_norm(x, groups, scale, bias, attrs.get("epsilon", 1e-5)),)
 
 
-@op("LpNormalization", 1)
+@op("LpNormalization", 1, 22)
 def _lp_norm(inputs, attrs, ctx):
     x = inputs[0]
     p = attrs.get("p", 2)

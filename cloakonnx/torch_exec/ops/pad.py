@@ -52,13 +52,13 @@ def _pad(x, pads: list[int], mode: str, value, axes=None):
     return x
 
 
-@op("Pad", 1, check=_check_pad, host_inputs=(1, 2, 3))
+@op("Pad", 1, 2, check=_check_pad, host_inputs=(1, 2, 3))  # 1 names pads "paddings"
 def _pad_v1(inputs, attrs, ctx):
     pads = attrs.get("pads", attrs.get("paddings"))
     return (_pad(inputs[0], pads, attrs.get("mode", "constant"), attrs.get("value", 0.0)),)
 
 
-@op("Pad", 11, check=_check_pad, host_inputs=(1, 2, 3))
+@op("Pad", 11, 13, 18, 19, 21, 23, 24, 25, check=_check_pad, host_inputs=(1, 2, 3))  # 18: axes, 19: wrap
 def _pad_v11(inputs, attrs, ctx):
     x = inputs[0]
     value = _scalar(inputs[2]) if len(inputs) > 2 and not _empty(inputs[2]) else 0

@@ -42,7 +42,7 @@ def _check_avgpool(attrs, ctx):
     return _check_pool(attrs, ctx)
 
 
-@op("MaxPool", 1, check=_check_pool)
+@op("MaxPool", 1, 8, 10, 11, 12, 22, check=_check_pool)  # 8: indices, 10: ceil_mode, dilations
 def _max_pool(inputs, attrs, ctx):
     x = inputs[0]
     kernel, strides, dilations, begins, ends, ceil = _pool_geometry(x, attrs)
@@ -76,7 +76,7 @@ def _max_pool(inputs, attrs, ctx):
     return (y, flat + nc * plane)
 
 
-@op("AveragePool", 1, check=_check_avgpool)
+@op("AveragePool", 1, 7, 10, 11, 19, 22, check=_check_avgpool)  # 7: count_include_pad, 10: ceil_mode
 def _avg_pool(inputs, attrs, ctx):
     x = inputs[0]
     kernel, strides, _dil, begins, ends, ceil = _pool_geometry(x, attrs)
@@ -93,7 +93,7 @@ def _avg_pool(inputs, attrs, ctx):
     return (pool(padded, kernel, strides, 0, ceil, True) / pool(ones, kernel, strides, 0, ceil, True),)
 
 
-@op("GlobalAveragePool", 1)
+@op("GlobalAveragePool", 1, 22)
 def _global_avg_pool(inputs, attrs, ctx):
     x = inputs[0]
     if x.dim() == 4:
@@ -101,7 +101,7 @@ def _global_avg_pool(inputs, attrs, ctx):
     return (x.mean(tuple(range(2, x.dim())), keepdim=True),)
 
 
-@op("GlobalMaxPool", 1)
+@op("GlobalMaxPool", 1, 22)
 def _global_max_pool(inputs, attrs, ctx):
     x = inputs[0]
     return (x.amax(tuple(range(2, x.dim())), keepdim=True),)

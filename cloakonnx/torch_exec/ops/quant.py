@@ -18,12 +18,22 @@ from ..tensors import _DTYPES, _empty, _norm_axis, _onnx_dtype
 _QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.uint16: (0, 65535), torch.int16: (-32768, 32767)}
 
 
-def _check_qdq(attrs, ctx):
+def _check_q(attrs, ctx):
     if attrs.get("block_size", 0):
         return "blocked quantization (block_size)"
     out = attrs.get("output_dtype", 0)
     if out and _DTYPES.get(out) not in _QRANGE:
         return f"output_dtype {TensorProto.DataType.Name(out)}"
+    if attrs.get("precision", 0) not in (0, TensorProto.FLOAT):  # 23: the division's precision
+        return f"precision {TensorProto.DataType.Name(attrs['precision'])}"
+    return None
+
+
+def _check_dq(attrs, ctx):
+    if attrs.get("block_size", 0):
+        return "blocked quantization (block_size)"
+    if attrs.get("output_dtype", 0) not in (0, TensorProto.FLOAT):  # 23: float16/bfloat16 outputs
+        return f"output_dtype {TensorProto.DataType.Name(attrs['output_dtype'])}"
     return None
 
 
@@ -37,7 +47,9 @@ def _per_axis(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-@op("QuantizeLinear", 10, 13, 19, 21, check=_check_qdq)
+# 13: per-axis, 19: float16/bfloat16 inputs and float8 (not held), 21: block_size, output_dtype, 16-bit,
+# 23: precision, 24+: types the executor does not hold
+@op("QuantizeLinear", 10, 13, 19, 21, 23, 24, 25, 28, check=_check_q)
 def _quantize_linear(inputs, attrs, ctx):
     x, scale = inputs[0].to(torch.float32), inputs[1]
     zp = inputs[2] if len(inputs) > 2 and not _empty(inputs[2]) else None
@@ -57,7 +69,7 @@ def _quantize_linear(inputs, attrs, ctx):
     return (v * inside + (torch.round(v).clamp(lo, hi) - v * inside).detach(),)
 
 
-@op("DequantizeLinear", 10, 13, 19, 21, check=_check_qdq)
+@op("DequantizeLinear", 10, 13, 19, 21, 23, 24, 25, 28, check=_check_dq)  # 23: output_dtype
 def _dequantize_linear(inputs, attrs, ctx):
     x, scale = inputs[0], inputs[1]
     zp = inputs[2] if len(inputs) > 2 and not _empty(inputs[2]) else None

@@ -37,7 +37,15 @@ _REDUCERS = {
     "ReduceLogSum": lambda x, d, k: torch.log(x.sum(d, keepdim=k)),
     "ReduceProd": _reduce_prod,
 }
-_AXES_BECAME_INPUT = {"ReduceSum": 13}  # the others moved axes to an input in opset 18
+# since_versions of the attribute form (axes an attribute; 11 allows negative axes) and of the
+# input form (axes an input, noop_with_empty_axes): 13 for ReduceSum, 18 for the others.
+_VERSIONS = {
+    "ReduceSum": ((1, 11), (13,)),
+    "ReduceMax": ((1, 11, 12, 13), (18, 20)),  # 20: booleans
+    "ReduceMin": ((1, 11, 12, 13), (18, 20)),
+    "ReduceLogSum": ((1, 11, 13), (18, 28)),  # 28: no more integer types
+    "ReduceLogSumExp": ((1, 11, 13), (18, 28)),
+}
 # With empty axes and noop_with_empty_axes=1 the elementwise part still applies (as onnxruntime
 # and the ONNX reference implementation do): ReduceL2 gives |x|, ReduceSumSquare x*x, ...
 _NOOP = {"ReduceL1": torch.abs, "ReduceL2": torch.abs, "ReduceSumSquare": lambda x: x * x, "ReduceLogSum": torch.log}
@@ -71,8 +79,9 @@ def _reduce_handlers(kind):
 
 for _name in _REDUCERS:
     _attr_form, _input_form = _reduce_handlers(_name)
-    op(_name, 1, host_inputs=(1,))(_attr_form)
-    op(_name, _AXES_BECAME_INPUT.get(_name, 18), host_inputs=(1,))(_input_form)
+    _attr_versions, _input_versions = _VERSIONS.get(_name, ((1, 11, 13), (18,)))
+    op(_name, *_attr_versions, host_inputs=(1,))(_attr_form)
+    op(_name, *_input_versions, host_inputs=(1,))(_input_form)
 
 
 def _arg(fn):
@@ -88,11 +97,11 @@ def _arg(fn):
     return handler
 
 
-op("ArgMax", 1)(_arg(torch.argmax))
-op("ArgMin", 1)(_arg(torch.argmin))
+op("ArgMax", 1, 11, 12, 13)(_arg(torch.argmax))  # 12: select_last_index
+op("ArgMin", 1, 11, 12, 13)(_arg(torch.argmin))
 
 
-@op("TopK", 10, host_inputs=(1,))
+@op("TopK", 10, 11, 24, host_inputs=(1,))  # 11: largest, sorted
 def _topk(inputs, attrs, ctx):
     x, k = inputs[0], int(_scalar(inputs[1]))
     axis = _norm_axis(attrs.get("axis", -1), x.dim())
@@ -105,7 +114,7 @@ def _topk_attr(inputs, attrs, ctx):
     return _topk([inputs[0], attrs["k"]], attrs, ctx)
 
 
-@op("CumSum", 11, host_inputs=(1,))
+@op("CumSum", 11, 14, host_inputs=(1,))
 def _cumsum(inputs, attrs, ctx):
     x = inputs[0]
     axis = _norm_axis(int(_scalar(inputs[1])), x.dim())

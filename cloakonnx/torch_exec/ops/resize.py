@@ -160,7 +160,8 @@ def _resize_v10(inputs, attrs, ctx):
     return (_resize(inputs[0], _floats(inputs[1]), None, None, attrs, ctx, opset10=True),)
 
 
-@op("Resize", 11, check=_check_resize, host_inputs=(1, 2, 3))
+# 13: roi and scales optional, 18: axes, keep_aspect_ratio_policy, antialias, 19: half_pixel_symmetric
+@op("Resize", 11, 13, 18, 19, check=_check_resize, host_inputs=(1, 2, 3))
 def _resize_v11(inputs, attrs, ctx):
     x = inputs[0]
     roi = _floats(inputs[1]) if len(inputs) > 1 and not _empty(inputs[1]) else None

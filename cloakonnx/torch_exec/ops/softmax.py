@@ -35,5 +35,5 @@ def _hardmax(x, dim):
 
 for _name, _fn in {"Softmax": F.softmax, "LogSoftmax": F.log_softmax, "Hardmax": _hardmax}.items():
     _legacy, _modern = _softmax_like(_fn)
-    op(_name, 1)(_legacy)
+    op(_name, 1, 11)(_legacy)  # 11 allows a negative axis
     op(_name, 13)(_modern)
