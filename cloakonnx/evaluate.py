@@ -36,7 +36,7 @@ class EvaluateReport:
     results: list[dict]  # {eps, attack, threat, accuracy}
     robust_accuracy: dict  # str(eps) -> worst case over every attack and threat, per sample
     checks: list[dict]  # {name, ok, detail}
-    attacks: dict  # name -> settings
+    attacks: dict  # name -> the settings that attack uses
     notes: list[str]
     seconds: float
     failures: list[dict] = field(default_factory=list)  # {eps, attack, threat, error}: attacks that could not run
@@ -152,7 +152,7 @@ def _evaluate(s: Session, model_path, attack_cfgs: list[AttackConfig], providers
     return EvaluateReport(
         model=str(model_path), reference=str(config.reference) if config.reference else None, samples=len(ds),
         norm=config.attack.norm, eps=list(config.eps), clean_accuracy=clean, results=results, robust_accuracy=robust,
-        checks=checks, attacks={c.name: c.to_dict() for c in attack_cfgs}, notes=s.notes,
+        checks=checks, attacks={c.name: c.describe() for c in attack_cfgs}, notes=s.notes,
         seconds=round(time.perf_counter() - t0, 3), failures=failures, providers=list(providers), device=s.device,
         seed=config.seed, cumulative=cumulative, ray=s.backend.describe(), summary={
             "clean_accuracy": clean, "robust_accuracy": robust, "norm": config.attack.norm, "eps": list(config.eps),

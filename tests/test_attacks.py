@@ -49,3 +49,35 @@ def test_pgd_is_stronger_than_fgsm_and_repeatable(digits_net):
 def test_bad_attack_options(kwargs, match):
     with pytest.raises(CloakError, match=match):
         AttackConfig(**kwargs).validate((0.0, 1.0))
+
+
+# --- each attack's own settings ------------------------------------------------------------------------------
+
+OTHER_VALUES = {"steps": 3, "step_size": 0.01, "random_start": False, "restarts": 2, "queries": 7}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_an_attack_ignores_exactly_the_settings_it_does_not_declare(name):
+    """A setting outside the attack's ``settings`` changes nothing it crafts, so reports may leave it
+    out; changing the declared ones, taken together, changes the result."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 4))
+    x = torch.rand(24, 1, 4, 4)
+    y = net(x).argmax(1).detach()
+    base = AttackConfig(name=name, eps=0.3, steps=2, queries=30, seed=1)
+
+    def run(cfg):
+        attack = ATTACKS[name](net, cfg)
+        attack.set_samples(range(len(x)))
+        return attack(x, y)
+
+    reference = run(base)
+    declared = ATTACKS[name].settings
+    ignored = {k: v for k, v in OTHER_VALUES.items() if k not in declared}
+    assert torch.equal(run(replace(base, **ignored)), reference), f"{name} reads a setting it does not declare"
+    if declared:
+        changed = run(replace(base, **{k: OTHER_VALUES[k] for k in declared}))
+        assert not torch.equal(changed, reference), f"{name} declares settings it does not read"
+    assert set(base.describe()) == {"name", "eps", "norm", "seed", "batch_size", *declared}

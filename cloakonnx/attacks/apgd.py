@@ -70,6 +70,7 @@ class APGD(Attack):
 
     default_loss = "ce"
     name = "APGD"
+    settings = ("steps", "random_start", "restarts")  # the step size adapts: --step-size is not used
 
     def __init__(self, model, config, bounds=(0.0, 1.0), loss: str | None = None):
         super().__init__(model, config, bounds)

@@ -11,6 +11,7 @@ from typing import Callable
 from ..errors import CloakError
 
 NORMS = ("linf", "l2")
+COMMON_SETTINGS = ("name", "eps", "norm", "seed", "batch_size")  # every attack takes these
 
 
 @dataclass
@@ -48,9 +49,18 @@ class AttackConfig:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
     def to_dict(self) -> dict:
+        """Every setting of the run (what harden records): the options given, for whichever attack."""
         d = asdict(self)
         d["step_size"] = self.alpha
         return d
+
+    def describe(self) -> dict:
+        """The settings this config's attack actually uses (its class's ``settings``, plus the ones
+        every attack takes): what a report lists per attack."""
+        from . import ATTACKS
+
+        used = COMMON_SETTINGS + ATTACKS[self.name].settings
+        return {k: v for k, v in self.to_dict().items() if k in used}
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -64,6 +74,9 @@ class Attack:
     """Base class: ``attack(x, y)`` returns adversarial inputs within the eps ball and the box."""
 
     needs_gradients = True
+    # the AttackConfig fields this attack reads besides COMMON_SETTINGS (torchattacks-style: each
+    # attack has its own options; the shared config is what the CLI's one set of flags fills)
+    settings: tuple[str, ...] = ()
 
     def __init__(self, model: Callable, config: AttackConfig, bounds: tuple[float, float] = (0.0, 1.0)):
         import torch

@@ -73,6 +73,8 @@ class FABBase(Attack):
     point within eps. A subclass says which boundary each step linearises (``_diff_and_grad``) and
     which runs to make (``schedule``)."""
 
+    settings = ("steps", "restarts")  # restarts after the first start at random points
+
     def _diff_and_grad(self, x, y, target):  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -5,6 +5,8 @@ from .base import Attack
 
 
 class PGD(Attack):
+    settings = ("steps", "step_size", "random_start", "restarts")
+
     def perturb(self, x, y):
         import torch
 

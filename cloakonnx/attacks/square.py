@@ -82,6 +82,7 @@ class Square(Attack):
     """
 
     needs_gradients = False
+    settings = ("queries",)
     # Square's own work is a dozen tiny elementwise tensor ops per query. On CPU, torch's thread pool
     # costs more than it saves on them and competes with onnxruntime's threads for the same cores,
     # so the search runs them on one thread; the model calls keep the caller's setting.

@@ -4,10 +4,11 @@ onnxruntime has no autograd, and the public ONNX->torch converters fail on curre
 (opset 18+ op versions, shared initializers, BatchNormalization's training_mode).
 So this package interprets the graph itself:
 
-* an op table keyed by ``(op_type, since_version)`` (registry.py); the handler used for a node is
-  the one with the largest since_version not above the model's opset for the default domain, so
-  supporting a new op version is one small function plus one decorator line in its family's
-  module under ops/;
+* an op table keyed by ``(op_type, since_version)`` (registry.py); a node gets the handler
+  registered for exactly the since_version ``onnx.defs`` gives its op at the model's opset, and a
+  version nobody registered is refused (an older version's handler never serves a newer one), so
+  supporting a new op version is one small function, or one more version on a decorator line, in
+  its family's module under ops/;
 * a plan built once per model (plan.py): topological node order, the handler resolved per node,
   attributes parsed once, all-constant subgraphs folded, BatchNormalization folded into the
   convolution before it and hard-swish/hard-sigmoid/GELU written out as arithmetic turned back into
