@@ -20,6 +20,13 @@ LEARNED = "learned"  # the score learned against an adaptive attacker (cloakonnx
 ALL_SCORES = (*SCORES, LEARNED)
 MASK_VALUES = ("binary", "soft")
 INNER_ATTACKS = ("pgd", "fgsm")
+MASK, FINETUNE = "mask", "finetune"  # harden's methods: a mask (DeepCloak), or fine-tuned weights
+FINETUNE_PARAMS = ("all", "norm", "head")
+# The clean budget (points) of the methods that always choose how strongly to apply what they learned
+# (fine-tuning, masks on several tensors) when --max-clean-drop is not given: one point, held with
+# --budget-confidence's bound on new data (the validation split is enlarged until that is possible).
+DEFAULT_CLEAN_DROP = 1.0
+DEFAULT_LR = {MASK: 0.1, FINETUNE: 1e-3}  # Adam's step: on mask logits theta; on the weights themselves
 
 
 @dataclass
@@ -29,7 +36,7 @@ class LearnConfig:
 
     steps: int = 300  # outer steps, one batch each
     batch_size: int = 128
-    lr: float = 0.1  # Adam, on theta (m = sigmoid(theta))
+    lr: float | None = None  # Adam's step; None: the method's default (DEFAULT_LR: 0.1 on theta, 1e-3 on weights)
     init: float = 3.0  # sigmoid(3) = 0.95: every feature starts almost fully on
     inner_attack: str = "pgd"  # "pgd", or "fgsm" (random start, one step of 1.25 eps: faster)
     inner_steps: int = 5
@@ -40,7 +47,7 @@ class LearnConfig:
             raise CloakError(f"--learn-steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise CloakError(f"--learn-batch must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise CloakError(f"--learn-lr must be positive, got {self.lr:g}")
         if self.inner_attack not in INNER_ATTACKS:
             raise CloakError(f"--learn-attack must be one of {', '.join(INNER_ATTACKS)}, got {self.inner_attack!r}")
@@ -48,6 +55,10 @@ class LearnConfig:
             raise CloakError(f"--learn-attack-steps must be at least 1, got {self.inner_steps}")
         if self.sparsity < 0:
             raise CloakError(f"--learn-sparsity must be non-negative, got {self.sparsity:g}")
+
+    def lr_for(self, method: str) -> float:
+        """The step size: the one given, else ``method``'s default."""
+        return DEFAULT_LR[method] if self.lr is None else self.lr
 
 
 @dataclass
@@ -120,6 +131,10 @@ class MaskConfig(CommonConfig):
     # (cloakonnx.curve.clean_drop_bound); 0 uses the validation point estimate alone.
     budget_confidence: float = 0.9
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidates for max_clean_drop and sweep
+    # "mask", or (harden only) "finetune": the weights trained against an adaptive attacker (cloakonnx.finetune)
+    method: str = MASK
+    finetune_params: str = "all"  # with "finetune": "all", "norm" (normalisation only) or "head"
+    methods = (MASK,)  # the methods this command offers (a class attribute, not a field)
 
     @property
     def feature_tensor(self) -> str | None:
@@ -129,6 +144,14 @@ class MaskConfig(CommonConfig):
     @property
     def single_tensor(self) -> bool:
         return len(self.feature_tensors) <= 1 and self.feature_tensors != ("auto",)
+
+    def selection_budget(self) -> float | None:
+        """The clean budget, in points, a choice on validation is held to: ``max_clean_drop``, or
+        DEFAULT_CLEAN_DROP for the methods that always choose a strength (fine-tuning, masks on
+        several tensors); None when nothing is chosen under a budget."""
+        if self.max_clean_drop is not None:
+            return self.max_clean_drop
+        return DEFAULT_CLEAN_DROP if self.method == FINETUNE or not self.single_tensor else None
 
     def validate(self) -> None:
         super().validate()
@@ -142,7 +165,12 @@ class MaskConfig(CommonConfig):
             raise CloakError("soft mask values and masks on several tensors need learned values: add --score learned")
         if "auto" in self.feature_tensors and len(self.feature_tensors) > 1:
             raise CloakError("--feature-tensor auto proposes the tensors itself; give it alone")
-        if self.score == LEARNED:
+        if self.method not in self.methods:
+            raise CloakError(f"--method must be one of {', '.join(self.methods)} here, got {self.method!r}")
+        if self.finetune_params not in FINETUNE_PARAMS:
+            raise CloakError(f"--finetune-params must be one of {', '.join(FINETUNE_PARAMS)}, "
+                             f"got {self.finetune_params!r}")
+        if self.score == LEARNED or self.method == FINETUNE:
             self.learn.validate()
         if self.val_max is not None and self.val_max < 1:
             raise CloakError(f"--val-max must be at least 1, got {self.val_max}")
@@ -162,6 +190,7 @@ class HardenConfig(MaskConfig):
     adaptive: bool = True  # also attack the hardened model itself
     curve: bool = False  # also report the trade-off curve and feature scores (the CLI's --plot draws them)
     fold: bool = False  # multiply the mask into the head's weights instead of adding a Mul node
+    methods = (MASK, FINETUNE)
 
     def validate(self) -> None:
         super().validate()
@@ -169,6 +198,14 @@ class HardenConfig(MaskConfig):
             raise CloakError(f"--rounds must be at least 1, got {self.rounds}")
         if not self.single_tensor and self.rounds > 1:
             raise CloakError("--rounds > 1 works on one feature tensor; masks on several tensors are learned jointly")
+        if self.method == FINETUNE:
+            mask_only = [name for name, used in (("--fold", self.fold), ("--rounds", self.rounds > 1),
+                                                 ("--fraction", self.fraction is not None), ("--plot", self.curve),
+                                                 ("--score learned", self.score == LEARNED),
+                                                 ("--mask-values soft", self.mask_values == "soft"),
+                                                 ("--feature-tensor", bool(self.feature_tensors))) if used]
+            if mask_only:
+                raise CloakError(f"{', '.join(mask_only)} shape a mask; --method finetune moves the weights instead")
 
 
 def _evaluate_attack() -> AttackConfig:
@@ -188,6 +225,7 @@ class EvaluateConfig(CommonConfig):
     reference: Path | None = None  # the unhardened model, for transfer attacks
     max_samples: int | None = None
     sanity: bool = True  # also run the large-eps check
+    resume: Path | None = None  # save finished attack rows here, and continue from it (cloakonnx.resume)
 
     def validate(self) -> None:
         if not self.eps:
@@ -196,3 +234,5 @@ class EvaluateConfig(CommonConfig):
             CommonConfig.validate(replace(self, attack=replace(self.attack, eps=eps)))
         if self.max_samples is not None and self.max_samples < 1:
             raise CloakError(f"--max-samples must be at least 1, got {self.max_samples}")
+        if self.resume is not None and (Path(self.resume).is_dir() or not Path(self.resume).parent.is_dir()):
+            raise CloakError(f"--resume {self.resume} must be a file in an existing folder")

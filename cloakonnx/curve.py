@@ -6,6 +6,7 @@ them and the head is run in numpy, instead of re-running the whole model per fra
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -81,6 +82,23 @@ def clean_drop_bound(correct_before: np.ndarray, correct_after: np.ndarray, conf
     diff = (b - f) / n
     var = max((b + f) - (b - f) ** 2 / n, 0.0) / n**2
     return 100.0 * (diff + NormalDist().inv_cdf(confidence) * float(np.sqrt(var)))
+
+
+def validation_needed(budget: float, confidence: float) -> int | None:
+    """The fewest validation samples at which a change that alters no prediction can be certified
+    within ``budget`` points at ``confidence`` (``clean_drop_bound`` of an unchanged split); None
+    when no size can (a zero budget)."""
+    from statistics import NormalDist
+
+    if budget <= 0:
+        return None
+    # an unchanged split of n: b = f = 0.5 after the continuity cells, so the bound is 100 z / (n + 2)
+    n = max(1, math.ceil(100.0 * NormalDist().inv_cdf(confidence) / budget) - 2)
+    while n > 1 and clean_drop_bound(np.ones(n - 1, bool), np.ones(n - 1, bool), confidence) <= budget:
+        n -= 1
+    while clean_drop_bound(np.ones(n, bool), np.ones(n, bool), confidence) > budget:
+        n += 1
+    return n
 
 
 def mask_curve(head: Head, order: np.ndarray, counts, f_clean: np.ndarray, f_adv: np.ndarray, y: np.ndarray,

@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .config import LEARNED, HardenConfig
+from .config import FINETUNE, LEARNED, HardenConfig
 from .curve import CurvePoint, choose_point, clean_drop_bound, counts_for, mask_curve
 from .data import Dataset
+from .finetune import WeightSearch, search_weights
 from .errors import CloakError
 from .graph import CloakRecord, apply_mask, check_writable_dir, fold_mask, save_model, uses_external_data
 from .graph.record import FOLDED, MUL, is_soft
@@ -68,7 +69,8 @@ class HardenReport:
 
 
 def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenConfig) -> HardenReport:
-    """Harden ``model_path`` with a DeepCloak mask; write it atomically and return the report.
+    """Harden ``model_path`` with a DeepCloak mask (or, with ``method="finetune"``, fine-tuned weights:
+    :mod:`cloakonnx.finetune`); write it atomically and return the report.
 
     With ``max_clean_drop`` the number of features is chosen on the validation split (the best
     adversarial accuracy within the clean-accuracy budget); if nothing helps, the model is written
@@ -83,7 +85,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
             check_needs_head(p, config)
             with timer("evaluation"):
                 base = evaluate_original(p, config)
-            search = (search_mask if config.single_tensor else search_layers)(p, config, base, timer)
+            search = search_stage(config)(p, config, base, timer)
             with timer("surgery"):
                 hardened = hardened_model(p, config, search)
             with timer("evaluation"):
@@ -151,6 +153,13 @@ def evaluate_original(p: Prepared, config: HardenConfig) -> Baseline:
     clean = p.runner.accuracy(p.val, bs)
     adv = p.adversarial(p.runner, p.val, " validation")  # crafted on the original: the transfer set
     return Baseline(clean, adv, p.runner.accuracy(p.val, bs, adv))
+
+
+def search_stage(config: HardenConfig):
+    """The one place the method is chosen: fine-tuned weights, a mask on one tensor, or masks on several."""
+    if config.method == FINETUNE:
+        return search_weights
+    return search_mask if config.single_tensor else search_layers
 
 
 def search_mask(p: Prepared, config: HardenConfig, base: Baseline, timer: StageTimer) -> MaskSearch:
@@ -232,6 +241,8 @@ def hardened_model(p: Prepared, config: HardenConfig, search: MaskSearch) -> onn
     unchanged if nothing helps."""
     if not search.changed:
         return p.model
+    if isinstance(search, WeightSearch):
+        return search.model  # written and recorded by search_weights
     several = len(search.masks) > 1
     soft = any(is_soft(m) for m in search.masks.values() if m is not None)
     record = CloakRecord(

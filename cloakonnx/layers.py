@@ -2,10 +2,11 @@
 
 ``--feature-tensor`` given several times, or ``auto``, masks the head's input and feature maps
 inside the network (one value per channel). The masks are learned together against an adaptive
-attacker (:mod:`cloakonnx.learn`); each tensor's learned values are then cut at a common threshold.
-Without a budget the threshold is 0.5; with ``max_clean_drop`` each candidate threshold is written
-into the graph and measured on the validation split through onnxruntime, since the numpy head alone
-cannot see masks inside the network.
+attacker (:mod:`cloakonnx.learn`); each tensor's learned values below 0.5 are zeroed (binary: the
+rest kept at 1). How strongly the result is applied, m_a = 1 - a (1 - m), is then chosen on the
+validation split against the adaptive attacker, within the clean budget (:mod:`cloakonnx.strength`),
+through onnxruntime, since the numpy head alone cannot see masks inside the network; a mask that
+does not beat the original there is not written.
 """
 from __future__ import annotations
 
@@ -15,18 +16,16 @@ import numpy as np
 import onnx
 
 from .config import HardenConfig
-from .curve import CutPoint, choose_point, clean_drop_bound
 from .errors import CloakError
 from .graph import apply_mask, find_mask
 from .pipeline import Prepared
-from .runner import predict
 from .search import Baseline, MaskSearch
+from .strength import choose_strength, never_worse
 from .timing import StageTimer
-from .runtime import make_session
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # candidates under a clean-accuracy budget
+CUT = 0.5  # learned values below it are zeroed
 ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSwish", "HardSigmoid", "Sigmoid",
                "Tanh", "Gelu", "Softplus", "Mish", "ThresholdedRelu", "Mul"}
 
@@ -73,7 +72,7 @@ def search_layers(p: Prepared, config: HardenConfig, base: Baseline, timer: Stag
 
     if config.fraction is not None:
         raise CloakError("--fraction applies to one feature tensor; with several, the learned values decide "
-                         "(cut at 0.5), or --max-clean-drop chooses the cut")
+                         "(cut at 0.5), and the strength is chosen on validation within --max-clean-drop")
     tensors = resolve_tensors(p, config)
     existing = {t: _existing(p, t) for t in tensors}
     previously = sum(int((m == 0).sum()) for m in existing.values() if m is not None)
@@ -83,18 +82,21 @@ def search_layers(p: Prepared, config: HardenConfig, base: Baseline, timer: Stag
     learned = learn_stage(p, config, search, timer, tensors)
     search.widths = {t: v.size for t, v in learned.items()}
     search.scores = np.concatenate([1.0 - learned[t] for t in tensors])
+    soft = config.mask_values == "soft"
     with timer("selection"):
-        threshold, search.curve = choose_threshold(p, config, base, search, learned, existing)
-    if threshold is None:
-        log.info("no cut of the learned masks improves adversarial accuracy within the clean-accuracy budget")
+        strength = choose_strength(p, config, base, lambda alpha: with_masks(
+            p.model, cut(learned, existing, CUT, soft, alpha), search.ranks), "learned masks")
+        strength = never_worse(p, config, base, strength, "learned masks")
+    search.curve = [pt.to_dict() for pt in strength.points]
+    search.learning.update(max_clean_drop=strength.budget, guard=strength.guard,
+                           strength=None if strength.chosen is None else strength.chosen.alpha)
+    if strength.chosen is None:
         search.rounds.append({"round": 1, "added": 0, "masked": previously})
         return search
-    with timer("surgery"):
-        search.masks = cut(learned, existing, threshold, config.mask_values == "soft")
-        model = with_masks(p.model, search.masks, search.ranks)
-    search.runner = p.runner_for(model, config)
+    search.masks = cut(learned, existing, CUT, soft, strength.chosen.alpha)
+    search.runner = strength.runner
     search.rounds.append({"round": 1, "added": search.masked - previously, "masked": search.masked,
-                          "threshold": threshold})
+                          "threshold": CUT, "strength": strength.chosen.alpha})
     return search
 
 
@@ -106,12 +108,16 @@ def _existing(p: Prepared, tensor: str) -> np.ndarray | None:
     return None if found is None else found[1]
 
 
-def cut(learned: dict[str, np.ndarray], existing: dict, threshold: float, soft: bool) -> dict[str, np.ndarray]:
+def cut(learned: dict[str, np.ndarray], existing: dict, threshold: float, soft: bool,
+        strength: float = 1.0) -> dict[str, np.ndarray]:
     """Per tensor: zero the values below ``threshold``, keep the rest (soft: scaled by the learned
-    value), on top of any earlier mask (the union of zeros)."""
+    value), applied at ``strength`` (m -> 1 - strength (1 - m)), on top of any earlier mask (the
+    union of zeros)."""
     masks = {}
     for tensor, values in learned.items():
         new = np.where(values < threshold, 0.0, values if soft else 1.0)
+        if strength != 1.0:
+            new = 1.0 - strength * (1.0 - new)
         earlier = existing.get(tensor)
         masks[tensor] = (new * (1.0 if earlier is None else earlier)).astype(np.float32)
     return masks
@@ -121,25 +127,3 @@ def with_masks(model: onnx.ModelProto, masks: dict[str, np.ndarray], ranks: dict
     for tensor, mask in masks.items():
         model = apply_mask(model, tensor, mask, ranks.get(tensor, 2))
     return model
-
-
-def choose_threshold(p: Prepared, config: HardenConfig, base: Baseline, search: MaskSearch, learned: dict,
-                     existing: dict) -> tuple[float | None, list[dict] | None]:
-    """0.5 without a budget; with one, the candidate cut with the best adversarial accuracy (inputs
-    crafted on the original) on validation whose clean drop is within the budget, measured through
-    onnxruntime; None when no cut beats adding nothing."""
-    if config.max_clean_drop is None:
-        return 0.5, None
-    soft, y, bs = config.mask_values == "soft", p.val.y, config.ort_batch_size
-    before = p.runner.predict(p.val.x, bs) == y
-    points = []
-    for threshold in THRESHOLDS:
-        masks = cut(learned, existing, threshold, soft)
-        session = make_session(with_masks(p.model, masks, search.ranks), config.providers)
-        correct = predict(session, p.val.x, p.runner.feed, p.target.logits, bs) == y
-        adv = float((predict(session, base.adv, p.runner.feed, p.target.logits, bs) == y).mean())
-        points.append(CutPoint(threshold, int(sum((m == 0).sum() for m in masks.values())), float(correct.mean()),
-                               adv, clean_drop_bound(before, correct, config.budget_confidence or 0.9)))
-    best = choose_point(points, base.clean, config.max_clean_drop, use_bound=bool(config.budget_confidence),
-                        floor=base.adv_accuracy)
-    return (None if best is None else best.threshold), [pt.to_dict() for pt in points]

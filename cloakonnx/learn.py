@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .attacks import PGD, AttackConfig
-from .config import LearnConfig, MaskConfig
+from .config import MASK, LearnConfig, MaskConfig
 from .data import Dataset, Preprocess
 from .errors import CloakError
 from .graph import select_input
@@ -71,7 +71,7 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
     masked_net = masked_model(module, image, dict(zip(value_inputs, tensors)), shapes, config.init).to(device)
     net = preprocess.torch_wrap(masked_net, data.x.ndim)  # box-space inputs, as the attacks expect
     inner = PGD(net, inner_attack_config(attack, config, seed), preprocess.bounds)
-    optimiser = torch.optim.Adam(masked_net.thetas.parameters(), lr=config.lr)
+    optimiser = torch.optim.Adam(masked_net.thetas.parameters(), lr=config.lr_for(MASK))
     rng = np.random.default_rng(seed)
     batch = min(config.batch_size, len(data))
     history = []

@@ -16,6 +16,7 @@ from .attacks import ATTACKS, AttackConfig
 from .backend import LocalBackend
 from .batching import BatchChoice
 from .config import CommonConfig, MaskConfig
+from .curve import validation_needed
 from .data import Dataset, ImageTransform, load_data, split, validate
 from .errors import CloakError
 from .graph import Target, fixed_size, load_model, resolve_target, select_input, show_shape
@@ -122,7 +123,7 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     torch.manual_seed(config.seed)
     runner = Runner.for_config(model, target.logits, [target.feature], config, device)
     ds, _ = load_checked(data, runner, config)
-    calib, val = split(ds, config.val_split, config.seed, val_max=config.val_max)
+    calib, val = split(ds, validation_share(config, len(ds)), config.seed, val_max=config.val_max)
     log.info("model %s: feature tensor %r, %s; %d calibration / %d validation samples; providers %s; torch on %s",
              model_path.name, target.feature, f"{target.head.kind} head" if target.head else "custom tensor",
              len(calib), len(val), ", ".join(providers), device)
@@ -132,6 +133,23 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     backend = open_backend(config, device)
     return Prepared(model_path, model, target, runner, calib, val, attack, fallback, batch, device, providers,
                     backend)
+
+
+def validation_share(config: MaskConfig, n: int) -> float:
+    """``--val-split``, enlarged (up to half the data) when a choice under a clean budget with a
+    confidence bound needs more validation samples than that to be possible at all."""
+    budget = config.selection_budget()
+    if budget is None or not config.budget_confidence or n == 0:
+        return config.val_split
+    needed = validation_needed(budget, config.budget_confidence)
+    if needed is None:
+        return config.val_split
+    share = min(0.5, needed / n)
+    if share <= config.val_split:
+        return config.val_split
+    log.info("validation split enlarged to %d of %d samples: a %g-point clean budget at confidence %g needs at "
+             "least %d", round(share * n), n, budget, config.budget_confidence, needed)
+    return share
 
 
 def open_backend(config: CommonConfig, device: str):

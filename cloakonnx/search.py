@@ -38,6 +38,9 @@ class MaskSearch:
     scores: np.ndarray | None = None
     learning: dict | None = None  # seconds, steps and loss history of a learned mask
 
+    def __post_init__(self) -> None:
+        self.initial = dict(self.masks)  # the input model's masks: what "changed" compares with
+
     @property
     def mask(self) -> np.ndarray | None:
         return self.masks.get(self.primary)
@@ -53,10 +56,17 @@ class MaskSearch:
 
     @property
     def changed(self) -> bool:
-        return self.masked > self.previously
+        """Whether the search altered any mask (new zeros, or values scaled at a strength below 1)."""
+        return any(not _same(m, self.initial.get(t)) for t, m in self.masks.items())
 
     def describe(self) -> list[dict]:
         """One entry per masked tensor: its width and how many values are zeroed or scaled."""
         return [{"tensor": t, "rank": self.ranks.get(t, 2), "width": self.widths.get(t, 0),
                  "zeroed": int((m == 0).sum()), "scaled": int(((m > 0) & (m < 1)).sum())}
                 for t, m in self.masks.items() if m is not None]
+
+
+def _same(mask: np.ndarray | None, before: np.ndarray | None) -> bool:
+    if mask is None or before is None:
+        return mask is None and before is None
+    return bool(np.array_equal(mask, before))

@@ -159,6 +159,13 @@ class MaskArgs(ArgGroup):
                help="Mask this tensor instead of the head's input (4-D: per channel). Several times, or "
                     "'auto' (the head's input and the last activation of each resolution stage), with "
                     "--score learned: one mask per tensor, learned jointly.", to="feature_tensors", convert=as_tuple),
+        Option("--method", type=click.Choice(["mask", "finetune"]), default="mask", show_default=True,
+               help="harden: mask (a DeepCloak mask, weights untouched), or finetune (the weights trained against "
+                    "an adaptive attacker on the calibration split with --learn-* settings, then moved from the "
+                    "original's by the share chosen on validation; no gain, no change).", to="method"),
+        Option("--finetune-params", type=click.Choice(["all", "norm", "head"]), default="all", show_default=True,
+               help="--method finetune: the weights to move: all (linear layers and normalisations), norm "
+                    "(normalisation scales and biases) or head (the final layer).", to="finetune_params"),
     )
 
 
@@ -170,8 +177,9 @@ class LearnArgs(ArgGroup):
                help="--score learned: optimiser steps, one calibration batch each.", to="learn.steps"),
         Option("--learn-batch", type=click.IntRange(min=1), default=128, show_default=True,
                help="--score learned: calibration samples per step.", to="learn.batch_size"),
-        Option("--learn-lr", type=float, default=0.1, show_default=True, help="--score learned: Adam's step size.",
-               to="learn.lr"),
+        Option("--learn-lr", type=float, default=None,
+               help="--score learned or --method finetune: Adam's step size [default: 0.1 on mask values, 1e-3 "
+                    "on weights].", to="learn.lr"),
         Option("--learn-attack", type=click.Choice(["pgd", "fgsm"]), default="pgd", show_default=True,
                help="--score learned: the inner attacker (fgsm: random start and one step, faster).",
                to="learn.inner_attack"),

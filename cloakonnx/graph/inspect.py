@@ -1,13 +1,14 @@
 """``cloakonnx inspect``: what a user needs to know before hardening, read from the graph alone."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 
 from ..errors import CloakError
 from .head import Head, find_head
 from .io import load_model
-from .record import all_masks, folded_mask
+from .record import METADATA_PREFIX, all_masks, cloak_metadata, folded_mask
 from .tensors import TensorInfo, fixed_size, model_inputs, opset_version, tensor_infos
 
 
@@ -26,6 +27,8 @@ class ModelInfo:
     metadata: dict[str, str]
     masks: list[dict]  # every cloak mask: Mul nodes on any tensor, and a mask folded into the head
     input_shapes: dict[str, list[int]]  # the shapes --input-shapes gave, checked against the model; {} if none
+    method: str | None = None  # how cloakonnx last hardened it: "mask" or "finetune"; None if it never did
+    finetune: dict | None = None  # with "finetune": the params moved, their relative change, alpha, validation size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,4 +82,14 @@ def inspect_model(path: str | os.PathLike, logits: str | None = None,
         metadata={p.key: p.value for p in model.metadata_props},
         masks=all_masks(model),
         input_shapes=given,
+        **hardening(model),
     )
+
+
+def hardening(model) -> dict:
+    """The method of the last hardening recorded in the metadata, and a fine-tuning's record."""
+    meta = cloak_metadata(model)
+    if not meta:
+        return {"method": None, "finetune": None}
+    record = meta.get(METADATA_PREFIX + "finetune")
+    return {"method": meta.get(METADATA_PREFIX + "method", "mask"), "finetune": json.loads(record) if record else None}

@@ -61,15 +61,18 @@ class CloakRecord:
     form: str = MUL  # MUL or FOLDED
     mask_values: str | None = None  # "soft" when some values scale rather than zero
     masks: list[dict] | None = None  # with several masked tensors: one entry each
+    method: str | None = None  # "finetune" when the weights were fine-tuned (None: a mask, the default)
+    finetune: dict | None = None  # with method "finetune": params, tensors' relative change, alpha, validation size
 
     def metadata(self, model: onnx.ModelProto) -> dict[str, str]:
         """The metadata entries to set on the hardened copy of ``model``."""
-        fraction = self.masked / self.features
+        fraction = self.masked / self.features if self.features else 0.0
         entry = {"version": __version__, "masked": self.masked, "fraction": fraction, "score": self.score,
                  "feature_tensor": self.feature_tensor, "attack": self.attack, "seed": self.seed,
                  "rounds": self.rounds, "max_clean_drop": self.max_clean_drop,
                  "budget_confidence": self.budget_confidence, "form": self.form}
-        extra = {k: v for k, v in (("mask_values", self.mask_values), ("masks", self.masks)) if v is not None}
+        extra = {k: v for k, v in (("mask_values", self.mask_values), ("masks", self.masks), ("method", self.method),
+                                   ("finetune", self.finetune)) if v is not None}
         entry.update(extra)
         return {
             METADATA_PREFIX + "version": __version__,
