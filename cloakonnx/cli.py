@@ -68,7 +68,9 @@ def handles_errors(fn):
             # The finally blocks that remove partial files have already run. Leave at once: a normal
             # exit runs interpreter shutdown, where CPython restores the default SIGINT action and a
             # late or repeated Ctrl-C would kill the process with -SIGINT instead of exit 130.
-            click.echo("cloakonnx: error: interrupted; nothing was written", err=True)
+            resume = kwargs.get("resume")
+            saved = f"; the finished attacks are in {resume}: rerun the same command to continue" if resume else ""
+            click.echo(f"cloakonnx: error: interrupted; no model or report was written{saved}", err=True)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
@@ -224,6 +226,9 @@ class EvaluateArgs(ArgGroup):
         Option("--no-large-eps-check", is_flag=True, to="sanity", convert=negated,
                help="Skip the sanity check that PGD at a huge eps reaches chance (one more attack on up to 200 "
                     "samples: slow on large models)."),
+        Option("--resume", type=click.Path(dir_okay=False), to="resume", convert=as_optional_path,
+               help="Save finished attacks to FILE as they complete, and continue from it if it exists (same "
+                    "arguments and data only)."),
     )
 
 

@@ -16,6 +16,7 @@ from .errors import CloakError
 from .graph import find_head, load_model, logits_output
 from .pipeline import load_checked, open_backend, resolve_device
 from .presets import MIN_CLASSES, THREAT_ORDER, attack_plan
+from .resume import Progress, fingerprint
 from .runner import Runner
 from .runtime import resolve_providers, run_batch
 from .sanity import large_eps_reaches_chance, model_checks, sanity_checks
@@ -67,6 +68,7 @@ class Session:
     backend: object  # backend.LocalBackend or distributed.RayBackend
     device: str
     notes: list[str] = field(default_factory=list)
+    progress: Progress = field(default_factory=Progress)  # the rows done, saved as they finish with --resume
 
 
 def evaluate(model_path: str | Path, data: str | Path | Dataset, config: EvaluateConfig) -> EvaluateReport:
@@ -82,16 +84,22 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     runner = _runner(model_path, config, device)
     reference = _runner(config.reference, config, device) if config.reference is not None else None
     ds, n_classes = load_checked(data, runner, config)
+    progress = Progress.open(config.resume, lambda: fingerprint(model_path, data, ds, config, device))
     if config.max_samples is not None and len(ds) > config.max_samples:
         ds = ds.subset(np.sort(np.random.default_rng(config.seed).permutation(len(ds))[: config.max_samples]))
     notes: list[str] = []
     runner = on_logits(runner, ds, config, device, notes)
     reference = on_logits(reference, ds, config, device, notes) if reference is not None else None
-    s = Session(config, runner, reference, ds, n_classes, open_backend(config, device), device, notes)
+    s = Session(config, runner, reference, ds, n_classes, open_backend(config, device), device, notes, progress)
     try:
         report = _evaluate(s, model_path, attack_cfgs, providers, t0)
         report.data_wait_seconds = round(DATA_WAIT.seconds - waited, 3)
         return report
+    except KeyboardInterrupt:
+        if progress.path is not None:
+            log.warning("interrupted: %d attack run(s) are saved in %s; the same command continues from there",
+                        len(progress.done), progress.path)
+        raise
     finally:
         s.backend.close()
 
@@ -132,20 +140,9 @@ def _evaluate(s: Session, model_path, attack_cfgs: list[AttackConfig], providers
             for threat, source in _sources(base.name, runner, s.reference)]
     if cumulative:
         runs.sort(key=lambda run: THREAT_ORDER.index(run[1]))
-    results, failures, robust = [], [], {}
-    for eps in config.eps:
-        tally = Tally(clean_pred == ds.y, cumulative)
-        for base, threat, source in runs:
-            cfg = replace(base, eps=eps)
-            idx = tally.targets()
-            try:
-                ok = _survivors(s, source, cfg, ds.subset(idx), threat)
-            except CloakError as exc:  # keep what finished; name what did not
-                log.warning("%s (%s, eps=%g) failed: %s", cfg.name, threat, eps, exc)
-                failures.append({"eps": eps, "attack": cfg.name, "threat": threat, "error": str(exc)})
-                continue
-            results.append({"eps": eps, "attack": cfg.name, "threat": threat, "accuracy": tally.record(idx, ok)})
-        robust[repr(eps)] = tally.robust()
+    s.progress.start(clean_pred == ds.y)
+    robust = attack_rows(s, runs, clean_pred == ds.y, cumulative)
+    results, failures = list(s.progress.results), list(s.progress.failures)
     checks = all_checks(s, results, robust, clean, cumulative, failures)
     if failures:
         s.notes.append(f"{len(failures)} attack run(s) failed (see failures): the robust accuracy is an upper bound")
@@ -159,6 +156,29 @@ def _evaluate(s: Session, model_path, attack_cfgs: list[AttackConfig], providers
             "n": len(ds), "attacks": sorted({r["attack"] for r in results}),
             "unreliable": bool(failures) or not all(c["ok"] for c in checks)},
     )
+
+
+def attack_rows(s: Session, runs: list, correct: np.ndarray, cumulative: bool) -> dict:
+    """Run every (eps, attack, threat) row that ``s.progress`` has not done yet, recording each as
+    it finishes (with --resume, saved then); the robust accuracy per eps, worst case per sample."""
+    robust, position = {}, -1
+    for i, eps in enumerate(s.config.eps):
+        tally = Tally(s.progress.survivors_at(i, correct), cumulative)
+        for base, threat, source in runs:
+            cfg, position = replace(base, eps=eps), position + 1
+            if s.progress.is_done(position, eps, cfg.name, threat):
+                continue
+            idx = tally.targets()
+            try:
+                ok = _survivors(s, source, cfg, s.ds.subset(idx), threat)
+            except CloakError as exc:  # keep what finished; name what did not
+                log.warning("%s (%s, eps=%g) failed: %s", cfg.name, threat, eps, exc)
+                s.progress.finished(i, eps, cfg.name, threat, tally.survived, error=str(exc))
+                continue
+            accuracy = tally.record(idx, ok)
+            s.progress.finished(i, eps, cfg.name, threat, tally.survived, accuracy)
+        robust[repr(eps)] = tally.robust()
+    return robust
 
 
 class Tally:
