@@ -169,6 +169,7 @@ def check_model(
     seed: int = 0,
     providers: Sequence[str] | None = None,
     input_shapes: dict[str, Sequence[int]] | None = None,
+    threads: int | None = None,
 ) -> CheckResult:
     """Compare the torch executor with onnxruntime on random inputs in ``bounds``.
 
@@ -178,8 +179,11 @@ def check_model(
     the model fixes. The gradient check backpropagates a fixed random weighting of the first
     float output (a plain sum would be constant for softmax outputs and give zero gradients).
     """
+    from .runtime import use_threads
     from .torch_exec import OnnxTorchModule, UnsupportedOpsError, _uses_wide_or_narrow_floats
 
+    if threads is not None:  # the API leaves the caller's threads alone unless asked
+        use_threads(threads)
     start = time.perf_counter()
     name, model = _read(model)
     graph = model.graph

@@ -17,7 +17,8 @@ import click
 
 from . import __version__
 from .cli_args import (ArgGroup, AttackArgs, Command, DataArgs, JoinsInputShapes, LearnArgs, MaskArgs, ModelArgs,
-                       Option, OutputArgs, PreprocessArgs, RayArgs, RuntimeArgs, SeedArgs, as_optional_path, as_path,
+                       Option, OutputArgs, PreprocessArgs, RayArgs, RuntimeArgs, SeedArgs, ThreadsArgs, as_optional_path,
+                       as_path,
                        negated, parse_names, parse_pair)
 from .errors import CloakError
 
@@ -280,7 +281,7 @@ class DemoArgs(ArgGroup):
     )
 
 
-DEMO = Command(DemoArgs(), OutputArgs())
+DEMO = Command(DemoArgs(), ThreadsArgs(), OutputArgs())
 
 
 @main.command()
@@ -321,7 +322,7 @@ class CheckArgs(ArgGroup):
 
 CHECK = Command(CheckArgs(), ModelArgs("Needed for inputs with dynamic dims besides the batch (height, width); a "
                                        "given shape sets its batch too.", input_name=False, logits=False),
-                OutputArgs(report=False))
+                ThreadsArgs(), OutputArgs(report=False))
 
 
 @main.command()
@@ -342,7 +343,10 @@ def check(**kw) -> None:
     from .report import format_check
 
     args = CHECK.parse(kw)
-    result = check_model(load_model(args.model), **args.fields)
+    from .runtime import resolve_threads
+
+    fields = dict(args.fields, threads=resolve_threads(args.fields.get("threads")))
+    result = check_model(load_model(args.model), **fields)
     args.output.emit(dict(result.to_dict(), model=args.model, ok=result.ok), format_check)
     if not result.ok:
         sys.exit(1)

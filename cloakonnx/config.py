@@ -98,6 +98,9 @@ class CommonConfig:
     seed: int = 0
     ort_batch_size: int = 256  # onnxruntime batches (statistics, accuracy)
     device: str | None = None  # torch device for attacks; None: cuda when available
+    # torch and onnxruntime intra-op threads, and the cap on data workers; None: $CLOAKONNX_THREADS,
+    # else torch's own setting up to the cores this process may run on (runtime.resolve_threads)
+    threads: int | None = None
     providers: Sequence[str] | None = None  # onnxruntime providers; None: CUDA if it loads, else CPU
     ray: RayConfig | None = None  # run the attacks on a Ray cluster (cloakonnx.distributed); None: here
 
@@ -108,6 +111,8 @@ class CommonConfig:
             self.ray.validate()
         if self.ort_batch_size < 1:
             raise CloakError(f"the onnxruntime batch must be at least 1, got {self.ort_batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise CloakError(f"--threads must be at least 1, got {self.threads}")
 
 
 @dataclass

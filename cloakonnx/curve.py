@@ -6,7 +6,6 @@ them and the head is run in numpy, instead of re-running the whole model per fra
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -84,21 +83,27 @@ def clean_drop_bound(correct_before: np.ndarray, correct_after: np.ndarray, conf
     return 100.0 * (diff + NormalDist().inv_cdf(confidence) * float(np.sqrt(var)))
 
 
-def validation_needed(budget: float, confidence: float) -> int | None:
-    """The fewest validation samples at which a change that alters no prediction can be certified
-    within ``budget`` points at ``confidence`` (``clean_drop_bound`` of an unchanged split); None
-    when no size can (a zero budget)."""
-    from statistics import NormalDist
-
+def validation_needed(budget: float, confidence: float, broken: int = 1) -> int | None:
+    """The fewest validation samples at which a change that breaks ``broken`` correct predictions
+    (and fixes none) can still be certified within ``budget`` points at ``confidence``
+    (``clean_drop_bound``); None when no size can (a zero budget). With ``broken=0`` only a change
+    that alters no prediction could pass, and almost every useful change alters one."""
     if budget <= 0:
         return None
-    # an unchanged split of n: b = f = 0.5 after the continuity cells, so the bound is 100 z / (n + 2)
-    n = max(1, math.ceil(100.0 * NormalDist().inv_cdf(confidence) / budget) - 2)
-    while n > 1 and clean_drop_bound(np.ones(n - 1, bool), np.ones(n - 1, bool), confidence) <= budget:
-        n -= 1
-    while clean_drop_bound(np.ones(n, bool), np.ones(n, bool), confidence) > budget:
-        n += 1
-    return n
+
+    def bound(n: int) -> float:
+        after = np.ones(n, bool)
+        after[:broken] = False
+        return clean_drop_bound(np.ones(n, bool), after, confidence)
+
+    hi = max(broken + 1, 2)
+    while bound(hi) > budget:
+        hi *= 2
+    lo = hi // 2
+    while lo + 1 < hi:  # the bound falls as n grows: the first n within the budget
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if bound(mid) > budget else (lo, mid)
+    return hi
 
 
 def mask_curve(head: Head, order: np.ndarray, counts, f_clean: np.ndarray, f_adv: np.ndarray, y: np.ndarray,

@@ -22,6 +22,7 @@ class DemoOptions:
     epochs: int = 15
     seed: int = 0
     features: int = 256
+    threads: int | None = None  # torch and onnxruntime threads; None: $CLOAKONNX_THREADS, else the usable cores
 
 
 def build_digits_cnn(features: int = 256):
@@ -98,6 +99,9 @@ def run_demo(options: DemoOptions):
     from .data import split
     from .harden import HardenConfig, harden
 
+    from .runtime import use_threads
+
+    use_threads(options.threads)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
@@ -121,7 +125,7 @@ def run_demo(options: DemoOptions):
     config = HardenConfig(
         output=out / "digits_cnn.cloaked.onnx",
         attack=AttackConfig(name="pgd", eps=0.1, steps=10, seed=options.seed),
-        fraction=0.05, val_split=0.3, seed=options.seed,
+        fraction=0.05, val_split=0.3, seed=options.seed, threads=options.threads,
     )
     report = harden(model_path, data_path, config)
     return DemoResult(model_path, data_path, test_path, acc, train_seconds, report.to_dict())

@@ -18,7 +18,7 @@ from .pipeline import load_checked, open_backend, resolve_device
 from .presets import MIN_CLASSES, THREAT_ORDER, attack_plan
 from .resume import Progress, fingerprint
 from .runner import Runner
-from .runtime import resolve_providers, run_batch
+from .runtime import resolve_providers, run_batch, use_threads
 from .sanity import large_eps_reaches_chance, model_checks, sanity_checks
 from .data import DATA_WAIT
 
@@ -49,6 +49,7 @@ class EvaluateReport:
     device: str = "cpu"
     seed: int = 0
     ray: dict | None = None  # with --ray: the cluster's address, the workers and the shards run
+    threads: int = 0  # torch and onnxruntime intra-op threads used (--threads)
     data_wait_seconds: float = 0.0  # time blocked waiting for the next batch of data (part of ``seconds``)
 
     def to_dict(self) -> dict:
@@ -75,6 +76,7 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     """Clean accuracy and accuracy under adaptive, transfer and gradient-free attacks, for each eps."""
     t0, waited = time.perf_counter(), DATA_WAIT.seconds
     config.validate()
+    threads = use_threads(config.threads)
     attack_cfgs = attack_plan(config)
     for eps in config.eps:
         for cfg in attack_cfgs:
@@ -93,7 +95,7 @@ def evaluate(model_path: str | Path, data: str | Path | Dataset, config: Evaluat
     s = Session(config, runner, reference, ds, n_classes, open_backend(config, device), device, notes, progress)
     try:
         report = _evaluate(s, model_path, attack_cfgs, providers, t0)
-        report.data_wait_seconds = round(DATA_WAIT.seconds - waited, 3)
+        report.data_wait_seconds, report.threads = round(DATA_WAIT.seconds - waited, 3), threads
         return report
     except KeyboardInterrupt:
         if progress.path is not None:

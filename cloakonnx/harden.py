@@ -63,6 +63,7 @@ class HardenReport:
     masks: list[dict] = field(default_factory=list)  # per masked tensor: width, values zeroed and scaled
     learning: dict | None = None  # learned masks: tensors, seconds, steps, loss history
     ray: dict | None = None  # with --ray: the cluster's address, the workers and the shards run
+    threads: int = 0  # torch and onnxruntime intra-op threads used (--threads)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +111,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
         rounds=search.rounds, curve=search.curve,
         scores=search.scores.tolist() if config.curve and search.scores is not None else None, stages_cpu=stages_cpu,
-        masks=search.describe(), learning=search.learning, ray=p.backend.describe(),
+        masks=search.describe(), learning=search.learning, ray=p.backend.describe(), threads=p.threads,
     )
 
 

@@ -21,6 +21,7 @@ from .data import Dataset, ImageTransform, load_data, split, validate
 from .errors import CloakError
 from .graph import Target, fixed_size, load_model, resolve_target, select_input, show_shape
 from .runner import Runner
+from .runtime import resolve_threads, use_threads
 from .timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def load_checked(data: str | Path | Dataset, runner: Runner, config: CommonConfi
         from_shapes = given is not None and len(given) == 4 and config.resize is None and config.crop is None
         size = config.image_size or (tuple(given[2:]) if from_shapes else None)
         ds = load_data(data, size, channels, bounds, ImageTransform(size, config.resize, config.crop),
-                       config.data_workers)
+                       config.data_workers or min(4, resolve_threads(config.threads)))
     if given is not None and tuple(ds.x.shape[1:]) != tuple(given[1:]):
         raise CloakError(f"--input-shapes gives {runner.input.name!r} as {show_shape(given)}, but the data's samples "
                          f"are {show_shape(ds.x.shape[1:])} (x is {tuple(ds.x.shape)}): they must agree in every "
@@ -85,6 +86,7 @@ class Prepared:
     device: str
     providers: tuple[str, ...]
     backend: LocalBackend  # or distributed.RayBackend: where the attacks run
+    threads: int  # torch and onnxruntime intra-op threads (--threads)
 
     def adversarial(self, runner: Runner, ds: Dataset, desc: str) -> np.ndarray:
         """``ds`` attacked through ``runner`` (the original, or a hardened version) with the chosen attack."""
@@ -114,6 +116,7 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     from .runtime import resolve_providers
 
     config.validate()
+    threads = use_threads(config.threads)
     model_path = Path(model_path)
     model = load_model(model_path)
     target = resolve_target(model, config.feature_tensor, config.logits)
@@ -132,7 +135,7 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     attack = replace(attack, batch_size=batch.size)  # the report records the size used
     backend = open_backend(config, device)
     return Prepared(model_path, model, target, runner, calib, val, attack, fallback, batch, device, providers,
-                    backend)
+                    backend, threads)
 
 
 def validation_share(config: MaskConfig, n: int) -> float:

@@ -82,6 +82,49 @@ def provider_really_loads(provider: str) -> bool:
 _THREADS: int | None = None  # onnxruntime's intra-op threads for new sessions; None: its default
 
 
+THREADS_ENV = "CLOAKONNX_THREADS"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(requested: int | None) -> int:
+    """The threads a command uses: ``requested`` (--threads), else $CLOAKONNX_THREADS, else torch's
+    own setting (OMP_NUM_THREADS, or a caller's ``torch.set_num_threads``) capped at the cores this
+    process may run on: in a container limited to 2 of 64 cores, torch would otherwise start 64."""
+    if requested is not None:
+        return requested
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise CloakError(f"${THREADS_ENV} must be a positive whole number, got {env!r}")
+        return int(env)
+    import torch
+
+    return max(1, min(torch.get_num_threads(), usable_cores()))
+
+
+def use_threads(requested: int | None) -> int:
+    """Set the threads of torch and of the onnxruntime sessions made from now on, and say so when the
+    machine is already busy (two jobs at full threads on the same cores run many times slower)."""
+    n = resolve_threads(requested)
+    limit_threads(n)
+    cores = usable_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    if load > 1.5 * cores:
+        log.warning("this machine is busy (load average %.1f on %d cores): cloakonnx uses %d thread(s); beside "
+                    "other jobs, --threads 1 (or %s=1) avoids running many times slower", load, cores, n, THREADS_ENV)
+    return n
+
+
 def limit_threads(n: int | None) -> None:
     """Use ``n`` threads in torch and in onnxruntime sessions made from now on (None: their defaults),
     so that several workers on one machine do not oversubscribe its cores."""

@@ -31,7 +31,7 @@ from .search import Baseline
 
 log = logging.getLogger(__name__)
 
-STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # candidates besides 0 (the original)
+STRENGTHS = (0.1, 0.25, 0.5, 0.75, 1.0)  # candidates besides 0 (the original)
 GUARD_STEPS = 20  # APGD-CE steps of the final check against the original
 
 

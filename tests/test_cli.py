@@ -139,6 +139,10 @@ def test_a_command_line_gives_the_config_of_the_api(calls, argv):
     function, arguments = COMMAND_LINES[argv]
     if function in ("harden", "sweep", "evaluate"):
         arguments = dict(model_path="m.onnx", data="d.npz") | arguments
+    if function == "check_model":  # the CLI resolves check's threads (--threads, $CLOAKONNX_THREADS, torch's)
+        from cloakonnx.runtime import resolve_threads
+
+        arguments = arguments | dict(threads=resolve_threads(None))
     result = CliRunner().invoke(main, shlex.split(argv))
     assert isinstance(result.exception, Called), (result.output, result.exception)
     assert calls == [(function, arguments)]

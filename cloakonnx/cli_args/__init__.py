@@ -9,11 +9,11 @@ Only click and the standard library are imported here: ``cloakonnx --help`` stay
 """
 from .base import Argument, ArgGroup, Command, Option, Parsed, build
 from .groups import (AttackArgs, DataArgs, LearnArgs, MaskArgs, ModelArgs, Output, OutputArgs, PreprocessArgs,
-                     RayArgs, RuntimeArgs, SeedArgs)
+                     RayArgs, RuntimeArgs, SeedArgs, ThreadsArgs)
 from .parse import (JoinsInputShapes, as_optional_path, as_path, join_input_shapes, negated, parse_eps, parse_floats,
                     parse_input_shapes, parse_names, parse_one_eps, parse_pair)
 
 __all__ = ["ArgGroup", "Argument", "AttackArgs", "Command", "DataArgs", "JoinsInputShapes", "LearnArgs", "MaskArgs",
            "ModelArgs", "Option", "Output", "OutputArgs", "Parsed", "PreprocessArgs", "RayArgs", "RuntimeArgs",
-           "SeedArgs", "as_optional_path", "as_path", "build", "join_input_shapes", "negated", "parse_eps",
+           "SeedArgs", "ThreadsArgs", "as_optional_path", "as_path", "build", "join_input_shapes", "negated", "parse_eps",
            "parse_floats", "parse_input_shapes", "parse_names", "parse_one_eps", "parse_pair"]

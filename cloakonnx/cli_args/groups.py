@@ -191,10 +191,22 @@ class LearnArgs(ArgGroup):
     )
 
 
-class RuntimeArgs(ArgGroup):
-    """Where the attacks (torch) and the model (onnxruntime) run."""
+class ThreadsArgs(ArgGroup):
+    """How many threads torch and onnxruntime use (``threads``)."""
 
     options = (
+        Option("--threads", type=click.IntRange(min=1), default=None, metavar="N", to="threads",
+               help="Threads for torch, onnxruntime and image decoding [default: $CLOAKONNX_THREADS, else "
+                    "torch's (OMP_NUM_THREADS) up to the cores this process may use]. Beside other jobs, 1 each "
+                    "avoids thrashing."),
+    )
+
+
+class RuntimeArgs(ArgGroup):
+    """Where the attacks (torch) and the model (onnxruntime) run, and on how many threads."""
+
+    options = (
+        *ThreadsArgs.options,
         Option("--device", default=None, help="torch device for attacks [default: cuda if available, else cpu].",
                to="device"),
         Option("--providers", default=None,
