@@ -15,6 +15,9 @@ So this package interprets the graph itself:
   one op (fuse.py; ``fuse=False`` keeps the graph as written), constants registered as buffers (so
   ``.to(device)`` moves them), and for every step the intermediates whose last reader it is, freed
   right after; :class:`OnnxTorchModule` (module.py) runs it;
+* an ``If`` whose condition is certain at plan time (constants, and dims the graph itself fixes)
+  is inlined; any other becomes one step that picks a branch's sub-plan per call (control.py,
+  shapes.py); Loop, Scan and other ops with subgraphs are refused by name;
 * float16/bfloat16/float64 tensors are computed in float32 (``computes_in_float32`` says so).
 
 Handlers take ``(inputs, attrs, ctx)``: ``inputs`` is a list of tensors (None for an omitted

@@ -11,7 +11,7 @@ import onnx
 import torch
 
 from ..errors import CloakError
-from .plan import build_plan
+from .plan import build_plan, iter_steps, run_steps
 
 
 class OnnxTorchModule(torch.nn.Module):
@@ -49,7 +49,7 @@ class OnnxTorchModule(torch.nn.Module):
         # Float inputs follow the module's float dtype: float32, or float64 after .double().
         self.register_buffer("float_dtype_probe", torch.empty(0), persistent=False)
         self._plan = plan.steps
-        self._has_conv = any(step.ctx.op_type in ("Conv", "ConvTranspose") for step in plan.steps)
+        self._has_conv = any(step.ctx.op_type in ("Conv", "ConvTranspose") for step in iter_steps(plan.steps))
         self._env_template = plan.env_template
 
     def forward(self, *inputs: torch.Tensor):
@@ -67,18 +67,7 @@ class OnnxTorchModule(torch.nn.Module):
             if channels_last and is_float and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             env[s] = x
-        for step in self._plan:
-            try:
-                outs = step.fn([env[i] for i in step.ins], step.attrs, step.ctx)
-            except CloakError:
-                raise
-            except Exception as exc:
-                ctx = step.ctx
-                raise CloakError(f"{ctx.op_type} node {ctx.name!r} (opset {ctx.opset}) failed in the torch executor: {exc}") from exc
-            for s, o in zip(step.outs, outs):
-                env[s] = o
-            for s in step.free:
-                env[s] = None
+        run_steps(self._plan, env)
         outs = [env[s] for s in self._output_slots]
         if channels_last:
             outs = [o.contiguous() if isinstance(o, torch.Tensor) and o.dim() == 4 else o for o in outs]

@@ -5,6 +5,8 @@ a plain loop over steps: inline local functions, list every unsupported op at on
 nodes, resolve each node's handler, parse its attributes, fold all-constant subgraphs, prune what
 the requested outputs do not need, fuse what third-party exports leave unfused (fuse.py), keep
 constant shape inputs on the host, assign slots and work out where each intermediate can be freed.
+``If`` nodes are inlined when their condition is certain at plan time, else become one step that
+runs a sub-plan per branch (control.py).
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from typing import Sequence
 
 import onnx
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from ..errors import CloakError
+from .control import CONTROL_FLOW_REASON, Flow, has_if, localize, node_deps, subgraphs
 from .fuse import PlanNode, fuse as fuse_nodes
 from .registry import Handler, NodeContext, _OpVersion, _resolve, version_gap
 from .tensors import _FLOAT32_STANDINS, _UNPARSED, _attrs, _sparse_to_dense, tensor_from_proto
@@ -91,14 +94,18 @@ def _scan(model: onnx.ModelProto) -> tuple[dict[tuple[str, int], str | None], di
             if domain:  # no handler serves another domain
                 bad.setdefault(key, None)
                 continue
+            for g in subgraphs(node):  # list the ops of nested graphs too (If runs its branches)
+                visit(g)
             entry = _resolve(node.op_type, version)
             if entry is None:
                 gap = version_gap(node.op_type, version)
-                bad[key] = gap[1] if gap else None
+                bad[key] = gap[1] if gap else (CONTROL_FLOW_REASON if subgraphs(node) else None)
                 if gap and gap[0] is not None:
                     since[key] = gap[0]
                 continue
             attrs = _attrs(node)
+            if node.op_type == "If":  # its branches are graphs, which the planner reads itself
+                attrs = {k: v for k, v in attrs.items() if k not in ("then_branch", "else_branch")}
             reason = None
             if any(v is _UNPARSED for v in attrs.values()):
                 reason = "subgraph or type attributes"
@@ -107,9 +114,6 @@ def _scan(model: onnx.ModelProto) -> tuple[dict[tuple[str, int], str | None], di
                 reason = entry.check(attrs, ctx)
             if reason is not None:
                 bad[key] = reason
-            for a in node.attribute:  # nested graphs are unsupported; still list their ops
-                for g in list(a.graphs) + ([a.g] if a.HasField("g") else []):
-                    visit(g)
 
     visit(model.graph)
     return bad, since
@@ -132,26 +136,33 @@ def _raise_if_unsupported(model: onnx.ModelProto) -> None:
 
 def _toposort(graph: onnx.GraphProto, known: set[str]) -> list[onnx.NodeProto]:
     """Nodes in an order where every input is produced first (stable for sorted graphs)."""
-    nodes = list(graph.node)
+    return _toposort_nodes(list(graph.node), known)
+
+
+def _toposort_nodes(nodes: list[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every input, and every outer tensor a subgraph reads, comes first."""
     available = set(known) | {""}
-    order, pending = [], nodes
+    order, pending = [], [(node, node_deps(node)) for node in nodes]
     while pending:
         rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
+        for node, deps in pending:
+            if all(i in available for i in deps):
                 order.append(node)
                 available.update(node.output)
             else:
-                rest.append(node)
+                rest.append((node, deps))
         if len(rest) == len(pending):
-            missing = sorted({i for n in rest for i in n.input if i not in available})
+            missing = sorted({i for _, deps in rest for i in deps if i not in available})
             raise CloakError(f"the ONNX graph has inputs no node produces: {', '.join(missing[:10])}")
         pending = rest
     return order
 
 
 def _uses_wide_or_narrow_floats(model: onnx.ModelProto) -> bool:
-    g = model.graph
+    return _graph_uses_wide_or_narrow_floats(model.graph)
+
+
+def _graph_uses_wide_or_narrow_floats(g: onnx.GraphProto) -> bool:
     types = [t.data_type for t in g.initializer]
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         if vi.type.HasField("tensor_type"):
@@ -162,7 +173,8 @@ def _uses_wide_or_narrow_floats(model: onnx.ModelProto) -> bool:
                 types.append(a.i)
             if a.type == onnx.AttributeProto.TENSOR:
                 types.append(a.t.data_type)
-    return any(t in _FLOAT32_STANDINS for t in types)
+    return any(t in _FLOAT32_STANDINS for t in types) or any(
+        _graph_uses_wide_or_narrow_floats(sub) for node in g.node for sub in subgraphs(node))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,10 +251,54 @@ def build_plan(model: onnx.ModelProto, outputs: Sequence[str] | None = None, fus
     if missing:
         raise CloakError(f"no tensor named {', '.join(map(repr, missing))} in the graph")
 
-    # Resolve handlers and fold nodes whose inputs are all constant (Constant nodes included).
+    flow = Flow(graph, consts, _NO_FOLD, _FOLD_MAX_ELEMENTS) if has_if(graph) else None
+    steps = _fold(nodes, consts, opset, fuse, flow)
+    lay = _lay_out(steps, consts, input_names, output_names, fuse)
+
+    const_slots: list[tuple[int, str]] = []
+    buffers: dict[str, torch.Tensor] = {}
+    buffer_of: dict[int, str] = {}
+    for s, name in lay.const_slots:
+        tensor = consts[name]
+        bname = buffer_of.get(id(tensor))
+        if bname is None:  # one buffer per distinct tensor (Identity of a weight shares it)
+            bname = f"c{len(buffer_of)}"
+            buffer_of[id(tensor)] = bname
+            buffers[bname] = tensor
+        const_slots.append((s, bname))
+    return Plan(
+        opset=opset,
+        computes_in_float32=computes_in_float32,
+        input_names=input_names,
+        input_is_float=input_is_float,
+        output_names=output_names,
+        input_slots=lay.input_slots,
+        steps=lay.steps,
+        buffers=buffers,
+        const_slots=const_slots,
+        output_slots=lay.output_slots,
+        env_template=lay.env_template,
+    )
+
+
+def _fold(nodes: list[onnx.NodeProto], consts: dict[str, torch.Tensor], opset: int, fuse: bool,
+          flow: Flow | None) -> list[PlanNode]:
+    """Resolve handlers and fold nodes whose inputs are all constant (Constant nodes included);
+    with ``flow`` (graphs with If), inline each If decided at plan time and plan the others."""
     steps: list[PlanNode] = []
-    for node in nodes:
+    stack = list(reversed(nodes))
+    while stack:
+        node = stack.pop()
         entry = _resolve(node.op_type, opset)
+        if flow is not None and node.op_type == "If":
+            taken = flow.decide(node.input[0])
+            if taken is not None:
+                stack.extend(reversed(_inline(node, taken, flow)))
+                continue
+            pn = _runtime_if(node, entry, opset, fuse, flow)
+            steps.append(pn)
+            flow.record(pn)
+            continue
         attrs = _attrs(node)
         ctx = NodeContext(node.name or node.op_type, node.op_type, opset, entry.since, list(node.output))
         if all(i == "" or i in consts for i in node.input) and node.op_type not in _NO_FOLD:
@@ -252,8 +308,26 @@ def build_plan(model: onnx.ModelProto, outputs: Sequence[str] | None = None, fus
                     if name:
                         consts[name] = value
                 continue
-        steps.append(PlanNode(node, entry, attrs, ctx))
+        pn = PlanNode(node, entry, attrs, ctx)
+        steps.append(pn)
+        if flow is not None:
+            flow.record(pn)
+    return steps
 
+
+@dataclass
+class _Layout:
+    slots: dict[str, int]
+    input_slots: list[int]
+    steps: list[_Step]
+    const_slots: list[tuple[int, str]]  # (slot, constant's name), sorted by name
+    output_slots: list[int]
+    env_template: list
+
+
+def _lay_out(steps: list[PlanNode], consts: dict[str, torch.Tensor], input_names: list[str],
+             output_names: list[str], fuse: bool) -> _Layout:
+    """Prune, fuse, assign slots and free intermediates after their last reader."""
     # Keep only what the requested outputs depend on.
     needed = set(output_names)
     kept: list[PlanNode] = []
@@ -292,17 +366,7 @@ def build_plan(model: onnx.ModelProto, outputs: Sequence[str] | None = None, fus
         outs = tuple(slot_of(o) if o else 1 for o in node.output)
         plan.append(_Step(entry.fn, tuple(ins), outs, attrs, ctx))
     device_consts = {n for n in consts if n in slot} | (set(output_names) & set(consts))
-    const_slots: list[tuple[int, str]] = []
-    buffers: dict[str, torch.Tensor] = {}
-    buffer_of: dict[int, str] = {}
-    for name in sorted(device_consts):
-        tensor = consts[name]
-        bname = buffer_of.get(id(tensor))
-        if bname is None:  # one buffer per distinct tensor (Identity of a weight shares it)
-            bname = f"c{len(buffer_of)}"
-            buffer_of[id(tensor)] = bname
-            buffers[bname] = tensor
-        const_slots.append((slot_of(name), bname))
+    const_slots = [(slot_of(name), name) for name in sorted(device_consts)]
     output_slots = [slot_of(o) for o in output_names]
 
     # Liveness: free each intermediate right after its last reader.
@@ -315,16 +379,88 @@ def build_plan(model: onnx.ModelProto, outputs: Sequence[str] | None = None, fus
             last.setdefault(s, k)
     for k, step in enumerate(plan):
         step.free = tuple(sorted({s for s in step.ins + step.outs if last.get(s) == k and s not in keep}))
-    return Plan(
-        opset=opset,
-        computes_in_float32=computes_in_float32,
-        input_names=input_names,
-        input_is_float=input_is_float,
-        output_names=output_names,
-        input_slots=input_slots,
-        steps=plan,
-        buffers=buffers,
-        const_slots=const_slots,
-        output_slots=output_slots,
-        env_template=[host.get(i) for i in range(len(slot) + 2)],
-    )
+    return _Layout(slot, input_slots, plan, const_slots, output_slots, [host.get(i) for i in range(len(slot) + 2)])
+
+
+# --------------------------------------------------------------------------------------------
+# If: inlined when decided at plan time, else a step that runs one of two sub-plans
+# --------------------------------------------------------------------------------------------
+
+
+def run_steps(steps: list[_Step], env: list) -> None:
+    """Run ``steps`` over the slots in ``env``, freeing each intermediate after its last reader."""
+    for step in steps:
+        try:
+            outs = step.fn([env[i] for i in step.ins], step.attrs, step.ctx)
+        except CloakError:
+            raise
+        except Exception as exc:
+            ctx = step.ctx
+            raise CloakError(f"{ctx.op_type} node {ctx.name!r} (opset {ctx.opset}) failed in the torch executor: {exc}") from exc
+        for s, o in zip(step.outs, outs):
+            env[s] = o
+        for s in step.free:
+            env[s] = None
+
+
+def iter_steps(steps: list[_Step]):
+    """Every step, those of the sub-plans of run-time If steps included."""
+    for step in steps:
+        yield step
+        for sub in step.attrs.values():
+            if isinstance(sub, SubPlan):
+                yield from iter_steps(sub.steps)
+
+
+@dataclass
+class SubPlan:
+    """One branch of an If decided per call: steps over slots of its own, filled from the If
+    step's inputs after the condition (``feed``: (position among them, slot))."""
+
+    steps: list[_Step]
+    feed: list[tuple[int, int]]
+    output_slots: list[int]
+    env_template: list
+    reads: list[str]  # the outer tensors and constants it is fed, by name
+
+    def run(self, values: Sequence) -> tuple:
+        env = list(self.env_template)
+        for k, s in self.feed:
+            env[s] = values[k]
+        run_steps(self.steps, env)
+        return tuple(env[s] for s in self.output_slots)
+
+
+def _inline(node: onnx.NodeProto, taken: bool, flow: Flow) -> list[onnx.NodeProto]:
+    """The taken branch's nodes, renamed to run in the If's place (its outputs become the If's)."""
+    nodes, _, inits = localize(node, "then_branch" if taken else "else_branch", flow.taken, to_outputs=True)
+    flow.consts.update(inits)
+    made = {o for n in nodes for o in n.output}
+    return _toposort_nodes(nodes, {r for n in nodes for r in node_deps(n) if r not in made})
+
+
+def _plan_branch(node: onnx.NodeProto, which: str, opset: int, fuse: bool, flow: Flow) -> tuple[SubPlan, dict[str, int]]:
+    nodes, out_names, inits = localize(node, which, flow.taken, to_outputs=False)
+    consts = flow.consts  # shared: the branch's constants get unique names, and the outer plan feeds them
+    consts.update(inits)
+    made = {o for n in nodes for o in n.output}
+    reads = list(dict.fromkeys(r for r in [r for n in nodes for r in node_deps(n)] + out_names if r and r not in made))
+    nodes = _toposort_nodes(nodes, set(reads))
+    input_names = [r for r in reads if r not in consts]
+    lay = _lay_out(_fold(nodes, consts, opset, fuse, flow), consts, input_names, out_names, fuse)
+    used = {s for step in lay.steps for s in step.ins} | set(lay.output_slots)
+    fed = [n for n, s in zip(input_names, lay.input_slots) if s in used] + [n for _, n in lay.const_slots]
+    sub = SubPlan(lay.steps, [], lay.output_slots, lay.env_template, fed)
+    return sub, lay.slots
+
+
+def _runtime_if(node: onnx.NodeProto, entry: _OpVersion, opset: int, fuse: bool, flow: Flow) -> PlanNode:
+    """An If whose condition is only known per call: one step reading the condition and every
+    tensor either branch needs, holding both branches as sub-plans."""
+    subs = {which: _plan_branch(node, which, opset, fuse, flow) for which in ("then_branch", "else_branch")}
+    names = list(dict.fromkeys(n for sub, _ in subs.values() for n in sub.reads))
+    for sub, slots in subs.values():
+        sub.feed = [(k, slots[n]) for k, n in enumerate(names) if n in sub.reads]
+    step_node = helper.make_node("If", [node.input[0]] + names, list(node.output), name=node.name)
+    ctx = NodeContext(node.name or node.op_type, node.op_type, opset, entry.since, list(node.output))
+    return PlanNode(step_node, entry, {which: sub for which, (sub, _) in subs.items()}, ctx)
