@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .attacks import PGD, AttackConfig
+from .attacks import AttackConfig
 from .config import FINETUNE, HardenConfig, LearnConfig
 from .data import Dataset, Preprocess
 from .errors import CloakError
 from .graph import (CloakRecord, initializer_values, relative_change, select_input, trainable_initializers,
                     with_weight_inputs, with_weights)
 from .graph.record import set_metadata
-from .learn import inner_attack_config
+from .learn import adversarial_training
 from .pipeline import Prepared
 from .search import Baseline, MaskSearch
 from .strength import choose_strength, never_worse
@@ -75,8 +75,6 @@ def finetune_weights(model: onnx.ModelProto, names: list[str], logits: str, prep
                      input_name: str | None = None) -> FinetunedWeights:
     """Train the initializers ``names`` against an adaptive attacker on ``data`` (the calibration split)."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     from .torch_exec import OnnxTorchModule
 
@@ -90,21 +88,8 @@ def finetune_weights(model: onnx.ModelProto, names: list[str], logits: str, prep
         raise CloakError(f"fine-tuning needs a model with one input, this one takes {module.input_names}")
     weighted = weighted_model(module, image, w0).to(device)
     net = preprocess.torch_wrap(weighted, data.x.ndim)  # box-space inputs, as the attacks expect
-    inner = PGD(net, inner_attack_config(attack, config, seed), preprocess.bounds)
-    optimiser = torch.optim.Adam(weighted.weights.parameters(), lr=lr)  # state for the moving weights only
-    rng = np.random.default_rng(seed)
-    batch, history = min(config.batch_size, len(data)), []
-    for step in tqdm(range(config.steps), desc="fine-tuning the weights", unit="step", leave=False, disable=None):
-        idx = np.sort(rng.choice(len(data), size=batch, replace=False))
-        x = torch.from_numpy(data.x[idx]).to(device)
-        y = torch.from_numpy(data.y[idx]).to(device)
-        x_adv = inner(x, y)
-        loss = F.cross_entropy(net(x_adv), y) + F.cross_entropy(net(x), y)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % 10 == 0:
-            history.append(round(loss.item(), 4))
+    history = adversarial_training(net, weighted.weights.parameters(), data, attack, config, lr, preprocess.bounds,
+                                   device, seed, "fine-tuning the weights")
     values = {n: p.detach().cpu().numpy().astype(w0[n].dtype) for n, p in zip(names, weighted.parameter_list())}
     seconds = time.perf_counter() - start
     log.info("fine-tuned %d weight tensors in %.1f s (%d steps, lr %g)", len(names), seconds, config.steps, lr)

@@ -56,8 +56,6 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
                 input_name: str | None = None) -> LearnedMasks:
     """Learn one mask per tensor in ``tensors`` jointly, on ``data`` (the calibration split)."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     from .torch_exec import OnnxTorchModule
 
@@ -70,29 +68,45 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
     module = OnnxTorchModule(masked, outputs=[logits]).to(device).eval()
     masked_net = masked_model(module, image, dict(zip(value_inputs, tensors)), shapes, config.init).to(device)
     net = preprocess.torch_wrap(masked_net, data.x.ndim)  # box-space inputs, as the attacks expect
-    inner = PGD(net, inner_attack_config(attack, config, seed), preprocess.bounds)
-    optimiser = torch.optim.Adam(masked_net.thetas.parameters(), lr=config.lr_for(MASK))
-    rng = np.random.default_rng(seed)
-    batch = min(config.batch_size, len(data))
-    history = []
-    for step in tqdm(range(config.steps), desc="learning the mask", unit="step", leave=False, disable=None):
-        idx = np.sort(rng.choice(len(data), size=batch, replace=False))
-        x = torch.from_numpy(data.x[idx]).to(device)
-        y = torch.from_numpy(data.y[idx]).to(device)
-        x_adv = inner(x, y)
-        loss = F.cross_entropy(net(x_adv), y) + F.cross_entropy(net(x), y)
-        if config.sparsity:
-            loss = loss + config.sparsity * torch.cat(masked_net.masks()).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % 10 == 0:
-            history.append(round(loss.item(), 4))
+    sparsity = (lambda: config.sparsity * torch.cat(masked_net.masks()).mean()) if config.sparsity else None
+    history = adversarial_training(net, masked_net.thetas.parameters(), data, attack, config, config.lr_for(MASK),
+                                   preprocess.bounds, device, seed, "learning the mask", sparsity)
     values = {t: m.detach().cpu().numpy().reshape(-1).astype(np.float64) for t, m in zip(tensors, masked_net.masks())}
     seconds = time.perf_counter() - start
     log.info("learned masks on %s in %.1f s (%d steps): %s", ", ".join(map(repr, tensors)), seconds, config.steps,
              "; ".join(f"{int((v < 0.5).sum())} of {v.size} below 0.5" for v in values.values()))
     return LearnedMasks(values, {t: r for t, (_, r) in shapes.items()}, seconds, config.steps, history)
+
+
+def adversarial_training(net, params, data: Dataset, attack: AttackConfig, config: LearnConfig, lr: float,
+                         bounds: tuple[float, float], device: str, seed: int, desc: str,
+                         extra_loss=None) -> list[float]:
+    """The loop masks and fine-tuned weights share: each step draws a calibration batch, crafts the
+    inner attack on the *current* ``net`` (the adaptive attacker), and takes an Adam step on
+    ``params`` alone with CE(net(x_adv)) + CE(net(x)) (+ ``extra_loss()``). Nothing in it rewards
+    smaller logits. Returns the loss every 10 steps."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    inner = PGD(net, inner_attack_config(attack, config, seed), bounds)
+    optimiser = torch.optim.Adam(params, lr=lr)  # state for the moving parameters only
+    rng = np.random.default_rng(seed)
+    batch, history = min(config.batch_size, len(data)), []
+    for step in tqdm(range(config.steps), desc=desc, unit="step", leave=False, disable=None):
+        idx = np.sort(rng.choice(len(data), size=batch, replace=False))
+        x = torch.from_numpy(data.x[idx]).to(device)
+        y = torch.from_numpy(data.y[idx]).to(device)
+        x_adv = inner(x, y)
+        loss = F.cross_entropy(net(x_adv), y) + F.cross_entropy(net(x), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 10 == 0:
+            history.append(round(loss.item(), 4))
+    return history
 
 
 def learn_on(p: Prepared, config: MaskConfig, model: onnx.ModelProto, tensors: list[str]) -> LearnedMasks:
