@@ -33,11 +33,18 @@ def test_budget_holds_on_validation(digits_files, tmp_path, confidence):
 
 
 def test_no_gain_writes_the_model_unchanged(digits_files, tmp_path):
-    """With eps = 0 adversarial inputs are the clean ones: no mask can help, so none is added."""
+    """With eps = 0 adversarial inputs are the clean ones, and on samples the model already gets
+    right no mask can raise accuracy: none is added."""
+    from cloakonnx.runtime import make_session
+
     model, data = digits_files
+    x, y = np.load(data)["x"], np.load(data)["y"]
+    session = make_session(onnx.load(str(model)), ["CPUExecutionProvider"])
+    right = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1) == y
+    np.savez(tmp_path / "right.npz", x=x[right], y=y[right])
     out = tmp_path / "m.onnx"
-    report = harden(model, data, HardenConfig(output=out, attack=AttackConfig(name="fgsm", eps=0.0),
-                                              max_clean_drop=1.0, adaptive=False))
+    report = harden(model, tmp_path / "right.npz", HardenConfig(output=out, attack=AttackConfig(name="fgsm", eps=0.0),
+                                                                max_clean_drop=1.0, adaptive=False))
     assert report.mask_added is False and report.masked == 0
     assert onnx.load(str(out)).SerializeToString() == onnx.load(str(model)).SerializeToString()
 
