@@ -183,7 +183,7 @@ def check_model(
     from .torch_exec import OnnxTorchModule, UnsupportedOpsError, _uses_wide_or_narrow_floats
 
     if threads is not None:  # the API leaves the caller's threads alone unless asked
-        use_threads(threads)
+        use_threads(threads, warn_if_busy=False)  # a check takes seconds: no warning before its result
     start = time.perf_counter()
     name, model = _read(model)
     graph = model.graph

@@ -109,11 +109,13 @@ def resolve_threads(requested: int | None) -> int:
     return max(1, min(torch.get_num_threads(), usable_cores()))
 
 
-def use_threads(requested: int | None) -> int:
+def use_threads(requested: int | None, warn_if_busy: bool = True) -> int:
     """Set the threads of torch and of the onnxruntime sessions made from now on, and say so when the
     machine is already busy (two jobs at full threads on the same cores run many times slower)."""
     n = resolve_threads(requested)
     limit_threads(n)
+    if not warn_if_busy:
+        return n
     cores = usable_cores()
     try:
         load = os.getloadavg()[0]
