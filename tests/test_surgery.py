@@ -137,3 +137,20 @@ def test_tensorrt_parser_accepts_both_forms(digits_files, tmp_path):
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, logger)
         assert parser.parse(form.SerializeToString()), [parser.get_error(i) for i in range(parser.num_errors)]
+
+
+def test_a_written_model_is_readable_as_any_new_file_is(digits_files, tmp_path):
+    """Not 0600 (what the temporary file starts as): a serving container running as another user
+    must be able to read the hardened model."""
+    import os
+    import stat
+
+    from cloakonnx.graph import load_model, save_model
+
+    umask = os.umask(0o022)
+    try:
+        save_model(load_model(digits_files[0]), tmp_path / "out.onnx")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out.onnx").stat().st_mode) == 0o644
+

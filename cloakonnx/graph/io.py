@@ -66,6 +66,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
     remove_stale_temporaries(folder, out.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    os.chmod(tmp, _created_mode())  # mkstemp makes 0600: a serving container running as another user could not read it
     data_name = out.name + ".data"
     tmp_data = folder / (Path(tmp).name + ".data")
     try:
@@ -97,6 +98,18 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool =
         for leftover in (Path(tmp), tmp_data):
             if leftover.exists():
                 leftover.unlink()
+
+
+def _created_mode() -> int:
+    """The mode ``open()`` gives a new file here: 0666 less the umask (read from /proc where it can
+    be, since setting the umask to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as fh:
+            umask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def remove_stale_temporaries(folder: Path, name: str) -> list[Path]:
