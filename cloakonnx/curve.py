@@ -37,25 +37,6 @@ class CurvePoint:
         return asdict(self)
 
 
-@dataclass
-class CutPoint:
-    """A cut of learned masks on several tensors (:mod:`cloakonnx.layers`): values below
-    ``threshold`` zeroed, measured on validation through onnxruntime."""
-
-    threshold: float
-    masked: int  # zeroed in total, over every tensor
-    clean_accuracy: float
-    adversarial_accuracy: float
-    clean_drop_bound: float
-
-    @property
-    def size(self) -> int:
-        return self.masked
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def counts_for(fractions, width: int, already: int = 0) -> list[int]:
     """Distinct numbers of new features to mask for the candidate fractions (of the whole width)."""
     free = width - already
@@ -129,7 +110,7 @@ def mask_curve(head: Head, order: np.ndarray, counts, f_clean: np.ndarray, f_adv
 
 def choose_point(points: list, reference_clean: float, max_clean_drop: float, use_bound: bool = False,
                  floor: float | None = None):
-    """The point (``CurvePoint`` or ``CutPoint``) with the best adversarial accuracy whose clean
+    """The point (a ``CurvePoint``, or a ``strength.StrengthPoint``) with the best adversarial accuracy whose clean
     accuracy is at most ``max_clean_drop`` percentage points below ``reference_clean`` (with
     ``use_bound``: whose drop's upper confidence bound is within it); ties go to the smaller mask.
     None when nothing beats ``floor``, by default the adversarial accuracy of adding no mask."""
