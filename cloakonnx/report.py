@@ -62,11 +62,15 @@ def verdict(report: dict) -> str:
     return text
 
 
-def format_harden(report: dict) -> str:
-    a = report["attack"]
-    adv = report["adversarial_accuracy"]
-    clean = report["clean_accuracy"]
+def _what_changed(report: dict) -> str:
+    """The first line's subject: the mask (per tensor when several), or the fine-tuned weights."""
+    learning = report.get("learning") or {}
     masks = report.get("masks") or []
+    if learning.get("method") == "finetune":
+        alpha = learning.get("alpha")
+        moved = f"{learning['tensors']} weight tensors ({learning['params']})"
+        return (f"fine-tuned {moved} at alpha {alpha:g}" if alpha is not None
+                else f"fine-tuned {moved}, but no alpha beat the original: the model is unchanged")
     if len(masks) > 1:
         what = f"masked {report['masked']} of {report['features']} values in {len(masks)} tensors (" + ", ".join(
             f"{m['tensor']!r}: {m['zeroed']} of {m['width']}" + (f", {m['scaled']} scaled" if m["scaled"] else "")
@@ -74,9 +78,34 @@ def format_harden(report: dict) -> str:
     else:
         scaled = f", {masks[0]['scaled']} scaled" if masks and masks[0]["scaled"] else ""
         what = f"masked {report['masked']} of {report['features']} features of {report['feature_tensor']!r}{scaled}"
-    learning = f"; learned in {report['learning']['seconds']:.1f} s" if report.get("learning") else ""
+    return what
+
+
+def _strength_line(learning: dict) -> str:
+    """How strongly a learned change was applied, and the check against the original."""
+    if "guard" not in learning and "alpha" not in learning and "strength" not in learning:
+        return ""
+    chosen = learning.get("alpha", learning.get("strength"))
+    line = (f"strength {chosen:g} chosen" if chosen is not None else "no strength chosen")
+    line += (f" on validation against the adaptive attacker, within a clean budget of "
+             f"{learning.get('max_clean_drop', 0):g} points")
+    guard = learning.get("guard")
+    if guard:
+        line += (f"; {guard['attack']}: original {pct(guard['original']).strip()}, hardened {pct(guard['hardened']).strip()}"
+                 + ("" if chosen is not None else " (not above the original: nothing written)"))
+    return line + "\n"
+
+
+def format_harden(report: dict) -> str:
+    a = report["attack"]
+    adv = report["adversarial_accuracy"]
+    clean = report["clean_accuracy"]
+    what = _what_changed(report)
+    learning = report.get("learning") or {}
+    method = "method finetune" if learning.get("method") == "finetune" else f"score {report['score']}"
+    seconds = f"; learned in {learning['seconds']:.1f} s" if learning else ""
     head = (f"{report['model']} -> {report['output']}\n"
-            f"{what} (score {report['score']}{learning}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
+            f"{what} ({method}{seconds}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
             + (f" steps={a['steps']}" if a["name"] != "fgsm" else "")
             + f"; {report['samples']['validation']} validation samples\n")
     if report.get("max_clean_drop") is not None:
@@ -84,10 +113,11 @@ def format_harden(report: dict) -> str:
         head += (f"chosen within a clean-accuracy budget of {report['max_clean_drop']:g} points on validation"
                  + (f" and for its {100 * conf:g}% upper bound on new data" if conf else "")
                  + ("" if report.get("mask_added", True) else ": no mask qualifies, the model is unchanged") + "\n")
-    rows = [
+    head += _strength_line(learning)
+    rows = [  # the adaptive attacker first: it is the threat that counts; transfer is the paper's setting
         ["clean", pct(clean["original"]), pct(clean["hardened"])],
-        ["adversarial, transfer (crafted on original)", pct(adv["original"]), pct(adv["hardened_transfer"])],
         ["adversarial, adaptive (crafted on each model)", pct(adv["original"]), pct(adv.get("hardened_adaptive"))],
+        ["adversarial, transfer (crafted on original)", pct(adv["original"]), pct(adv["hardened_transfer"])],
     ]
     return head + table(rows, ["accuracy on validation", "original", "hardened"]) + "\n" + verdict(report)
 

@@ -156,10 +156,10 @@ def test_format_harden():
     assert lines[2].split() == ["accuracy", "on", "validation", "original", "hardened"]
     assert set(lines[3]) == {"-", " "}
     assert lines[4].split() == ["clean", "98.52%", "97.04%"]
-    assert lines[5].startswith("adversarial, transfer (crafted on original) ")
-    assert lines[5].split()[-2:] == ["20.00%", "55.00%"]
-    assert lines[6].startswith("adversarial, adaptive (crafted on each model) ")
-    assert lines[6].split()[-2:] == ["20.00%", "40.00%"]
+    assert lines[5].startswith("adversarial, adaptive (crafted on each model) ")  # the threat that counts, first
+    assert lines[5].split()[-2:] == ["20.00%", "40.00%"]
+    assert lines[6].startswith("adversarial, transfer (crafted on original) ")
+    assert lines[6].split()[-2:] == ["20.00%", "55.00%"]
     assert lines[7] == verdict(harden_report())
     assert len(lines) == 8
 
@@ -171,7 +171,7 @@ def test_format_harden_fgsm_budget_and_no_adaptive():
     assert lines[1].endswith("attack fgsm l2 eps=0.5; 400 validation samples")  # no steps for fgsm
     assert lines[2] == ("chosen within a clean-accuracy budget of 1 points on validation and for its 95% upper "
                         "bound on new data")
-    assert lines[7].split()[-2:] == ["20.00%", "n/a"]
+    assert lines[6].split()[-2:] == ["20.00%", "n/a"]
 
 
 def test_format_harden_no_mask_qualifies():
@@ -425,3 +425,18 @@ def test_plots_without_matplotlib_are_a_cloak_error(monkeypatch, tmp_path):
     with pytest.raises(CloakError, match=r"plots need matplotlib: pip install 'cloakonnx\[plot\]'"):
         plot_evaluate(evaluate_report(), tmp_path / "e.png")
     assert not (tmp_path / "e.png").exists()
+
+
+def test_format_harden_names_fine_tuning_and_the_strength_check():
+    learning = {"method": "finetune", "params": "all", "tensors": 8, "seconds": 61.7, "alpha": 0.1,
+                "max_clean_drop": 1.0, "guard": {"attack": "apgd-ce-20 and pgd-10, adaptive, worst case",
+                                                 "original": 0.4018, "hardened": 0.4554}}
+    lines = format_harden(harden_report(learning=learning)).splitlines()
+    assert lines[1].startswith("fine-tuned 8 weight tensors (all) at alpha 0.1 (method finetune; learned in 61.7 s)")
+    assert lines[2] == ("strength 0.1 chosen on validation against the adaptive attacker, within a clean budget of 1 "
+                        "points; apgd-ce-20 and pgd-10, adaptive, worst case: original 40.18%, hardened 45.54%")
+    refused = dict(learning, alpha=None, guard=dict(learning["guard"], hardened=0.40))
+    lines = format_harden(harden_report(learning=refused, mask_added=False)).splitlines()
+    assert "no alpha beat the original: the model is unchanged" in lines[1]
+    assert lines[2].startswith("no strength chosen") and lines[2].endswith("(not above the original: nothing written)")
+
