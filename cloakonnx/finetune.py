@@ -144,7 +144,7 @@ def search_weights(p: Prepared, config: HardenConfig, base: Baseline, timer: Sta
     search.learning = {"method": FINETUNE, "params": config.finetune_params, "tensors": len(names),
                        "seconds": round(result.seconds, 3), "steps": result.steps, "lr": result.lr,
                        "loss": result.history, "max_clean_drop": budget, "alpha": None if best is None else best.alpha,
-                       "guard": strength.guard,
+                       "guard": strength.guard, "bound_note": strength.bound_note,
                        "median_margin": {"original": points[0].median_margin, "trained": points[-1].median_margin,
                                          "written": (points[0] if best is None else best).median_margin}}
     if best is None:

@@ -88,7 +88,7 @@ def search_layers(p: Prepared, config: HardenConfig, base: Baseline, timer: Stag
             p.model, cut(learned, existing, CUT, soft, alpha), search.ranks), "learned masks")
         strength = never_worse(p, config, base, strength, "learned masks")
     search.curve = [pt.to_dict() for pt in strength.points]
-    search.learning.update(max_clean_drop=strength.budget, guard=strength.guard,
+    search.learning.update(max_clean_drop=strength.budget, guard=strength.guard, bound_note=strength.bound_note,
                            strength=None if strength.chosen is None else strength.chosen.alpha)
     if strength.chosen is None:
         search.rounds.append({"round": 1, "added": 0, "masked": previously})

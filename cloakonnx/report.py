@@ -114,6 +114,8 @@ def format_harden(report: dict) -> str:
                  + (f" and for its {100 * conf:g}% upper bound on new data" if conf else "")
                  + ("" if report.get("mask_added", True) else ": no mask qualifies, the model is unchanged") + "\n")
     head += _strength_line(learning)
+    if learning.get("bound_note"):
+        head += f"note: {learning['bound_note']}\n"
     rows = [  # the adaptive attacker first: it is the threat that counts; transfer is the paper's setting
         ["clean", pct(clean["original"]), pct(clean["hardened"])],
         ["adversarial, adaptive (crafted on each model)", pct(adv["original"]), pct(adv.get("hardened_adaptive"))],

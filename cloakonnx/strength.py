@@ -22,7 +22,7 @@ import onnx
 
 from .attacks import AttackConfig
 from .config import MaskConfig
-from .curve import choose_point, clean_drop_bound
+from .curve import choose_point, clean_drop_bound, validation_needed
 from .data import Dataset
 from .pipeline import Prepared
 from .runner import Runner
@@ -65,6 +65,7 @@ class Strength:
     runner: Runner | None = None
     survived: np.ndarray | None = None  # per validation sample, under the selection attack
     guard: dict | None = None
+    bound_note: str | None = None  # when the confidence bound, not the budget itself, held a better point back
 
 
 def choose_strength(p: Prepared, config: MaskConfig, base: Baseline, build: Callable[[float], onnx.ModelProto],
@@ -74,10 +75,11 @@ def choose_strength(p: Prepared, config: MaskConfig, base: Baseline, build: Call
     budget, confidence, bs, y = config.selection_budget(), config.budget_confidence, config.ort_batch_size, p.val.y
     before = p.runner.predict(p.val.x, bs) == y
     points = [StrengthPoint(0.0, base.clean, base.adv_accuracy, 0.0, median_margin(p.runner, p.val, bs))]
-    runners, survived = {}, {}
+    runners, survived, broken = {}, {}, {0.0: 0}
     for alpha in STRENGTHS:
         runner = p.runner_for(build(alpha), config)
         correct = runner.predict(p.val.x, bs) == y
+        broken[alpha] = int((before & ~correct).sum())
         adv = p.adversarial(runner, p.val, f" validation ({what} at strength {alpha:g}, adaptive)")
         survived[alpha] = runner.predict(adv, bs) == y
         runners[alpha] = runner
@@ -85,11 +87,31 @@ def choose_strength(p: Prepared, config: MaskConfig, base: Baseline, build: Call
                                     clean_drop_bound(before, correct, confidence or 0.9),
                                     median_margin(runner, p.val, bs)))
     best = choose_point(points, base.clean, budget, use_bound=bool(confidence), floor=base.adv_accuracy)
+    note = bound_note(points, broken, base, budget, confidence, best, len(y))
     if best is None:
         log.info("no strength of the %s improves adaptive accuracy on validation within the %g-point clean "
                  "budget: nothing is changed", what, budget)
-        return Strength(None, points, budget)
-    return Strength(best, points, budget, runners[best.alpha], survived[best.alpha])
+        return Strength(None, points, budget, bound_note=note)
+    return Strength(best, points, budget, runners[best.alpha], survived[best.alpha], bound_note=note)
+
+
+def bound_note(points: list[StrengthPoint], broken: dict, base: Baseline, budget: float, confidence: float,
+               best: StrengthPoint | None, n: int) -> str | None:
+    """When the confidence bound, not the point estimate, held back a stronger point: say what it
+    would have bought, and how many validation samples would let the bound admit it."""
+    if not confidence:
+        return None
+    estimate = choose_point(points, base.clean, budget, use_bound=False, floor=base.adv_accuracy)
+    if estimate is None or (best is not None and estimate.alpha == best.alpha):
+        return None
+    needed = validation_needed(budget, confidence, broken[estimate.alpha])
+    text = (f"strength {estimate.alpha:g} would reach {100 * estimate.adversarial_accuracy:.1f}% adaptive accuracy on "
+            f"validation, but it breaks {broken[estimate.alpha]} correct prediction(s) of {n}, and the clean drop's "
+            f"{100 * confidence:g}% bound, {estimate.clean_drop_bound:.2f} points, is over the {budget:g}-point budget")
+    if needed is not None:
+        text += f"; about {needed} validation samples would let a change breaking as many pass"
+    log.warning("%s (more data, --max-clean-drop or --budget-confidence 0 admit it)", text)
+    return text
 
 
 def median_margin(runner: Runner, ds: Dataset, batch_size: int = 256) -> float:

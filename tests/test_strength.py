@@ -65,3 +65,17 @@ def test_the_guard_attack_is_at_least_apgd_ce_20():
     cfg = guard_attack(AttackConfig(name="fgsm", eps=0.1, steps=1))
     assert cfg.name == "apgd-ce" and cfg.steps == 20 and cfg.eps == 0.1
     assert guard_attack(AttackConfig(name="pgd", steps=50)).steps == 50
+
+
+def test_a_point_held_back_by_the_bound_alone_is_named_with_the_samples_it_needs():
+    from cloakonnx.search import Baseline
+    from cloakonnx.strength import bound_note
+
+    points = [StrengthPoint(0.0, 0.99, 0.45, 0.0), StrengthPoint(0.1, 0.99, 0.50, 0.57),
+              StrengthPoint(0.75, 0.985, 0.70, 1.24)]
+    base = Baseline(0.99, None, 0.45)
+    note = bound_note(points, {0.0: 0, 0.1: 0, 0.75: 1}, base, 1.0, 0.9, points[1], 224)
+    assert note.startswith("strength 0.75 would reach 70.0% adaptive accuracy") and "about 280 validation" in note
+    assert bound_note(points, {0.0: 0, 0.1: 0, 0.75: 1}, base, 1.0, 0.0, points[2], 224) is None  # no bound used
+    assert bound_note(points[:2], {0.0: 0, 0.1: 0}, base, 1.0, 0.9, points[1], 224) is None  # nothing held back
+
