@@ -305,8 +305,10 @@ def demo(**kw) -> None:
     if not output.as_json:
         click.echo(f"next: cloakonnx evaluate {result.report['output']} --data {result.test_data} "
                    f"--reference {result.model} --eps 0.05,0.1")
+        click.echo(f"      cloakonnx harden {result.model} --data {result.data} --eps 0.1 --method finetune "
+                   "(the weights trained against an adaptive attacker: about a minute)")
         click.echo(f"      cloakonnx harden {result.model} --data {result.data} --eps 0.1 --score learned "
-                   "(a learned mask: stronger, about 30 s more)")
+                   "--feature-tensor auto --mask-values soft (learned masks on every stage)")
 
 
 class CheckArgs(ArgGroup):
