@@ -221,7 +221,7 @@ def run_npz(args: argparse.Namespace) -> dict:
                 continue
             log.info("N=%d, %s source", n, kind)
             commands = {
-                "harden": ["harden", str(model), "--data", str(src), "--attack", "fgsm", "--eps", "8/255", "--seed",
+                "harden": ["harden", str(model), "--data", str(src), "--score", "absdiff", "--attack", "fgsm", "--eps", "8/255", "--seed",
                            "0", "-o", str(args.workdir / f"small_cnn-{kind}-{n}.cloaked.onnx"), "--json"],
                 "evaluate": ["evaluate", str(model), "--data", str(src), "--attack", "fgsm", "--eps", "8/255",
                              "--json"]}
@@ -319,7 +319,7 @@ def run_jpeg(args: argparse.Namespace) -> dict:
     model = jpeg_model(args)
     log.info("jpeg part: harden %s on %d JPEGs", model.name, args.jpeg_n)
     row = run_cli(args, "jpeg-harden", [
-        "harden", str(model), "--data", str(folder), "--resize", "256", "--crop", "224", "--attack", "fgsm",
+        "harden", str(model), "--data", str(folder), "--score", "absdiff", "--resize", "256", "--crop", "224", "--attack", "fgsm",
         "--seed", "0", "--json", "-o", str(args.workdir / f"{model.stem}.cloaked.onnx"),
         *(["--batch-size", str(args.jpeg_batch_size)] if args.jpeg_batch_size else [])])
     result = {"model": f"{args.jpeg_model} 3x224x224, random weights, {CLASSES} classes", "images": args.jpeg_n,

@@ -210,7 +210,7 @@ def harden_config(args, out: Path):
 
     return HardenConfig(output=out, attack=AttackConfig(name=args.attack, eps=args.eps, steps=args.steps, seed=args.seed,
                                                                batch_size=128),
-                        fraction=args.fraction, val_split=0.5, seed=args.seed, device="cpu",
+                        score="absdiff", fraction=args.fraction, val_split=0.5, seed=args.seed, device="cpu",
                         providers=["CPUExecutionProvider"], adaptive=True)
 
 

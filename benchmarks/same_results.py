@@ -72,8 +72,8 @@ def commands(work: Path) -> dict[str, list[str]]:
     r18, r18d = str(work / "r18.onnx"), str(work / "r18.npz")
     h = ["harden", model, "--data", data, "--eps", "0.1"]
     return {
-        "harden-default": [*h, "-o", str(out / "a.onnx")],
-        "harden-budget": [*h, "--max-clean-drop", "2", "--budget-confidence", "0", "--steps", "5",
+        "harden-default": [*h, "--score", "absdiff", "-o", str(out / "a.onnx")],  # the paper's (the default then)
+        "harden-budget": [*h, "--score", "absdiff", "--max-clean-drop", "2", "--budget-confidence", "0", "--steps", "5",
                           "-o", str(out / "b.onnx")],
         "harden-fold-normalised": [*h, "--score", "normalised", "--fraction", "0.05", "--fold", "--attack", "fgsm",
                                    "-o", str(out / "c.onnx")],

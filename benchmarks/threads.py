@@ -24,7 +24,7 @@ from common import add_output_options, cpus, demo_paths, run_main  # noqa: E402
 def harden_command(args, out: Path, threads: int | None) -> list[str]:
     model, data, _ = demo_paths(args.demo_dir)
     cmd = [sys.executable, "-m", "cloakonnx", "--quiet", "harden", str(model), "--data", str(data), "--eps",
-           str(args.eps), "--attack", "pgd", "--steps", str(args.steps), "-o", str(out), "--json"]
+           str(args.eps), "--score", "absdiff", "--attack", "pgd", "--steps", str(args.steps), "-o", str(out), "--json"]
     return cmd + (["--threads", str(threads)] if threads else [])
 
 

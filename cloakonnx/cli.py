@@ -288,27 +288,29 @@ DEMO = Command(DemoArgs(), ThreadsArgs(), OutputArgs())
 @DEMO
 @handles_errors
 def demo(**kw) -> None:
-    """Run the whole job on real data: train a CNN on scikit-learn's digits, export it, harden it.
+    """Run the whole job on real data: train a CNN on scikit-learn's digits, export it, harden it with
+    the default (soft masks learned on every stage) and, for comparison, with the paper's mask.
 
     Needs no download and finishes in about a minute on two CPU cores.
     """
-    from .demo import DemoOptions, run_demo
-    from .report import format_harden
+    from .demo import PAPER_FRACTION, DemoOptions, run_demo
+    from .report import format_comparison, format_harden
 
     args = DEMO.parse(kw)
     options = args.config(DemoOptions)
     result = run_demo(options)
+    paper = f"paper's mask (--score absdiff --fraction {PAPER_FRACTION:g})"
     data = dict(result.report, demo={"held_out_accuracy": result.test_accuracy, "train_seconds": result.train_seconds,
-                                     "data": str(result.data), "test_data": str(result.test_data)})
+                                     "data": str(result.data), "test_data": str(result.test_data),
+                                     "paper": result.paper})
     output = replace(args.output, report=args.output.report or str(options.out / "report.json"))
     output.emit(data, format_harden)
     if not output.as_json:
+        click.echo("\n" + format_comparison({"default (learned soft masks)": result.report, paper: result.paper}))
         click.echo(f"next: cloakonnx evaluate {result.report['output']} --data {result.test_data} "
-                   f"--reference {result.model} --eps 0.05,0.1")
+                   f"--reference {result.model} --eps 0.1 --preset standard")
         click.echo(f"      cloakonnx harden {result.model} --data {result.data} --eps 0.1 --method finetune "
-                   "(the weights trained against an adaptive attacker: about a minute)")
-        click.echo(f"      cloakonnx harden {result.model} --data {result.data} --eps 0.1 --score learned "
-                   "--feature-tensor auto --mask-values soft (learned masks on every stage)")
+                   "(the weights trained against an adaptive attacker)")
 
 
 class CheckArgs(ArgGroup):

@@ -17,7 +17,8 @@ from .data import Dataset
 from .finetune import WeightSearch, search_weights
 from .errors import CloakError
 from .graph import CloakRecord, apply_mask, check_writable_dir, fold_mask, save_model, uses_external_data
-from .graph.record import FOLDED, MUL, is_soft
+from .graph.fold_next import fold_into_consumers
+from .graph.record import FOLDED, MUL, is_soft, set_metadata
 from .layers import search_layers
 from .learn import learn_stage
 from .mask import DEFAULT_FRACTION, count_for, mask_top, ranking, score_features
@@ -84,6 +85,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         p = prepare(model_path, data, config)
         try:
             check_needs_head(p, config)
+            log.info("hardening with %s", config.describe_method())
             with timer("evaluation"):
                 base = evaluate_original(p, config)
             search = search_stage(config)(p, config, base, timer)
@@ -129,7 +131,7 @@ def output_path(model_path: Path, output: Path | None) -> Path:
 
 def check_needs_head(p: Prepared, config: HardenConfig) -> None:
     """Options that evaluate masks through the linear head need the head's input as the feature tensor."""
-    if config.fold and p.target.head is None:
+    if config.fold and config.single_tensor and p.target.head is None:
         raise CloakError("--fold multiplies the mask into the linear head's weights; it cannot be used with a "
                          "custom --feature-tensor (use the Mul form)")
     if (config.max_clean_drop is not None or config.curve) and p.target.head is None:
@@ -238,30 +240,57 @@ def _add_round(p: Prepared, config: HardenConfig, search: MaskSearch, order, k: 
 
 
 def hardened_model(p: Prepared, config: HardenConfig, search: MaskSearch) -> onnx.ModelProto:
-    """The original graph with the final masks (Mul, or the head's folded) and their record;
-    unchanged if nothing helps."""
+    """The original graph with the final masks and their record; unchanged if nothing helps. Each
+    mask is a constant Mul, or with ``--fold`` multiplied into the weights that read it: the head's
+    for its input (``fold_mask``), the next layers' for a feature map where that is exact
+    (``fold_into_consumers``); a tensor that also feeds an Add, a Concat or an output keeps its Mul."""
     if not search.changed:
         return p.model
     if isinstance(search, WeightSearch):
         return search.model  # written and recorded by search_weights
     several = len(search.masks) > 1
     soft = any(is_soft(m) for m in search.masks.values() if m is not None)
+    model, folded = fold_feature_maps(p, config, search) if config.fold else (p.model, set())
+    described = search.describe()
+    if config.fold and several:
+        described = [dict(d, form=FOLDED if d["tensor"] in folded or d["tensor"] == p.target.feature else MUL)
+                     for d in described]
     record = CloakRecord(
         feature_tensor=",".join(search.masks) if several else search.primary, features=search.width,
         masked=search.masked, score=config.score, attack=p.attack.to_dict(), seed=config.seed,
         rounds=len(search.rounds), max_clean_drop=config.max_clean_drop,
         budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
         form=FOLDED if config.fold else MUL, mask_values="soft" if soft else None,
-        masks=search.describe() if several else None)
-    model, meta = p.model, record.metadata(p.model)
+        masks=described if several else None)
+    meta = record.metadata(p.model)
+    if folded:  # a copy already; the Muls and the head's fold below set the same entries again
+        set_metadata(model, meta)
     for tensor, mask in search.masks.items():
-        if mask is None:
+        if mask is None or tensor in folded:
             continue
         if config.fold and p.target.head is not None and tensor == p.target.feature:
             model = fold_mask(model, mask, meta)
         else:
             model = apply_mask(model, tensor, mask, search.ranks.get(tensor, 2), meta)
     return model
+
+
+def fold_feature_maps(p: Prepared, config: HardenConfig, search: MaskSearch) -> tuple[onnx.ModelProto, set[str]]:
+    """``--fold`` for the masks inside the network: each multiplied into the layers that read it
+    where that is exact; the others are left for a Mul."""
+    model, folded = p.model, set()
+    for tensor, mask in search.masks.items():
+        if mask is None or (p.target.head is not None and tensor == p.target.feature):
+            continue
+        result = fold_into_consumers(model, tensor, mask)
+        if result is None:
+            log.info("--fold: %r also feeds a residual, a concatenation or an output: it keeps its Mul", tensor)
+            continue
+        model, _ = result
+        folded.add(tensor)
+    if folded:
+        log.info("--fold: folded the masks of %s into the next layers' weights", ", ".join(map(repr, sorted(folded))))
+    return model, folded
 
 
 def evaluate_hardened(p: Prepared, config: HardenConfig, base: Baseline, search: MaskSearch) -> dict:

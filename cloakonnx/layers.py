@@ -59,9 +59,11 @@ def resolve_tensors(p: Prepared, config: HardenConfig) -> list[str]:
     shapes = tensor_shapes(p.model, outputs, config.preprocess, p.calib.x[:1], p.runner.input.name)
     head = p.target.head.feature if p.target.head is not None else None
     tensors = candidate_tensors(p.model, head, shapes)
-    if len(tensors) < 2:
-        raise CloakError("--feature-tensor auto found no feature maps to mask besides the head's input; "
+    if not tensors:
+        raise CloakError("--feature-tensor auto found neither a linear head's input nor a feature map to mask; "
                          "name the tensors with --feature-tensor NAME (several times)")
+    if len(tensors) == 1:
+        log.info("--feature-tensor auto: the model has no feature maps, only the head's input")
     log.info("--feature-tensor auto: %s", ", ".join(tensors))
     return tensors
 
@@ -70,9 +72,6 @@ def search_layers(p: Prepared, config: HardenConfig, base: Baseline, timer: Stag
     """Learn masks on several tensors jointly and cut them at the threshold the budget allows."""
     from .learn import learn_stage
 
-    if config.fraction is not None:
-        raise CloakError("--fraction applies to one feature tensor; with several, the learned values decide "
-                         "(cut at 0.5), and the strength is chosen on validation within --max-clean-drop")
     tensors = resolve_tensors(p, config)
     existing = {t: _existing(p, t) for t in tensors}
     previously = sum(int((m == 0).sum()) for m in existing.values() if m is not None)

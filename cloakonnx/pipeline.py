@@ -138,20 +138,25 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
                     backend, threads)
 
 
+SIZED_FOR_BROKEN = 2  # validation is sized so that a change breaking this many predictions can pass the bound
+
+
 def validation_share(config: MaskConfig, n: int) -> float:
     """``--val-split``, enlarged (up to half the data) when a choice under a clean budget with a
-    confidence bound needs more validation samples than that to be possible at all."""
+    confidence bound needs more validation samples than that to pass a change that breaks
+    ``SIZED_FOR_BROKEN`` correct predictions (almost every useful change breaks one or two)."""
     budget = config.selection_budget()
     if budget is None or not config.budget_confidence or n == 0:
         return config.val_split
-    needed = validation_needed(budget, config.budget_confidence)
+    needed = validation_needed(budget, config.budget_confidence, SIZED_FOR_BROKEN)
     if needed is None:
         return config.val_split
     share = min(0.5, needed / n)
     if share <= config.val_split:
         return config.val_split
-    log.info("validation split enlarged to %d of %d samples: a %g-point clean budget at confidence %g needs at "
-             "least %d", round(share * n), n, budget, config.budget_confidence, needed)
+    log.info("validation split enlarged to %d of %d samples: a %g-point clean budget at confidence %g needs %d "
+             "for a change that breaks %d correct predictions to pass", round(share * n), n, budget,
+             config.budget_confidence, needed, SIZED_FOR_BROKEN)
     return share
 
 

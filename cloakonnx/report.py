@@ -121,7 +121,34 @@ def format_harden(report: dict) -> str:
         ["adversarial, adaptive (crafted on each model)", pct(adv["original"]), pct(adv.get("hardened_adaptive"))],
         ["adversarial, transfer (crafted on original)", pct(adv["original"]), pct(adv["hardened_transfer"])],
     ]
-    return head + table(rows, ["accuracy on validation", "original", "hardened"]) + "\n" + verdict(report)
+    return (head + table(rows, ["accuracy on validation", "original", "hardened"]) + "\n" + strength_curve(report)
+            + verdict(report))
+
+
+def strength_curve(report: dict) -> str:
+    """The validation curve a learned change was chosen from: clean and adaptive accuracy per strength."""
+    curve = report.get("curve") or []
+    if not curve or "alpha" not in curve[0]:
+        return ""
+    chosen = (report.get("learning") or {}).get("strength", (report.get("learning") or {}).get("alpha"))
+    rows = [[f"{p['alpha']:g}" + (" *" if chosen is not None and p["alpha"] == chosen and p["alpha"] else ""),
+             pct(p["clean_accuracy"]), pct(p["adversarial_accuracy"]),
+             "" if not p["alpha"] else f"{p['clean_drop_bound']:.2f}",
+             "" if p.get("median_margin") is None else f"{p['median_margin']:.2f}"] for p in curve]
+    return table(rows, ["strength (* chosen)", "clean", "adaptive", "drop bound", "margin"]) + "\n"
+
+
+def format_comparison(reports: dict[str, dict]) -> str:
+    """Several hardens of one model on the same validation samples, one row each: what each method buys."""
+    rows = []
+    for name, r in reports.items():
+        adv, clean = r["adversarial_accuracy"], r["clean_accuracy"]
+        rows.append([name, pct(clean["hardened"]), pct(adv.get("hardened_adaptive")), pct(adv["hardened_transfer"]),
+                     f"{r['seconds']:.0f} s"])
+    first = next(iter(reports.values()))
+    rows.insert(0, ["original", pct(first["clean_accuracy"]["original"]),
+                    pct(first["adversarial_accuracy"]["original"]), pct(first["adversarial_accuracy"]["original"]), ""])
+    return table(rows, ["on the same validation samples", "clean", "adaptive", "transfer", "harden"])
 
 
 def format_inspect(info: dict) -> str:

@@ -84,7 +84,7 @@ def test_harden_eps_as_a_fraction_equals_the_decimal(digits_files, tmp_path):
     reports = []
     for name, eps in (("frac.onnx", "8/255"), ("dec.onnx", "0.03137254901960784")):
         reports.append(json.loads(run("-q", "harden", model, "--data", data, "-o", tmp_path / name, "--attack",
-                                      "fgsm", "--eps", eps, "--no-adaptive", "--json").stdout))
+                                      "fgsm", "--eps", eps, "--score", "absdiff", "--no-adaptive", "--json").stdout))
     assert reports[0]["attack"]["eps"] == reports[1]["attack"]["eps"] == 8 / 255
     assert reports[0]["attack"] == reports[1]["attack"]
     assert (tmp_path / "frac.onnx").read_bytes() == (tmp_path / "dec.onnx").read_bytes()

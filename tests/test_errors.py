@@ -94,7 +94,7 @@ def test_output_dir_not_writable(digits_files, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) and mode == os.W_OK
                         else real_access(p, mode))
     with pytest.raises(CloakError, match="not writable"):
-        harden(digits_files[0], digits_files[1], HardenConfig(output=ro / "m.onnx"))
+        harden(digits_files[0], digits_files[1], HardenConfig(score="absdiff", output=ro / "m.onnx"))
     assert list(ro.iterdir()) == []
 
 
@@ -118,7 +118,7 @@ def test_ctrl_c_leaves_no_output(digits_files, tmp_path):
     # The child gets Ctrl-C's default disposition, as from a terminal: a SIGINT ignored in this process
     # (the whole suite ran it so on CI) would be inherited, and Python then installs no KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "cloakonnx.cli", "harden", str(model), "--data", str(data),
-                             "-o", str(out), "--steps", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "-o", str(out), "--score", "absdiff", "--steps", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:

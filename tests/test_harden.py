@@ -27,6 +27,7 @@ def _config(**kw) -> HardenConfig:
     kw.setdefault("attack", FGSM)
     kw.setdefault("fraction", 0.05)
     kw.setdefault("adaptive", False)
+    kw.setdefault("score", "absdiff")
     return HardenConfig(**kw)
 
 

@@ -179,7 +179,7 @@ def test_harden_takes_input_shapes_that_agree_with_the_data_but_the_batch(digits
     model = torch_exported(tmp_path)
     out = tmp_path / "hardened.onnx"
     report = json.loads(run("-q", "harden", model, "--data", digits_npz, "--input-shapes", "input:[1,1,8,8]", "-o",
-                            out, *FAST, "--no-adaptive", "--json").stdout)
+                            out, *FAST, "--score", "absdiff", "--no-adaptive", "--json").stdout)
     assert out.exists() and report["samples"]["calibration"] + report["samples"]["validation"] == 80
 
 

@@ -92,7 +92,7 @@ def test_real_model_benchmark_runs_end_to_end(bench, model, tmp_path, capsys):
     90% confidence, so --budget-confidence 0: the budget is then the validation point estimate, i.e. the mask
     may not turn any validation page from right to wrong."""
     out = tmp_path / "result.json"
-    rc = bench.main(["--calibration", "64", "--test", "64", "--eps", "2/255", "--val-split", "0.5",
+    rc = bench.main(["--calibration", "64", "--test", "64", "--eps", "2/255", "--val-split", "0.5", "--harden", "paper",
                      "--budget-confidence", "0", "--harden-steps", "3", "--eval-steps", "3",
                      "--work", str(tmp_path / "work"), "--cache", str(model.parent), "--json", "--out", str(out)])
     assert rc == 0

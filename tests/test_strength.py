@@ -15,7 +15,7 @@ PGD = AttackConfig(name="pgd", eps=0.1, steps=3, seed=0)
 
 @pytest.fixture(scope="module")
 def prepared(digits_files):
-    config = HardenConfig(attack=PGD, max_clean_drop=2.0, budget_confidence=0)
+    config = HardenConfig(score="absdiff", attack=PGD, max_clean_drop=2.0, budget_confidence=0)
     p = prepare(digits_files[0], digits_files[1], config)
     yield p, config, evaluate_original(p, config)
     p.close()

@@ -110,7 +110,7 @@ def test_external_data_model_is_written_with_external_data(digits_files, tmp_pat
     onnx.save_model(model, str(src / "m.onnx"), save_as_external_data=True, location="m.weights", size_threshold=0)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    harden(src / "m.onnx", digits_files[1], HardenConfig(output=out_dir / "h.onnx", adaptive=False,
+    harden(src / "m.onnx", digits_files[1], HardenConfig(score="absdiff", output=out_dir / "h.onnx", adaptive=False,
                                                          attack=AttackConfig(name="fgsm", eps=0.1)))
     assert sorted(p.name for p in out_dir.iterdir()) == ["h.onnx", "h.onnx.data"]
     written = onnx.load(str(out_dir / "h.onnx"), load_external_data=False)

@@ -43,7 +43,7 @@ def test_no_gain_writes_the_model_unchanged(digits_files, tmp_path):
     right = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1) == y
     np.savez(tmp_path / "right.npz", x=x[right], y=y[right])
     out = tmp_path / "m.onnx"
-    report = harden(model, tmp_path / "right.npz", HardenConfig(output=out, attack=AttackConfig(name="fgsm", eps=0.0),
+    report = harden(model, tmp_path / "right.npz", HardenConfig(score="absdiff", output=out, attack=AttackConfig(name="fgsm", eps=0.0),
                                                                 max_clean_drop=1.0, adaptive=False))
     assert report.mask_added is False and report.masked == 0
     assert onnx.load(str(out)).SerializeToString() == onnx.load(str(model)).SerializeToString()
@@ -117,5 +117,5 @@ def test_budget_confidence_is_validated(digits_files, tmp_path):
     from cloakonnx.errors import CloakError
 
     with pytest.raises(CloakError, match="--budget-confidence"):
-        harden(*digits_files, HardenConfig(output=tmp_path / "m.onnx", attack=ATTACK, max_clean_drop=1.0,
+        harden(*digits_files, HardenConfig(score="absdiff", output=tmp_path / "m.onnx", attack=ATTACK, max_clean_drop=1.0,
                                            budget_confidence=1.0))

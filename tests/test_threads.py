@@ -41,7 +41,7 @@ def test_a_bad_environment_value_is_refused(monkeypatch, value):
 def test_harden_and_evaluate_use_and_record_the_threads(digits_files, tmp_path, monkeypatch):
     monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
     fgsm = AttackConfig(name="fgsm", eps=0.1)
-    report = harden(digits_files[0], digits_files[1], HardenConfig(output=tmp_path / "m.onnx", attack=fgsm,
+    report = harden(digits_files[0], digits_files[1], HardenConfig(score="absdiff", output=tmp_path / "m.onnx", attack=fgsm,
                                                                     adaptive=False, threads=1))
     assert report.threads == 1 and torch.get_num_threads() == 1 and runtime._THREADS == 1
     monkeypatch.setenv(runtime.THREADS_ENV, "2")

@@ -139,15 +139,16 @@ class MaskArgs(ArgGroup):
                help="With --max-clean-drop: also require the drop's upper confidence bound (P, one-sided) to be "
                     "within the budget, so that it holds on new data, not just on a lucky validation split. "
                     "0: the validation point estimate alone.", to="budget_confidence"),
-        Option("--score", type=click.Choice(["absdiff", "normalised", "margin", "learned"]), default="absdiff",
-               show_default=True,
-               help="absdiff: mean |f(x') - f(x)| (the paper's); normalised: absdiff / clean std; "
-                    "margin: push of the true-vs-adversarial logit margin through the head's weights; "
-                    "learned: mask values trained against an adaptive attacker, weights frozen (slower, "
-                    "usually much stronger).", to="score"),
-        Option("--mask-values", type=click.Choice(["binary", "soft"]), default="binary", show_default=True,
+        Option("--score", type=click.Choice(["absdiff", "normalised", "margin", "learned"]), default=None,
+               help="learned: mask values trained against an adaptive attacker, weights frozen; "
+                    "absdiff: mean |f(x') - f(x)| (the paper's); normalised: absdiff / clean std; "
+                    "margin: push of the true-vs-adversarial logit margin through the head's weights "
+                    "[default: harden learns soft masks on every stage (learned, --feature-tensor auto, "
+                    "--mask-values soft); sweep: absdiff].", to="score"),
+        Option("--mask-values", type=click.Choice(["binary", "soft"]), default=None,
                help="binary: the paper's 0/1 mask; soft (with --score learned): the learned multipliers, "
-                    "still one constant Mul per tensor.", to="mask_values"),
+                    "still one constant Mul per tensor [default: soft for harden's default, else binary].",
+               to="mask_values"),
         Option("--val-split", type=float, default=0.2, show_default=True,
                help="Share of the data held out for choosing and reporting, never used for scoring.",
                to="val_split"),
@@ -158,7 +159,8 @@ class MaskArgs(ArgGroup):
         Option("--feature-tensor", "feature_tensors", metavar="NAME", multiple=True,
                help="Mask this tensor instead of the head's input (4-D: per channel). Several times, or "
                     "'auto' (the head's input and the last activation of each resolution stage), with "
-                    "--score learned: one mask per tensor, learned jointly.", to="feature_tensors", convert=as_tuple),
+                    "--score learned: one mask per tensor, learned jointly [default: auto for harden's default, "
+                    "else the head's input].", to="feature_tensors", convert=as_tuple),
         Option("--method", type=click.Choice(["mask", "finetune"]), default="mask", show_default=True,
                help="harden: mask (a DeepCloak mask, weights untouched), or finetune (the weights trained against "
                     "an adaptive attacker on the calibration split with --learn-* settings, then moved from the "
@@ -180,8 +182,9 @@ class LearnArgs(ArgGroup):
         Option("--learn-lr", type=float, default=None,
                help="--score learned or --method finetune: Adam's step size [default: 0.1 on mask values, 1e-3 "
                     "on weights].", to="learn.lr"),
-        Option("--learn-attack", type=click.Choice(["pgd", "fgsm"]), default="pgd", show_default=True,
-               help="--score learned: the inner attacker (fgsm: random start and one step, faster).",
+        Option("--learn-attack", type=click.Choice(["fgsm", "pgd"]), default="fgsm", show_default=True,
+               help="--score learned: the inner attacker (fgsm: random start and one step of 1.25 eps; pgd: "
+                    "--learn-attack-steps steps, slower).",
                to="learn.inner_attack"),
         Option("--learn-attack-steps", type=click.IntRange(min=1), default=5, show_default=True,
                help="--score learned: steps of the inner PGD.", to="learn.inner_steps"),

@@ -81,9 +81,9 @@ def as_optional_path(text: str | None, _what: str) -> Path | None:
     return Path(text) if text else None
 
 
-def as_tuple(values, _what: str) -> tuple:
-    """A ``multiple=True`` option's values."""
-    return tuple(values)
+def as_tuple(values, _what: str) -> tuple | None:
+    """A ``multiple=True`` option's values; None when it was not given (the config's default)."""
+    return tuple(values) or None
 
 
 def negated(flag: bool, _what: str) -> bool:

@@ -1,0 +1,98 @@
+"""How fast learned masks are learned, and what the speed costs in robustness: the inner attacker and the step count.
+
+harden's default learns soft masks on every stage against an attacker crafted on the current masks at each step.
+This runs that default with several learning settings on the same data, one after the other in this process, and
+prints per setting: the learning stage's seconds (harden's own stage timer), the ratio to the first setting, and
+what the result buys on harden's validation split: the adaptive accuracy at strength 1 (the learned masks as
+learned), the strength harden chose within its clean budget, and that choice's worst case under APGD-CE-20 and
+the selection attack (harden's guard), beside the original's.
+
+    python benchmarks/learning_speed.py --demo-dir /tmp/demo                       # PGD-5 (before) vs FGSM-RS (now)
+    python benchmarks/learning_speed.py --demo-dir /tmp/demo --settings fgsm:100,fgsm:400
+
+A setting is ATTACK:STEPS (pgd: 5 inner steps). Run it alone on the machine, or say how many threads each had:
+other jobs on the same cores skew every row.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_model_options, cpus, parse_model_args, run_main  # noqa: E402
+
+
+def parse_settings(text: str) -> list[tuple[str, int]]:
+    out = []
+    for part in text.split(","):
+        attack, _, steps = part.strip().partition(":")
+        if attack not in ("pgd", "fgsm") or not steps.isdigit():
+            raise argparse.ArgumentTypeError(f"bad setting {part!r}: use ATTACK:STEPS, ATTACK pgd or fgsm")
+        out.append((attack, int(steps)))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    from cloakonnx.attacks import AttackConfig
+    from cloakonnx.config import HardenConfig, LearnConfig
+    from cloakonnx.harden import harden
+    from cloakonnx.runtime import use_threads
+
+    use_threads(args.threads)
+    model, data = args.model, args.data
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for attack, steps in args.settings:
+            learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack)
+            config = HardenConfig(output=Path(tmp) / f"{attack}-{steps}.onnx", learn=learn, seed=args.seed,
+                                  attack=AttackConfig(name="pgd", eps=args.eps, steps=10, seed=args.seed),
+                                  threads=args.threads)
+            rep = harden(model, data, config).to_dict()
+            learning = rep["learning"]
+            full = next(p for p in rep["curve"] if p["alpha"] == 1.0)
+            guard = learning.get("guard") or {}
+            rows.append({"setting": f"{attack}:{steps}", "learning_seconds": rep["stages"]["learning"],
+                         "original_adaptive": rep["adversarial_accuracy"]["original"],
+                         "strength_1_adaptive": full["adversarial_accuracy"], "strength_1_clean": full["clean_accuracy"],
+                         "chosen": learning.get("strength"), "guard_original": guard.get("original"),
+                         "guard_hardened": guard.get("hardened"), "validation": rep["samples"]["validation"]})
+    first = rows[0]["learning_seconds"]
+    for r in rows:
+        r["time_ratio"] = round(r["learning_seconds"] / first, 3)
+    return {"model": str(model), "eps": args.eps, "threads": args.threads, "cpus": cpus(), "rows": rows}
+
+
+def pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['model']}: eps {result['eps']:g}, {result['threads']} thread(s), {result['cpus']} usable cores; "
+             f"validation {result['rows'][0]['validation']} samples",
+             f"{'setting':10} {'learning':>9} {'ratio':>6} {'adaptive@1':>10} {'clean@1':>8} {'chosen':>6} "
+             f"{'guard: original':>15} {'hardened':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['setting']:10} {r['learning_seconds']:8.1f}s {r['time_ratio']:6.2f} "
+                     f"{pct(r['strength_1_adaptive']):>10} {pct(r['strength_1_clean']):>8} "
+                     f"{'-' if r['chosen'] is None else format(r['chosen'], 'g'):>6} {pct(r['guard_original']):>15} "
+                     f"{pct(r['guard_hardened']):>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_options(ap)
+    ap.add_argument("--settings", type=parse_settings, default="pgd:300,fgsm:300",
+                    help="comma-separated ATTACK:STEPS; the first is the reference of the ratio "
+                         "(default: PGD-5 x 300, the default before, then FGSM-RS x 300, the default now)")
+    ap.add_argument("--batch", type=int, default=128, help="calibration samples per learning step")
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
+    ap.add_argument("--seed", type=int, default=0)
+    return run_main(run, parse_model_args(ap, argv), table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

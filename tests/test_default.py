@@ -1,0 +1,128 @@
+"""harden's default: soft masks learned on every stage, their strength chosen within a 1-point clean budget,
+judged against the adaptive attacker; the paper's mask is one flag away."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cloakonnx.attacks import AttackConfig
+from cloakonnx.cli import main
+from cloakonnx.config import DEFAULT_CLEAN_DROP, HardenConfig, LearnConfig, MaskConfig
+from cloakonnx.errors import CloakError
+from cloakonnx.graph import inspect_model
+from cloakonnx.harden import harden
+
+ATTACK = AttackConfig(name="pgd", eps=0.1, steps=5, seed=0)
+QUICK = LearnConfig(steps=40, batch_size=64)
+
+
+def test_the_default_is_learned_soft_masks_on_every_stage():
+    c = HardenConfig()
+    assert (c.score, c.feature_tensors, c.mask_values, c.method) == ("learned", ("auto",), "soft", "mask")
+    assert c.learn.inner_attack == "fgsm" and c.selection_budget() == DEFAULT_CLEAN_DROP
+    assert "every stage" in c.describe_method()
+
+
+@pytest.mark.parametrize("kw", [dict(score="absdiff"), dict(fraction=0.05), dict(rounds=2), dict(curve=True)])
+def test_the_papers_knobs_give_the_papers_mask(kw):
+    """--score absdiff, or a knob that only the paper's mask has, gives a binary mask on the head's input."""
+    c = HardenConfig(**kw)
+    assert (c.score, c.feature_tensors, c.mask_values) == ("absdiff", (), "binary")
+    assert "paper" in c.describe_method()
+
+
+def test_an_explicit_choice_keeps_its_meaning():
+    assert HardenConfig(score="learned").feature_tensors == ()  # --score learned alone: the head's input, as before
+    assert HardenConfig(feature_tensors=("t",)).score == "learned"
+    assert HardenConfig(method="finetune").score == "absdiff"  # unused by fine-tuning; recorded as before
+    assert MaskConfig().score == "absdiff"  # sweep's default is unchanged
+
+
+def test_a_count_knob_with_several_tensors_is_refused():
+    with pytest.raises(CloakError, match="--fraction shape a mask on one tensor"):
+        HardenConfig(score="learned", feature_tensors=("auto",), fraction=0.1).validate()
+
+
+def test_the_cli_default_is_the_api_default():
+    seen = {}
+
+    def fake(model, data, config):
+        seen["config"] = config
+        raise CloakError("stop here")
+
+    import cloakonnx.harden as module
+    original = module.harden
+    module.harden = fake
+    try:
+        result = CliRunner().invoke(main, ["harden", "m.onnx", "--data", "d.npz"])
+    finally:
+        module.harden = original
+    assert "stop here" in result.output
+    assert seen["config"] == HardenConfig() and seen["config"].feature_tensors == ("auto",)
+
+
+@pytest.fixture(scope="module")
+def default_run(digits_files, tmp_path_factory):
+    model, data = digits_files
+    out = tmp_path_factory.mktemp("default") / "m.onnx"
+    return harden(model, data, HardenConfig(output=out, attack=ATTACK, learn=QUICK, seed=0)), out
+
+
+def test_the_default_run_learns_on_several_tensors_and_judges_adaptively(default_run):
+    report, out = default_run
+    assert report.score == "learned" and len(report.masks) >= 2
+    learning = report.learning
+    assert learning["max_clean_drop"] == DEFAULT_CLEAN_DROP
+    strengths = [p["alpha"] for p in report.curve]
+    assert strengths[0] == 0.0 and strengths[-1] == 1.0
+    if report.mask_added:  # written only when it beats the original adaptively on validation, within the budget
+        assert learning["strength"] in strengths
+        assert learning["guard"]["hardened"] > learning["guard"]["original"]
+        assert report.adversarial_accuracy["hardened_adaptive"] > report.adversarial_accuracy["original"]
+        chosen = next(p for p in report.curve if p["alpha"] == learning["strength"])
+        assert 100 * (report.clean_accuracy["original"] - chosen["clean_accuracy"]) <= DEFAULT_CLEAN_DROP
+        assert chosen["clean_drop_bound"] <= DEFAULT_CLEAN_DROP
+        assert len(inspect_model(out).masks) == len(report.masks)
+    else:
+        assert learning["strength"] is None and out.read_bytes()
+
+
+def test_the_default_run_reports_its_validation_split_sized_to_the_budget(default_run):
+    report, _ = default_run
+    n = report.samples["calibration"] + report.samples["validation"]
+    assert report.samples["validation"] == min(round(0.5 * n), max(round(0.2 * n), 420))
+
+
+def test_the_cli_default_run_says_what_it_did(digits_files, tmp_path):
+    model, data = digits_files
+    result = CliRunner().invoke(main, ["-q", "harden", str(model), "--data", str(data), "-o", str(tmp_path / "m.onnx"),
+                                       "--eps", "0.1", "--steps", "3", "--learn-steps", "10", "--learn-batch", "32",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["score"] == "learned" and len(report["learning"]["tensors"]) >= 2
+    assert np.isfinite(report["learning"]["seconds"])
+
+
+def test_fold_multiplies_every_stage_into_the_next_layer(digits_files, default_run, tmp_path):
+    """--fold with the default: each feature map's mask goes into the next conv's (or the head's) weights,
+    so the graph has the original's nodes, and the outputs equal the Mul form's."""
+    import onnx
+
+    from cloakonnx.runtime import make_session, run_batch
+
+    model, data = digits_files
+    report, mul_path = default_run
+    if not report.mask_added:
+        pytest.skip("the quick learning bought nothing on this fixture: nothing to fold")
+    folded = harden(model, data, HardenConfig(output=tmp_path / "f.onnx", attack=ATTACK, learn=QUICK, seed=0,
+                                              fold=True))
+    assert folded.masks == report.masks
+    original, mul, fold = (onnx.load(str(p)) for p in (model, mul_path, tmp_path / "f.onnx"))
+    assert len(fold.graph.node) == len(original.graph.node) < len(mul.graph.node)
+    x = np.load(data)["x"][:64]
+    outs = [run_batch(make_session(m, ["CPUExecutionProvider"]), x, [m.graph.output[0].name])[0] for m in (mul, fold)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * max(1.0, np.abs(outs[0]).max())
+    recorded = json.loads({p.key: p.value for p in fold.metadata_props}["cloakonnx.masks"])
+    assert [m["form"] for m in recorded] == ["folded"] * len(report.masks)
