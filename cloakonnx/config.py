@@ -245,7 +245,9 @@ class HardenConfig(MaskConfig):
         if self.rounds < 1:
             raise CloakError(f"--rounds must be at least 1, got {self.rounds}")
         if not self.single_tensor and self.paper_knobs():
-            raise CloakError(f"{', '.join(self.paper_knobs())} shape a mask on one tensor (by default the head's "
+            knobs = self.paper_knobs()
+            raise CloakError(f"{', '.join(knobs)} {'shapes' if len(knobs) == 1 else 'shape'} a mask on one tensor (by "
+                             "default the head's "
                              "input); masks on several tensors are learned jointly and their strength is chosen on "
                              "validation. Drop --feature-tensor auto, or name one tensor")
         if self.method == FINETUNE:

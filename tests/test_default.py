@@ -40,7 +40,7 @@ def test_an_explicit_choice_keeps_its_meaning():
 
 
 def test_a_count_knob_with_several_tensors_is_refused():
-    with pytest.raises(CloakError, match="--fraction shape a mask on one tensor"):
+    with pytest.raises(CloakError, match="--fraction shapes a mask on one tensor"):
         HardenConfig(score="learned", feature_tensors=("auto",), fraction=0.1).validate()
 
 

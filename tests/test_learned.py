@@ -14,7 +14,7 @@ from cloakonnx.harden import harden
 from cloakonnx.runtime import make_session, run_batch
 
 ATTACK = AttackConfig(name="pgd", eps=0.1, steps=5, seed=0)
-FAST = LearnConfig(steps=60, batch_size=64, inner_steps=3, lr=0.3, sparsity=2.0)
+FAST = LearnConfig(steps=60, batch_size=64, inner_attack="pgd", inner_steps=3, lr=0.3, sparsity=2.0)
 CONV = "/5/Relu_output_0"  # the second conv block's output (64 channels, 8x8) in the fixture's export
 
 
@@ -183,6 +183,6 @@ def test_bad_learned_options_are_refused_before_any_work(kw, match):
 def test_several_tensors_refuse_a_fraction(digits_files, tmp_path):
     model, data = digits_files
     head = find_head(load_model(model)).feature
-    with pytest.raises(CloakError, match="--fraction applies to one feature tensor"):
+    with pytest.raises(CloakError, match="--fraction shapes a mask on one tensor"):
         harden(model, data, _config(tmp_path, "x.onnx", feature_tensors=(CONV, head), fraction=0.1))
     assert not (tmp_path / "x.onnx").exists()
