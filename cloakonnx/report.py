@@ -143,12 +143,13 @@ def format_comparison(reports: dict[str, dict]) -> str:
     rows = []
     for name, r in reports.items():
         adv, clean = r["adversarial_accuracy"], r["clean_accuracy"]
-        rows.append([name, pct(clean["hardened"]), pct(adv.get("hardened_adaptive")), pct(adv["hardened_transfer"]),
-                     f"{r['seconds']:.0f} s"])
+        rows.append([name + ("" if r.get("mask_added", True) else " (no gain: unchanged)"), pct(clean["hardened"]),
+                     pct(adv.get("hardened_adaptive")), pct(adv["hardened_transfer"]), f"{r['seconds']:.0f} s"])
     first = next(iter(reports.values()))
     rows.insert(0, ["original", pct(first["clean_accuracy"]["original"]),
                     pct(first["adversarial_accuracy"]["original"]), pct(first["adversarial_accuracy"]["original"]), ""])
-    return table(rows, ["on the same validation samples", "clean", "adaptive", "transfer", "harden"])
+    n = first["samples"]["validation"]
+    return table(rows, [f"on the same {n} validation samples", "clean", "adaptive", "transfer", "harden"])
 
 
 def format_inspect(info: dict) -> str:

@@ -126,3 +126,19 @@ def test_fold_multiplies_every_stage_into_the_next_layer(digits_files, default_r
     assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * max(1.0, np.abs(outs[0]).max())
     recorded = json.loads({p.key: p.value for p in fold.metadata_props}["cloakonnx.masks"])
     assert [m["form"] for m in recorded] == ["folded"] * len(report.masks)
+
+
+def test_the_demo_comparison_names_each_method_and_an_unchanged_model():
+    from cloakonnx.report import format_comparison
+
+    def fake(clean, adaptive, transfer, added=True):
+        return {"clean_accuracy": {"original": 0.99, "hardened": clean}, "samples": {"validation": 360},
+                "adversarial_accuracy": {"original": 0.5, "hardened_adaptive": adaptive, "hardened_transfer": transfer},
+                "seconds": 12.3, "mask_added": added}
+
+    text = format_comparison({"paper": fake(0.98, 0.55, 0.6), "default": fake(0.99, 0.6, 0.61, added=False)})
+    lines = text.splitlines()
+    assert "same 360 validation samples" in lines[0]
+    assert lines[2].split()[:3] == ["original", "99.00%", "50.00%"]
+    assert "paper" in lines[3] and "55.00%" in lines[3] and "12 s" in lines[3]
+    assert "default (no gain: unchanged)" in lines[4]
