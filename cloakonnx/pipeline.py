@@ -106,7 +106,7 @@ class Prepared:
 
     def runner_for(self, model: onnx.ModelProto, config: CommonConfig) -> Runner:
         """A Runner for a rewritten copy of the model (same logits, feature tensor and settings)."""
-        return Runner.for_config(model, self.target.logits, [self.target.feature], config, self.device)
+        return Runner.for_config(model, self.target.logits, self.target.runner_outputs, config, self.device)
 
 
 def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig) -> Prepared:
@@ -124,7 +124,10 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     device = resolve_device(config.device)
     providers = resolve_providers(config.providers)
     torch.manual_seed(config.seed)
-    runner = Runner.for_config(model, target.logits, [target.feature], config, device)
+    if target.head is not None and target.logits != target.head.logits:
+        log.info("the output %r holds probabilities (a Softmax of the head): harden attacks the head's own output %r",
+                 target.head.logits, target.logits)
+    runner = Runner.for_config(model, target.logits, target.runner_outputs, config, device)
     ds, _ = load_checked(data, runner, config)
     calib, val = split(ds, validation_share(config, len(ds)), config.seed, val_max=config.val_max)
     log.info("model %s: feature tensor %r, %s; %d calibration / %d validation samples; providers %s; torch on %s",

@@ -142,3 +142,31 @@ def test_the_demo_comparison_names_each_method_and_an_unchanged_model():
     assert lines[2].split()[:3] == ["original", "99.00%", "50.00%"]
     assert "paper" in lines[3] and "55.00%" in lines[3] and "12 s" in lines[3]
     assert "default (no gain: unchanged)" in lines[4]
+
+
+def test_harden_attacks_a_softmax_model_through_its_logits(digits_files, tmp_path):
+    """A graph that ends in Softmax outputs probabilities; cross-entropy on them gives weak gradients.
+    harden attacks the head's own output instead, so its figures equal those of the model without the
+    Softmax (the same attack, the same inputs)."""
+    import onnx
+    from onnx import helper
+
+    from cloakonnx.graph import resolve_target
+
+    model = onnx.load(str(digits_files[0]))
+    out = model.graph.output[0]
+    raw = out.name + "_raw"
+    for node in model.graph.node:
+        node.output[:] = [raw if o == out.name else o for o in node.output]
+    model.graph.node.append(helper.make_node("Softmax", [raw], [out.name], axis=1))
+    soft = tmp_path / "soft.onnx"
+    onnx.save(model, str(soft))
+    target = resolve_target(model, None, None)
+    assert target.logits == raw and target.head.logits == out.name and raw in target.runner_outputs
+
+    config = dict(attack=AttackConfig(name="pgd", eps=0.1, steps=5, seed=0), score="absdiff", fraction=0.05)
+    with_softmax = harden(soft, digits_files[1], HardenConfig(output=tmp_path / "a.onnx", **config)).to_dict()
+    plain = harden(digits_files[0], digits_files[1], HardenConfig(output=tmp_path / "b.onnx", **config)).to_dict()
+    for key in ("clean_accuracy", "adversarial_accuracy", "calibration"):
+        assert with_softmax[key] == plain[key], key
+    assert plain["adversarial_accuracy"]["original"] < plain["clean_accuracy"]["original"]

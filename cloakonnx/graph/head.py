@@ -151,25 +151,53 @@ def logits_output(model: onnx.ModelProto, logits: str | None = None) -> str:
 
 @dataclass
 class Target:
-    """What gets masked: the feature tensor, the logits output, and what is known about them."""
+    """What gets masked: the feature tensor, the logits the attacks use, and what is known about them."""
 
     feature: str
-    logits: str
+    logits: str  # the graph output carrying the logits, or the head's own output when that output is a Softmax's
     head: Head | None
     existing_mask: np.ndarray | None
+
+    @property
+    def runner_outputs(self) -> list[str]:
+        """The tensors onnxruntime must expose besides the graph outputs: the feature tensor, and the
+        logits when they are the head's pre-Softmax output."""
+        return [self.feature] + ([self.logits] if self.head is not None and self.logits == self.head.output
+                                 and self.logits != self.head.logits else [])
+
+
+def softmax_between(model: onnx.ModelProto, head: Head) -> bool:
+    """Whether the graph output ``head.logits`` is a Softmax of the head's output (probabilities):
+    cross-entropy on probabilities gives weak, vanishing gradients, so attacks should use the head's."""
+    producers = producers_of(model)
+    node = producers.get(head.logits)
+    while node is not None and node.op_type in PASS_THROUGH and node.output[0] != head.output:
+        if node.op_type == "Softmax":
+            return True
+        node = producers.get(node.input[0])
+    return False
+
+
+def attack_logits(model: onnx.ModelProto, head: Head) -> str:
+    """The tensor the attacks maximise the loss of: the graph's logits output, or the head's own
+    output when the graph ends in a Softmax (AutoAttack's "use logits", as evaluate does)."""
+    return head.output if head.output and softmax_between(model, head) else head.logits
 
 
 def resolve_target(model: onnx.ModelProto, feature_tensor: str | None, logits: str | None) -> Target:
     """The head's input by default; any float tensor with ``--feature-tensor``."""
     if feature_tensor is None:
         head = find_head(model, logits)
-        return Target(head.feature, head.logits, head, head.mask if head.mask is not None else folded_mask(model))
+        return Target(head.feature, attack_logits(model, head), head,
+                      head.mask if head.mask is not None else folded_mask(model))
     logits = logits_output(model, logits)
     try:
         head = find_head(model, logits)
         head = head if head.feature == feature_tensor else None
     except CloakError:
         head = None
+    if head is not None:
+        logits = attack_logits(model, head)
     found = find_mask(model, feature_tensor)
     known = {o for n in model.graph.node for o in n.output}
     if feature_tensor not in known:
