@@ -12,6 +12,14 @@ differ, so its interval is also a measure of the noise floor).
     python benchmarks/latency.py                          # resnet18, random weights, 224x224
     python benchmarks/latency.py --batches 1,8 --repeats 50 --json --out latency.json
     python benchmarks/latency.py --model my_classifier.onnx --threads 4
+    python benchmarks/latency.py --model pp_lcnet.onnx --stages --rotate   # harden's every-stage masks
+
+With ``--stages`` the masks are what harden's default puts on a model: a random soft per-channel
+mask (values in [0.05, 1], about 5% exact zeros, seeded) on every tensor
+``cloakonnx.layers.candidate_tensors`` proposes (the head's input and the last activation output of
+each resolution stage). The Mul form has a Mul on each; the folded form folds each feature map into
+the layers that read it where that is exact (``fold_into_consumers``), the head's input into the head
+(``fold_mask``), and keeps a Mul on the rest (a tensor that also feeds a residual Add, a Concat...).
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ log = logging.getLogger("cloakonnx.benchmarks.latency")
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 VARIANTS = ("original", "mul", "folded")
 TARGETS = {"mul": "<= 1.01", "folded": "1.00 within noise"}
+SOFT_LOW, SOFT_ZEROS = 0.05, 0.05  # --stages: kept values drawn from [SOFT_LOW, 1], this fraction set to 0
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -55,6 +64,73 @@ def build_variants(model, fraction: float, seed: int):
     mul = apply_mask(model, head.feature, mask)
     folded = fold_mask(model, mask)
     return {"original": model, "mul": mul, "folded": folded}, mask, head
+
+
+def soft_mask(width: int, rng) -> np.ndarray:
+    """Values uniform in [SOFT_LOW, 1], with round(SOFT_ZEROS * width) of them (at least one) exactly 0."""
+    mask = rng.uniform(SOFT_LOW, 1.0, width).astype(np.float32)
+    mask[rng.choice(width, max(1, round(SOFT_ZEROS * width)), replace=False)] = 0
+    return mask
+
+
+def stage_tensors(model, head, size: int | None, seed: int) -> dict[str, tuple[int, int]]:
+    """(width, rank) of every tensor harden's default masks: the head's input and each stage's last
+    activation output, with the shapes from one forward pass of a random batch of 1."""
+    from cloakonnx.data import Preprocess
+    from cloakonnx.layers import activation_outputs, candidate_tensors
+    from cloakonnx.learn import tensor_shapes
+
+    image, sample = input_array(model, 1, size, np.random.default_rng(seed))
+    shapes = tensor_shapes(model, activation_outputs(model), Preprocess(), sample, image)
+    out = {}
+    for t in candidate_tensors(model, head.feature, shapes):
+        out[t] = (head.width, 2) if t == head.feature else (int(shapes[t][1]), len(shapes[t]))
+    return out
+
+
+def fold_stages(model, head, masks: dict[str, np.ndarray],
+                ranks: dict[str, int]) -> tuple[object, list[str], list[str]]:
+    """(folded form, tensors folded, tensors that keep a Mul): feature maps folded into the layers
+    that read them where exact, then the head's input into the head, then a Mul on the rest."""
+    from cloakonnx.graph import apply_mask, fold_mask
+    from cloakonnx.graph.fold_next import fold_into_consumers
+
+    folded_names = []
+    for tensor, mask in masks.items():
+        if tensor == head.feature:
+            continue
+        result = fold_into_consumers(model, tensor, mask)
+        if result is not None:
+            model, _ = result
+            folded_names.append(tensor)
+    if head.feature in masks:
+        model = fold_mask(model, masks[head.feature])
+        folded_names.append(head.feature)
+    kept = [t for t in masks if t not in folded_names]
+    for tensor in kept:
+        model = apply_mask(model, tensor, masks[tensor], ranks[tensor])
+    return model, [t for t in masks if t in folded_names], kept
+
+
+def build_stage_variants(model, size: int | None, seed: int) -> tuple[dict, dict, object]:
+    """(original, Mul form, folded form), what was masked where, and the head, for ``--stages``."""
+    from cloakonnx.graph import apply_mask, find_head
+
+    head = find_head(model)
+    if head.mask is not None:
+        raise CloakError("the model already carries a cloak mask; benchmark the un-hardened model")
+    tensors = stage_tensors(model, head, size, seed)
+    rng = np.random.default_rng(seed)
+    masks = {t: soft_mask(width, rng) for t, (width, _) in tensors.items()}
+    ranks = {t: rank for t, (_, rank) in tensors.items()}
+    mul = model
+    for tensor, mask in masks.items():
+        mul = apply_mask(mul, tensor, mask, ranks[tensor])
+    folded, folded_names, kept = fold_stages(model, head, masks, ranks)
+    stages = {"tensors": [{"tensor": t, "rank": ranks[t], "channels": int(m.size), "zeros": int((m == 0).sum()),
+                           "mean": float(m.mean()), "folded": t in folded_names} for t, m in masks.items()],
+              "folded": folded_names, "kept_mul": kept, "values": [SOFT_LOW, 1.0], "zero_fraction": SOFT_ZEROS}
+    return {"original": model, "mul": mul, "folded": folded}, stages, head
 
 
 # --- providers and sessions -------------------------------------------------------------------------------
@@ -193,7 +269,9 @@ def check_outputs(sessions: dict, feed: dict) -> dict:
 def table(result: dict) -> str:
     cfg = result["config"]
     lines = [
-        f"model: {cfg['model']}  head: {cfg['head']}  masked: {cfg['masked']}/{cfg['features']} features",
+        (f"model: {cfg['model']}  head: {cfg['head']}  masked: {cfg['masked']}/{cfg['features']} "
+         f"{'channels and features' if 'stages' in cfg else 'features'}"),
+        *(stage_lines(cfg["stages"]) if "stages" in cfg else []),
         f"onnxruntime {result['environment']['onnxruntime']}  intra-op threads: {cfg['threads']} "
         f"(of {result['environment']['cpus']} CPUs)  inter-op: 1  warm-up: {cfg['warmup']}  "
         f"repeats: {cfg['repeats']} (interleaved original, mul, folded"
@@ -218,6 +296,18 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_lines(stages: dict) -> list[str]:
+    """The ``--stages`` header: which tensors carry a mask, and which of them folded or kept a Mul."""
+    n, lo = len(stages["tensors"]), stages["values"][0]
+    lines = [(f"--stages: soft masks (values in [{lo:g}, 1], ~{stages['zero_fraction']:.0%} zeros) on {n} tensors; "
+              f"folded into weights: {len(stages['folded'])}/{n}, kept a Mul: {len(stages['kept_mul'])}/{n}")]
+    for t in stages["tensors"]:
+        form = "folded" if t["folded"] else "Mul"
+        lines.append(f"  {form:<6} {t['tensor']}  (rank {t['rank']}, {t['zeros']}/{t['channels']} zeros, "
+                     f"mean {t['mean']:.3f})")
+    return lines
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,6 +321,9 @@ def parse_args(argv=None):
     p.add_argument("--providers", help="comma-separated providers (default: every one that really loads)")
     p.add_argument("--rotate", action="store_true",
                    help="turn the order each round (A B C, B C A, C A B) instead of always A B C")
+    p.add_argument("--stages", action="store_true",
+                   help="soft masks on every tensor harden's default masks (the head's input and each stage's "
+                        "last activation), folded where exact, instead of one binary mask on the head's input")
     p.add_argument("--seed", type=int, default=0)
     add_output_options(p, out=True)
     args = p.parse_args(argv)
@@ -247,6 +340,17 @@ def parse_args(argv=None):
     return args
 
 
+def masked_variants(model, args) -> tuple[dict, dict, dict | None, object]:
+    """(the three models, the config's mask counts, the ``--stages`` record or None, the head)."""
+    if args.stages:
+        variants, stages, head = build_stage_variants(model, args.size, args.seed)
+        masked = {"features": sum(t["channels"] for t in stages["tensors"]),
+                  "masked": sum(t["zeros"] for t in stages["tensors"]), "fraction": SOFT_ZEROS}
+        return variants, masked, stages, head
+    variants, mask, head = build_variants(model, args.fraction, args.seed)
+    return variants, {"features": head.width, "masked": int((mask == 0).sum()), "fraction": args.fraction}, None, head
+
+
 def run(args) -> dict:
     import onnxruntime
 
@@ -260,16 +364,16 @@ def run(args) -> dict:
             log.info("exporting resnet18 (random weights, %dx%d)", args.size, args.size)
             path = export_resnet18(Path(tmp), args.size, args.seed).path
         model = load_model(path)
-    variants, mask, head = build_variants(model, args.fraction, args.seed)
+    variants, masked, stages, head = masked_variants(model, args)
     blobs = {k: m.SerializeToString() for k, m in variants.items()}
     providers = working_providers(args.providers.split(",") if args.providers else None)
     rng = np.random.default_rng(args.seed)
     result = {
         "config": {"model": str(args.model) if args.model else f"torchvision resnet18 (random weights), "
-                   f"{args.size}x{args.size}", "head": head.kind, "features": head.width,
-                   "masked": int((mask == 0).sum()), "fraction": args.fraction, "batches": args.batches,
+                   f"{args.size}x{args.size}", "head": head.kind, **masked, "batches": args.batches,
                    "repeats": args.repeats, "warmup": args.warmup, "rotate": args.rotate, "threads": threads, "providers": providers,
-                   "nodes": {k: len(m.graph.node) for k, m in variants.items()}, "seed": args.seed},
+                   "nodes": {k: len(m.graph.node) for k, m in variants.items()}, "seed": args.seed,
+                   **({"stages": stages} if stages else {})},
         "environment": {"cloakonnx": __version__, "onnxruntime": onnxruntime.__version__,
                         "python": platform.python_version(), "machine": platform.machine(),
                         "processor": platform.processor() or platform.machine(), "cpus": cpus()},

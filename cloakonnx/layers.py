@@ -34,12 +34,14 @@ def candidate_tensors(model: onnx.ModelProto, head_feature: str | None, shapes: 
     """``auto``: the head's input, and the last activation output of each resolution stage.
 
     ``shapes`` maps activation outputs to their shapes from one forward pass; a stage is a run of
-    4-D activations with the same height and width, in graph order."""
+    4-D activations with the same height and width, in graph order. With a head, a 1x1 map is
+    skipped: after global pooling it holds the head's input features again (masking both would
+    mask them twice)."""
     last: dict[tuple, str] = {}
     for node in model.graph.node:
         for out in node.output:
             shape = shapes.get(out)
-            if shape is not None and len(shape) == 4:
+            if shape is not None and len(shape) == 4 and not (head_feature and tuple(shape[2:]) == (1, 1)):
                 last[tuple(shape[2:])] = out
     picked = [t for t in last.values() if t != head_feature]
     return ([head_feature] if head_feature else []) + picked

@@ -170,3 +170,19 @@ def test_harden_attacks_a_softmax_model_through_its_logits(digits_files, tmp_pat
     for key in ("clean_accuracy", "adversarial_accuracy", "calibration"):
         assert with_softmax[key] == plain[key], key
     assert plain["adversarial_accuracy"]["original"] < plain["clean_accuracy"]["original"]
+
+
+def test_auto_skips_a_1x1_map_that_repeats_the_heads_input():
+    """PP-LCNet's last activation is [N, 1280, 1, 1], reshaped into the head's 1280 inputs: one stage, not two."""
+    from onnx import helper
+
+    from cloakonnx.layers import candidate_tensors
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Relu", ["b"], ["c"]), helper.make_node("Flatten", ["c"], ["f"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("f", 1, [1, 4])])
+    model = helper.make_model(graph)
+    shapes = {"a": (1, 4, 8, 8), "b": (1, 4, 8, 8), "c": (1, 4, 1, 1)}
+    assert candidate_tensors(model, "f", shapes) == ["f", "b"]
+    assert candidate_tensors(model, None, shapes) == ["b", "c"]  # without a head the 1x1 map is a stage of its own

@@ -292,3 +292,25 @@ def test_latency_benchmark_runs_on_a_small_model(tmp_path):
         assert run["check"]["max_abs_diff_mul_vs_folded"] < 1e-5
         assert {"p50_ms", "p90_ms", "p99_ms", "images_per_s"} <= set(run["variants"]["original"])
         assert run["variants"]["mul"]["target"] == "<= 1.01" and "p50_ratio" in run["variants"]["folded"]
+
+
+def test_latency_benchmark_stages_records_what_folded(tmp_path):
+    """--stages: a soft mask on each candidate tensor (here only the head's input), folded where exact."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
+    spec = importlib.util.spec_from_file_location("cloakonnx_latency_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model_path, out = tmp_path / "tiny.onnx", tmp_path / "latency.json"
+    onnx.save(_tiny("gemm_t"), model_path)
+    assert bench.main(["--model", str(model_path), "--batches", "2", "--repeats", "5", "--warmup", "1", "--threads",
+                       "1", "--providers", "cpu", "--stages", "--out", str(out)]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["stages"]["folded"] == ["f"] and cfg["stages"]["kept_mul"] == []
+    assert cfg["nodes"]["folded"] == cfg["nodes"]["original"] and cfg["nodes"]["mul"] == cfg["nodes"]["original"] + 1
+    mask = bench.soft_mask(200, np.random.default_rng(0))
+    assert (mask == 0).sum() == 10 and mask[mask > 0].min() >= bench.SOFT_LOW and mask.max() <= 1
+    assert "--stages" in bench.table(json.loads(out.read_text()))
