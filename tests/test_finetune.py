@@ -157,6 +157,16 @@ def test_harden_finetune_holds_the_budget_and_records_it(digits_files, tmp_path)
     assert json.loads(meta["cloakonnx.history"])[-1]["method"] == "finetune"
     assert inspect_model(out).method == "finetune"
 
+    # re-hardening the fine-tuned model with a mask: the mask goes on the new weights, the history keeps both
+    masked = tmp_path / "ft-masked.onnx"
+    again = harden(out, data, HardenConfig(output=masked, attack=ATTACK, score="absdiff", fraction=0.05, seed=0))
+    assert again.mask_added and again.clean_accuracy["original"] == report.clean_accuracy["hardened"]
+    history = json.loads({p.key: p.value for p in load_model(masked).metadata_props}["cloakonnx.history"])
+    assert [h.get("method", "mask") for h in history] == ["finetune", "mask"]
+    assert len(inspect_model(masked).masks) == 1
+    after, before = _bytes(load_model(masked)), _bytes(written)
+    assert all(after[name] == value for name, value in before.items() if name in after)  # the new weights stay
+
 
 def test_no_gain_within_the_budget_no_change(digits_files, tmp_path):
     """A zero-point budget with a confidence bound admits no change: the model is written as it was."""
