@@ -175,8 +175,9 @@ class LearnArgs(ArgGroup):
     """How a mask is learned with --score learned (``learn``, a LearnConfig)."""
 
     options = (
-        Option("--learn-steps", type=click.IntRange(min=1), default=300, show_default=True,
-               help="--score learned: optimiser steps, one calibration batch each.", to="learn.steps"),
+        Option("--learn-steps", type=click.IntRange(min=1), default=None,
+               help="--score learned or --method finetune: optimiser steps, one calibration batch each "
+                    "[default: 100 for masks, 300 for weights].", to="learn.steps"),
         Option("--learn-batch", type=click.IntRange(min=1), default=128, show_default=True,
                help="--score learned: calibration samples per step.", to="learn.batch_size"),
         Option("--learn-lr", type=float, default=None,
