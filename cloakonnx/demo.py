@@ -132,7 +132,8 @@ def run_demo(options: DemoOptions):
     attack = AttackConfig(name="pgd", eps=0.1, steps=10, seed=options.seed)
     report = harden(model_path, data_path, HardenConfig(output=out / "digits_cnn.cloaked.onnx", attack=attack,
                                                         seed=options.seed, threads=options.threads))
-    log.info("for comparison, the paper's mask: %s of the head's input features by --score absdiff", PAPER_FRACTION)
+    log.info("for comparison, the paper's mask: %.0f%% of the head's input features by --score absdiff",
+             100 * PAPER_FRACTION)
     paper = harden(model_path, data_path, HardenConfig(
         output=out / "digits_cnn.paper.onnx", attack=attack, score="absdiff", fraction=PAPER_FRACTION,
         val_split=report.samples["validation"] / len(harden_data), seed=options.seed, threads=options.threads))
