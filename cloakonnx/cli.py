@@ -145,7 +145,9 @@ class HardenArgs(ArgGroup):
         Option("--no-adaptive", is_flag=True, help="Skip the adaptive attack on the hardened model (faster).",
                to="adaptive", convert=negated),
         Option("--fold", is_flag=True,
-               help="Multiply the mask into the head's weights: same outputs, exactly the original's node count.",
+               help="Multiply each mask into the weights that read it (the head's; a feature map's next Conv, "
+                    "Gemm or MatMul where exact) instead of adding a Mul: same outputs, no extra node where it "
+                    "folds.",
                to="fold"),
     )
 
