@@ -169,7 +169,8 @@ def harden(**kw) -> None:
     """
     from .config import HardenConfig
     from .harden import harden as run
-    from .report import format_harden, plot_harden
+    from .plots import plot_harden
+    from .report import format_harden
 
     args = HARDEN.parse(kw)
     config = args.config(HardenConfig, curve=bool(args.output.plot))  # the curve is computed for the plot
@@ -202,7 +203,8 @@ def sweep(**kw) -> None:
       cloakonnx sweep model.onnx --data calib.npz --eps 0.1 --max-clean-drop 1 --plot curve.png
     """
     from .config import MaskConfig
-    from .report import format_sweep, plot_sweep
+    from .plots import plot_sweep
+    from .report import format_sweep
     from .sweep import sweep as run
 
     args = SWEEP.parse(kw)
@@ -260,7 +262,8 @@ def evaluate(**kw) -> None:
     """
     from .config import EvaluateConfig
     from .evaluate import evaluate as run
-    from .report import format_evaluate, plot_evaluate
+    from .plots import plot_evaluate
+    from .report import format_evaluate
 
     args = EVALUATE.parse(kw)
     result = run(args.model, args.data, args.config(EvaluateConfig)).to_dict()

@@ -21,7 +21,8 @@ LEARNED = "learned"  # the score learned against an adaptive attacker (cloakonnx
 ALL_SCORES = (*SCORES, LEARNED)
 MASK_VALUES = ("binary", "soft")
 INNER_ATTACKS = ("pgd", "fgsm")
-MASK, FINETUNE = "mask", "finetune"  # harden's methods: a mask (DeepCloak), or fine-tuned weights
+MASK, FINETUNE = "mask", "finetune"  # the methods: a mask (DeepCloak), or fine-tuned weights
+METHODS = (MASK, FINETUNE)
 FINETUNE_PARAMS = ("all", "norm", "head")
 # The clean budget (points) of the methods that always choose how strongly to apply what they learned
 # (fine-tuning, masks on several tensors) when --max-clean-drop is not given: one point, held with
@@ -148,7 +149,6 @@ class MaskConfig(CommonConfig):
     # "mask", or (harden only) "finetune": the weights trained against an adaptive attacker (cloakonnx.finetune)
     method: str = MASK
     finetune_params: str = "all"  # with "finetune": "all", "norm" (normalisation only) or "head"
-    methods = (MASK,)  # the methods this command offers (a class attribute, not a field)
     learned_by_default = False  # class attribute: whether an unset score means the learned masks on every stage
 
     def __post_init__(self) -> None:
@@ -215,8 +215,8 @@ class MaskConfig(CommonConfig):
             raise CloakError("soft mask values and masks on several tensors need learned values: add --score learned")
         if "auto" in self.feature_tensors and len(self.feature_tensors) > 1:
             raise CloakError("--feature-tensor auto proposes the tensors itself; give it alone")
-        if self.method not in self.methods:
-            raise CloakError(f"--method must be one of {', '.join(self.methods)} here, got {self.method!r}")
+        if self.method not in METHODS:
+            raise CloakError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.finetune_params not in FINETUNE_PARAMS:
             raise CloakError(f"--finetune-params must be one of {', '.join(FINETUNE_PARAMS)}, "
                              f"got {self.finetune_params!r}")
@@ -240,7 +240,6 @@ class HardenConfig(MaskConfig):
     adaptive: bool = True  # also attack the hardened model itself
     curve: bool = False  # also report the trade-off curve and feature scores (the CLI's --plot draws them)
     fold: bool = False  # multiply the mask into the head's weights instead of adding a Mul node
-    methods = (MASK, FINETUNE)
     learned_by_default = True
 
     def paper_knobs(self) -> list[str]:

@@ -1,4 +1,5 @@
-"""``cloakonnx sweep``: the whole trade-off curve for every score, from one attack of each split."""
+"""``cloakonnx sweep``: the whole trade-off curve for every score, from one attack of each split; with
+``--method finetune``, the curve of fine-tuned weights against their strength (alpha)."""
 from __future__ import annotations
 
 import time
@@ -6,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .config import ALL_SCORES, LEARNED, MaskConfig
+from .config import ALL_SCORES, FINETUNE, LEARNED, MaskConfig
 from .curve import choose_point, counts_for, mask_curve
 from .data import Dataset
 from .errors import CloakError
@@ -33,6 +34,8 @@ class SweepReport:
     best: dict  # {"score", "point"} or {"score": None}
     scores: dict  # score -> per-feature values (for the distribution plot)
     seconds: float
+    # --method finetune: {"method", "curve" (per alpha: clean, adaptive, bound, margin), "chosen", "guard", ...}
+    strength: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +50,8 @@ def sweep(model_path: str | Path, data: str | Path | Dataset, config: MaskConfig
         raise CloakError(f"unknown score {unknown[0]!r}; choose from {', '.join(ALL_SCORES)}")
     p = prepare(model_path, data, config)
     try:
+        if config.method == FINETUNE:
+            return _sweep_finetune(p, model_path, config, t0)
         return _sweep(p, model_path, config, scores, t0)
     finally:
         p.close()
@@ -87,4 +92,25 @@ def _sweep(p, model_path, config: MaskConfig, scores: Sequence[str], t0: float) 
         samples={"calibration": len(p.calib), "validation": len(val)}, clean_accuracy=clean, adversarial_accuracy=adv,
         max_clean_drop=budget, budget_confidence=config.budget_confidence, curves=curves, chosen=chosen, best=best, scores=values,
         seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+def _sweep_finetune(p, model_path, config: MaskConfig, t0: float) -> SweepReport:
+    """Fine-tune the weights and measure every strength on validation, as harden would choose from:
+    clean and adaptive accuracy per alpha, the clean-drop bound, and the chosen point; nothing is written."""
+    from .finetune import search_weights
+    from .harden import evaluate_original
+
+    base = evaluate_original(p, config)
+    search = search_weights(p, config, base, StageTimer())
+    learning = search.learning
+    return SweepReport(
+        model=str(model_path), feature_tensor=p.target.feature, features=0,
+        attack=dict(p.attack.to_dict(), fallback=p.fallback),
+        samples={"calibration": len(p.calib), "validation": len(p.val)}, clean_accuracy=base.clean,
+        adversarial_accuracy=base.adv_accuracy, max_clean_drop=learning["max_clean_drop"],
+        budget_confidence=config.budget_confidence, curves={}, chosen={}, best={"score": None, "point": None},
+        scores={}, seconds=round(time.perf_counter() - t0, 3),
+        strength={"method": FINETUNE, "params": learning["params"], "curve": search.curve,
+                  "chosen": learning["alpha"], "guard": learning["guard"], "learning_seconds": learning["seconds"]},
     )

@@ -42,7 +42,8 @@ def test_evaluate_threat_models_and_checks(digits_files, hardened_model, tmp_pat
     # which is what the check reports. The test below makes it fail on purpose.
     assert all(c["ok"] for c in report["checks"] if not c["name"].startswith("white-box")), report["checks"]
     assert len(report["checks"]) == 6  # 3 on the results, 2 on the model (randomness, zero gradients), large eps
-    from cloakonnx.report import format_evaluate, plot_evaluate
+    from cloakonnx.plots import plot_evaluate
+    from cloakonnx.report import format_evaluate
 
     assert "robust (worst case per sample)" in format_evaluate(report)
     plot_evaluate(report, tmp_path / "e.png")

@@ -180,11 +180,12 @@ def test_no_gain_within_the_budget_no_change(digits_files, tmp_path):
     assert report.clean_accuracy["hardened"] == report.clean_accuracy["original"]
 
 
-def test_sweep_and_mask_only_options_refuse_finetune():
+def test_mask_only_options_refuse_finetune():
     from cloakonnx.config import MaskConfig
 
+    MaskConfig(method="finetune").validate()  # sweep --method finetune draws the alpha curve
     with pytest.raises(CloakError, match="--method"):
-        MaskConfig(method="finetune").validate()
+        MaskConfig(method="prune").validate()
     with pytest.raises(CloakError, match="--fold"):
         HardenConfig(method="finetune", fold=True).validate()
     with pytest.raises(CloakError, match="--finetune-params"):
@@ -225,3 +226,28 @@ def test_a_torchvision_export_keeps_its_batchnorms(tmp_path):
     before, after = _bytes(model), _bytes(new)
     assert {n for n in before if before[n] != after[n]} == set(names)
     assert np.isfinite(_logits(new, x.numpy()[:4])).all()
+
+
+def test_sweep_finetune_shows_every_alpha_and_writes_nothing(digits_files, tmp_path):
+    from click.testing import CliRunner
+
+    from cloakonnx.cli import main
+
+    model, data = digits_files
+    before = sorted(p.name for p in model.parent.iterdir())
+    result = CliRunner().invoke(main, ["-q", "sweep", str(model), "--data", str(data), "--method", "finetune", "--eps",
+                                       "0.1", "--steps", "3", "--learn-steps", "6", "--learn-batch", "32", "--json",
+                                       "--plot", str(tmp_path / "alpha.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    curve = report["strength"]["curve"]
+    assert [p["alpha"] for p in curve] == [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+    assert curve[0]["adversarial_accuracy"] == report["adversarial_accuracy"]
+    assert curve[0]["clean_accuracy"] == report["clean_accuracy"]
+    assert report["strength"]["chosen"] in [None] + [p["alpha"] for p in curve]
+    assert (tmp_path / "alpha.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in model.parent.iterdir()) == before  # no model written
+    from cloakonnx.report import format_sweep
+
+    text = format_sweep(report)
+    assert "fine-tuned weights" in text and "strength (* chosen)" in text and "budget of 1 points" in text

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from cloakonnx.errors import CloakError
-from cloakonnx.report import (format_check, format_evaluate, format_harden, format_inspect, format_sweep, pct,
-                              plot_evaluate, plot_sweep, table, to_json, verdict, write_report)
+from cloakonnx.plots import plot_evaluate, plot_sweep
+from cloakonnx.report import (format_check, format_evaluate, format_harden, format_inspect, format_sweep, pct, table,
+                              to_json, verdict, write_report)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import pytest
 from cloakonnx.attacks import AttackConfig
 from cloakonnx.harden import HardenConfig, harden
 from cloakonnx.curve import CurvePoint, choose_point, clean_drop_bound
-from cloakonnx.report import plot_harden
+from cloakonnx.plots import plot_harden
 from cloakonnx.sweep import sweep
 
 ATTACK = AttackConfig(name="pgd", eps=0.1, steps=3, seed=0)

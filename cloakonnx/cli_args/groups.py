@@ -164,7 +164,8 @@ class MaskArgs(ArgGroup):
         Option("--method", type=click.Choice(["mask", "finetune"]), default="mask", show_default=True,
                help="harden: mask (a DeepCloak mask, weights untouched), or finetune (the weights trained against "
                     "an adaptive attacker on the calibration split with --learn-* settings, then moved from the "
-                    "original's by the share chosen on validation; no gain, no change).", to="method"),
+                    "original's by the share chosen on validation; no gain, no change). sweep --method finetune "
+                    "shows every share's clean and adaptive accuracy.", to="method"),
         Option("--finetune-params", type=click.Choice(["all", "norm", "head"]), default="all", show_default=True,
                help="--method finetune: the weights to move: all (linear layers and normalisations), norm "
                     "(normalisation scales and biases) or head (the final layer).", to="finetune_params"),
