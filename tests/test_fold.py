@@ -268,10 +268,9 @@ def test_bad_folded_mask_record_is_an_error():
         folded_mask(model)
 
 
-def test_latency_benchmark_runs_on_a_small_model(tmp_path):
-    """benchmarks/latency.py is a tested example: a tiny model, a few rounds, JSON out."""
+def _latency_bench(tmp_path):
+    """benchmarks/latency.py loaded as a module, a tiny model saved for it, and where its JSON goes."""
     import importlib.util
-    import json
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
@@ -280,6 +279,14 @@ def test_latency_benchmark_runs_on_a_small_model(tmp_path):
     spec.loader.exec_module(bench)
     model_path, out = tmp_path / "tiny.onnx", tmp_path / "latency.json"
     onnx.save(_tiny("gemm_t"), model_path)
+    return bench, model_path, out
+
+
+def test_latency_benchmark_runs_on_a_small_model(tmp_path):
+    """benchmarks/latency.py is a tested example: a tiny model, a few rounds, JSON out."""
+    import json
+
+    bench, model_path, out = _latency_bench(tmp_path)
     assert bench.main(["--model", str(model_path), "--batches", "1,3", "--repeats", "5", "--warmup", "1",
                        "--threads", "1", "--providers", "cpu", "--rotate", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -296,16 +303,9 @@ def test_latency_benchmark_runs_on_a_small_model(tmp_path):
 
 def test_latency_benchmark_stages_records_what_folded(tmp_path):
     """--stages: a soft mask on each candidate tensor (here only the head's input), folded where exact."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
-    spec = importlib.util.spec_from_file_location("cloakonnx_latency_benchmark", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    model_path, out = tmp_path / "tiny.onnx", tmp_path / "latency.json"
-    onnx.save(_tiny("gemm_t"), model_path)
+    bench, model_path, out = _latency_bench(tmp_path)
     assert bench.main(["--model", str(model_path), "--batches", "2", "--repeats", "5", "--warmup", "1", "--threads",
                        "1", "--providers", "cpu", "--stages", "--out", str(out)]) == 0
     cfg = json.loads(out.read_text())["config"]
