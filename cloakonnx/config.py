@@ -5,7 +5,6 @@ onnxruntime batch, ``logits`` the graph output that carries the logits, ``output
 """
 from __future__ import annotations
 
-
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence

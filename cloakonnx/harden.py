@@ -253,8 +253,8 @@ def hardened_model(p: Prepared, config: HardenConfig, search: MaskSearch) -> onn
     model, folded = fold_feature_maps(p, config, search) if config.fold else (p.model, set())
     described = search.describe()
     if config.fold and several:
-        described = [dict(d, form=FOLDED if d["tensor"] in folded or d["tensor"] == p.target.feature else MUL)
-                     for d in described]
+        head = p.target.feature if p.target.head is not None else None
+        described = [dict(d, form=FOLDED if d["tensor"] in folded or d["tensor"] == head else MUL) for d in described]
     record = CloakRecord(
         feature_tensor=",".join(search.masks) if several else search.primary, features=search.width,
         masked=search.masked, score=config.score, attack=p.attack.to_dict(), seed=config.seed,

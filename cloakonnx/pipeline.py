@@ -125,7 +125,7 @@ def prepare(model_path: str | Path, data: str | Path | Dataset, config: MaskConf
     providers = resolve_providers(config.providers)
     torch.manual_seed(config.seed)
     if target.head is not None and target.logits != target.head.logits:
-        log.info("the output %r holds probabilities (a Softmax of the head): harden attacks the head's own output %r",
+        log.info("the output %r holds probabilities (a Softmax of the head): the attacks use the head's own output %r",
                  target.head.logits, target.logits)
     runner = Runner.for_config(model, target.logits, target.runner_outputs, config, device)
     ds, _ = load_checked(data, runner, config)
