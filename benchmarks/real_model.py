@@ -356,8 +356,9 @@ def main(argv=None) -> int:
                     help="budgets in pixel units ([0, 1] box), comma-separated; fractions allowed")
     ap.add_argument("--max-clean-drop", type=float, default=1.0, help="harden's clean-accuracy budget, points")
     ap.add_argument("--val-split", type=float, default=0.65,
-                    help="harden's validation share (the default leaves 130 of 200 pages: the fewest for which "
-                    "harden's 90%% confidence bound can certify a 1-point budget is 126)")
+                    help="harden's validation share (the default leaves 130 of 200 pages: at 127 harden's 90%% "
+                    "confidence bound can certify a 1-point budget for a change that breaks no prediction; one that "
+                    "breaks 1 needs 280, 2 need 420)")
     ap.add_argument("--fraction", type=float, help="harden with this fixed share of features instead of "
                     "--max-clean-drop (no budget: a mask is always added)")
     ap.add_argument("--budget-confidence", type=float,

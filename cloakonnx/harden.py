@@ -93,6 +93,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
                 hardened = hardened_model(p, config, search)
             with timer("evaluation"):
                 final = evaluate_hardened(p, config, base, search)
+                warn_if_weaker(base, final, search.changed)
         finally:
             p.close()
         with timer("write"):
@@ -291,6 +292,15 @@ def fold_feature_maps(p: Prepared, config: HardenConfig, search: MaskSearch) -> 
     if folded:
         log.info("--fold: folded the masks of %s into the next layers' weights", ", ".join(map(repr, sorted(folded))))
     return model, folded
+
+
+def warn_if_weaker(base: Baseline, final: dict, changed: bool) -> None:
+    """A change that leaves the model easier to attack directly is written only when the user asked
+    for it (a fixed --fraction has no budget or guard); say so loudly, not just in the table."""
+    if changed and final["adaptive"] is not None and final["adaptive"] < base.adv_accuracy:
+        log.warning("the hardened model is LESS robust against the adaptive attacker on validation (%.1f%% -> %.1f%%): "
+                    "do not deploy it as a defence; harden's default (no --score/--fraction) chooses and checks "
+                    "its change against the adaptive attacker", 100 * base.adv_accuracy, 100 * final["adaptive"])
 
 
 def evaluate_hardened(p: Prepared, config: HardenConfig, base: Baseline, search: MaskSearch) -> dict:

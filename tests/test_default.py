@@ -186,3 +186,20 @@ def test_auto_skips_a_1x1_map_that_repeats_the_heads_input():
     shapes = {"a": (1, 4, 8, 8), "b": (1, 4, 8, 8), "c": (1, 4, 1, 1)}
     assert candidate_tensors(model, "f", shapes) == ["f", "b"]
     assert candidate_tensors(model, None, shapes) == ["b", "c"]  # without a head the 1x1 map is a stage of its own
+
+
+def test_a_change_that_weakens_the_model_is_named_loudly(caplog):
+    import logging
+
+    from cloakonnx.harden import warn_if_weaker
+    from cloakonnx.search import Baseline
+
+    base = Baseline(0.99, None, 0.5)
+    with caplog.at_level(logging.WARNING, logger="cloakonnx.harden"):
+        warn_if_weaker(base, {"adaptive": 0.6}, True)
+        warn_if_weaker(base, {"adaptive": 0.3}, False)  # nothing written: nothing to warn about
+        warn_if_weaker(base, {"adaptive": None}, True)  # --no-adaptive: not measured
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="cloakonnx.harden"):
+        warn_if_weaker(base, {"adaptive": 0.32}, True)
+    assert len(caplog.records) == 1 and "LESS robust" in caplog.text and "50.0% -> 32.0%" in caplog.text
