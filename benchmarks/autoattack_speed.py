@@ -126,7 +126,9 @@ def per_attack(args, net, path: Path, x, y) -> dict:
         acc, seconds = torchattacks_accuracy(net, theirs[name], x, y)
         out[name] = {"samples": len(y), "steps": args.per_attack_steps, "cloakonnx": ours, "cloakonnx_seconds":
                      clock.wall, "torchattacks": acc, "torchattacks_seconds": seconds,
-                     "difference_points": 100 * (ours - acc), "within_2_points": abs(ours - acc) <= 0.02 + 1e-9}
+                     "difference_points": 100 * (ours - acc),
+                     # 2 points, or one sample where one sample is more (32 samples: 3.1 points)
+                     "agrees": abs(ours - acc) <= max(0.02, 1 / len(y)) + 1e-9}
     return out
 
 
@@ -194,7 +196,7 @@ def table(r: dict) -> str:
         lines.append(f"  {name} alone, {p['samples']} samples, {p['steps']} iterations: cloakonnx "
                      f"{100 * p['cloakonnx']:.2f}% ({p['cloakonnx_seconds']:.1f} s), torchattacks "
                      f"{100 * p['torchattacks']:.2f}% ({p['torchattacks_seconds']:.1f} s): "
-                     f"{p['difference_points']:+.2f} points (within 2: {'yes' if p['within_2_points'] else 'NO'})")
+                     f"{p['difference_points']:+.2f} points (within 2 or one sample: {'yes' if p['agrees'] else 'NO'})")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ def _check(result: dict) -> None:
     assert ours <= theirs + 0.01 + 1e-9, result
     assert ours < result["clean_accuracy"], result  # the attacks did something
     for name, p in result["per_attack"].items():
-        assert p["within_2_points"], (name, p)
+        assert p["agrees"], (name, p)  # within 2 points, or one sample where that is more
 
 
 def test_standard_preset_agrees_with_autoattack_on_the_demo_model(bench):
