@@ -61,16 +61,18 @@ def test_sanity_checks_flag_suspicious_results():
 
 
 def test_pgd_agrees_with_torchattacks(digits_net, digits_files):
-    """Independent implementation: torchattacks' PGD on the native torch module with the same weights."""
+    """Independent implementation: torchattacks' PGD on the native torch module with the same weights.
+    Both start at the clean input: two random starts drawn by different generators left 9 of 300 digits
+    apart (3 points) on this machine, which says nothing about either implementation."""
     torchattacks = pytest.importorskip("torchattacks")
     net, held = digits_net
     x, y = held.x[:300], held.y[:300]
     eps, steps = 0.1, 10
     alpha = 2.5 * eps / steps
-    ours = evaluate(digits_files[0], Dataset(x, y), EvaluateConfig(attacks=("pgd",), eps=(eps,), attack=AttackConfig(steps=steps),
-                                                                    sanity=False)).to_dict()
+    ours = evaluate(digits_files[0], Dataset(x, y), EvaluateConfig(
+        attacks=("pgd",), eps=(eps,), attack=AttackConfig(steps=steps, random_start=False), sanity=False)).to_dict()
     ours_acc = ours["results"][0]["accuracy"]
-    atk = torchattacks.PGD(net.eval(), eps=eps, alpha=alpha, steps=steps, random_start=True)
+    atk = torchattacks.PGD(net.eval(), eps=eps, alpha=alpha, steps=steps, random_start=False)
     atk.set_device("cpu") if hasattr(atk, "set_device") else None
     torch.manual_seed(0)
     adv = atk(torch.from_numpy(x), torch.from_numpy(y))
