@@ -29,20 +29,26 @@ FINETUNE_PARAMS = ("all", "norm", "head")
 DEFAULT_CLEAN_DROP = 1.0
 DEFAULT_LR = {MASK: 0.1, FINETUNE: 1e-3}  # Adam's step: on mask logits theta; on the weights themselves
 DEFAULT_STEPS = {MASK: 100, FINETUNE: 300}  # learning steps: masks converge sooner than weights
+# The inner attacker: FGSM with a random start is as good as PGD-5 for masks and 3 times cheaper; the
+# weights, which can move much further, overfit to it (catastrophic overfitting): on the demo PGD-5
+# bought 7 more points of validation robustness (benchmarks/learning_speed.py, docs/results.md).
+DEFAULT_INNER_ATTACK = {MASK: "fgsm", FINETUNE: "pgd"}
 
 
 @dataclass
 class LearnConfig:
     """How a mask (or, with fine-tuning, the weights) is learned: steps of 128 samples, each against
-    FGSM with a random start (Wong et al., 2020) crafted on the current model. On the demo, masks
-    learned with FGSM in 100 steps were as robust on validation as with FGSM or PGD-5 in 300, 3 and
-    8 times faster (benchmarks/learning_speed.py); weights get 300 steps (DEFAULT_STEPS)."""
+    an attack crafted on the current model. On the demo, masks learned against FGSM with a random
+    start (Wong et al., 2020) in 100 steps were as robust on validation as with FGSM or PGD-5 in 300,
+    3 and 8 times faster (benchmarks/learning_speed.py); weights get 300 steps against PGD-5
+    (DEFAULT_STEPS, DEFAULT_INNER_ATTACK)."""
 
     steps: int | None = None  # outer steps, one batch each; None: the method's (DEFAULT_STEPS), set by MaskConfig
     batch_size: int = 128
     lr: float | None = None  # Adam's step; None: the method's default (DEFAULT_LR: 0.1 on theta, 1e-3 on weights)
     init: float = 3.0  # sigmoid(3) = 0.95: every feature starts almost fully on
-    inner_attack: str = "fgsm"  # "fgsm" (random start, one step of 1.25 eps), or "pgd" (inner_steps steps)
+    inner_attack: str | None = None  # "fgsm" (random start, one step of 1.25 eps), "pgd" (inner_steps steps);
+    # None: the method's (DEFAULT_INNER_ATTACK)
     inner_steps: int = 5
     sparsity: float = 0.0  # weight of mean(m) in the loss: pushes more values towards 0
 
@@ -53,16 +59,18 @@ class LearnConfig:
             raise CloakError(f"--learn-batch must be at least 1, got {self.batch_size}")
         if self.lr is not None and not self.lr > 0:
             raise CloakError(f"--learn-lr must be positive, got {self.lr:g}")
-        if self.inner_attack not in INNER_ATTACKS:
+        if self.inner_attack is not None and self.inner_attack not in INNER_ATTACKS:
             raise CloakError(f"--learn-attack must be one of {', '.join(INNER_ATTACKS)}, got {self.inner_attack!r}")
         if self.inner_steps < 1:
             raise CloakError(f"--learn-attack-steps must be at least 1, got {self.inner_steps}")
         if self.sparsity < 0:
             raise CloakError(f"--learn-sparsity must be non-negative, got {self.sparsity:g}")
 
-    def with_steps_for(self, method: str) -> "LearnConfig":
-        """This config with its steps set: the ones given, else ``method``'s default."""
-        return self if self.steps is not None else replace(self, steps=DEFAULT_STEPS[method])
+    def with_defaults_for(self, method: str) -> "LearnConfig":
+        """This config with its steps and inner attack set: the ones given, else ``method``'s defaults."""
+        steps = DEFAULT_STEPS[method] if self.steps is None else self.steps
+        inner = DEFAULT_INNER_ATTACK[method] if self.inner_attack is None else self.inner_attack
+        return replace(self, steps=steps, inner_attack=inner)
 
     def lr_for(self, method: str) -> float:
         """The step size: the one given, else ``method``'s default."""
@@ -168,7 +176,7 @@ class MaskConfig(CommonConfig):
             self.feature_tensors = ("auto",) if default else ()
         if self.mask_values is None:
             self.mask_values = "soft" if default else "binary"
-        self.learn = self.learn.with_steps_for(self.method if self.method in DEFAULT_STEPS else MASK)
+        self.learn = self.learn.with_defaults_for(self.method if self.method in DEFAULT_STEPS else MASK)
 
     @property
     def feature_tensor(self) -> str | None:

@@ -79,7 +79,7 @@ def finetune_weights(model: onnx.ModelProto, names: list[str], logits: str, prep
     from .torch_exec import OnnxTorchModule
 
     config.validate()
-    config = config.with_steps_for(FINETUNE)
+    config = config.with_defaults_for(FINETUNE)
     start, lr = time.perf_counter(), config.lr_for(FINETUNE)
     torch.manual_seed(seed)
     image = select_input(model, input_name).name

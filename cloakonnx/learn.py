@@ -60,7 +60,7 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
     from .torch_exec import OnnxTorchModule
 
     config.validate()
-    config = config.with_steps_for(MASK)
+    config = config.with_defaults_for(MASK)
     start = time.perf_counter()
     torch.manual_seed(seed)
     image = select_input(model, input_name).name

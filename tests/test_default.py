@@ -203,3 +203,11 @@ def test_a_change_that_weakens_the_model_is_named_loudly(caplog):
     with caplog.at_level(logging.WARNING, logger="cloakonnx.harden"):
         warn_if_weaker(base, {"adaptive": 0.32}, True)
     assert len(caplog.records) == 1 and "LESS robust" in caplog.text and "50.0% -> 32.0%" in caplog.text
+
+
+def test_finetune_learns_against_pgd_and_masks_against_fgsm_unless_told():
+    """Weights overfit to FGSM with a random start; masks do not, and it is 3 times cheaper."""
+    assert HardenConfig(method="finetune").learn.inner_attack == "pgd"
+    assert HardenConfig().learn.inner_attack == "fgsm"
+    assert HardenConfig(method="finetune", learn=LearnConfig(inner_attack="fgsm")).learn.inner_attack == "fgsm"
+    assert HardenConfig(learn=LearnConfig(inner_attack="pgd")).learn.inner_attack == "pgd"

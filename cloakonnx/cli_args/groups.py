@@ -184,12 +184,13 @@ class LearnArgs(ArgGroup):
         Option("--learn-lr", type=float, default=None,
                help="--score learned or --method finetune: Adam's step size [default: 0.1 on mask values, 1e-3 "
                     "on weights].", to="learn.lr"),
-        Option("--learn-attack", type=click.Choice(["fgsm", "pgd"]), default="fgsm", show_default=True,
-               help="--score learned: the inner attacker (fgsm: random start and one step of 1.25 eps; pgd: "
-                    "--learn-attack-steps steps, slower).",
+        Option("--learn-attack", type=click.Choice(["fgsm", "pgd"]), default=None,
+               help="--score learned or --method finetune: the inner attacker (fgsm: random start and one step "
+                    "of 1.25 eps; pgd: --learn-attack-steps steps, slower) [default: fgsm for masks, pgd for "
+                    "weights, which overfit to FGSM].",
                to="learn.inner_attack"),
         Option("--learn-attack-steps", type=click.IntRange(min=1), default=5, show_default=True,
-               help="--score learned: steps of the inner PGD.", to="learn.inner_steps"),
+               help="--score learned or --method finetune: steps of the inner PGD.", to="learn.inner_steps"),
         Option("--learn-sparsity", type=float, default=0.0, show_default=True,
                help="--score learned: weight of the mean mask value in the loss (more features off).",
                to="learn.sparsity"),
