@@ -168,8 +168,7 @@ def finetune_record(p: Prepared, config: HardenConfig, alpha: float, budget: flo
     return CloakRecord(
         feature_tensor=p.target.feature, features=0 if existing is None else int(existing.size),
         masked=0 if existing is None else int((existing == 0).sum()), score="none", attack=p.attack.to_dict(),
-        seed=config.seed, rounds=1, max_clean_drop=config.max_clean_drop,
-        budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
+        seed=config.seed, rounds=1, max_clean_drop=budget, budget_confidence=config.budget_confidence,
         method=FINETUNE, finetune={"params": config.finetune_params, "alpha": alpha, "validation_samples": len(p.val),
                                    "clean_budget": budget,
                                    "relative_change": change, "lr": config.learn.lr_for(FINETUNE),

@@ -110,8 +110,8 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
         calibration=search.calibration, samples={"calibration": len(p.calib), "validation": len(p.val)},
         seconds=round(time.perf_counter() - start, 3), stages=stages, providers=list(p.providers), device=p.device,
         seed=config.seed, versions=versions(), inputs_sha256=input_hashes(model_path, data),
-        mask_added=search.changed, max_clean_drop=config.max_clean_drop,
-        budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
+        mask_added=search.changed, max_clean_drop=config.selection_budget(),
+        budget_confidence=config.budget_confidence if config.selection_budget() is not None else None,
         rounds=search.rounds, curve=search.curve,
         scores=search.scores.tolist() if config.curve and search.scores is not None else None, stages_cpu=stages_cpu,
         masks=search.describe(), learning=search.learning, ray=p.backend.describe(), threads=p.threads,
@@ -259,8 +259,8 @@ def hardened_model(p: Prepared, config: HardenConfig, search: MaskSearch) -> onn
     record = CloakRecord(
         feature_tensor=",".join(search.masks) if several else search.primary, features=search.width,
         masked=search.masked, score=config.score, attack=p.attack.to_dict(), seed=config.seed,
-        rounds=len(search.rounds), max_clean_drop=config.max_clean_drop,
-        budget_confidence=config.budget_confidence if config.max_clean_drop is not None else None,
+        rounds=len(search.rounds), max_clean_drop=config.selection_budget(),
+        budget_confidence=config.budget_confidence if config.selection_budget() is not None else None,
         form=FOLDED if config.fold else MUL, mask_values="soft" if soft else None,
         masks=described if several else None)
     meta = record.metadata(p.model)

@@ -94,7 +94,9 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
     optimiser = torch.optim.Adam(params, lr=lr)  # state for the moving parameters only
     rng = np.random.default_rng(seed)
     batch, history = min(config.batch_size, len(data)), []
-    for step in tqdm(range(config.steps), desc=desc, unit="step", leave=False, disable=None):
+    bar, every, start = tqdm(range(config.steps), desc=desc, unit="step", leave=False, disable=None), \
+        max(1, config.steps // 10), time.perf_counter()
+    for step in bar:
         idx = np.sort(rng.choice(len(data), size=batch, replace=False))
         x = torch.from_numpy(data.x[idx]).to(device)
         y = torch.from_numpy(data.y[idx]).to(device)
@@ -107,6 +109,9 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
         optimiser.step()
         if step % 10 == 0:
             history.append(round(loss.item(), 4))
+        if bar.disable and (step + 1) % every == 0:  # no terminal (a log, CI): a line every tenth instead
+            log.info("%s: step %d of %d, loss %.4f, %.0f s", desc, step + 1, config.steps, loss.item(),
+                     time.perf_counter() - start)
     return history
 
 

@@ -108,12 +108,13 @@ def format_harden(report: dict) -> str:
             f"{what} ({method}{seconds}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
             + (f" steps={a['steps']}" if a["name"] != "fgsm" else "")
             + f"; {report['samples']['validation']} validation samples\n")
-    if report.get("max_clean_drop") is not None:
+    strength = _strength_line(learning)
+    if report.get("max_clean_drop") is not None and not strength:  # the strength line names the budget itself
         conf = report.get("budget_confidence")
         head += (f"chosen within a clean-accuracy budget of {report['max_clean_drop']:g} points on validation"
                  + (f" and for its {100 * conf:g}% upper bound on new data" if conf else "")
                  + ("" if report.get("mask_added", True) else ": no mask qualifies, the model is unchanged") + "\n")
-    head += _strength_line(learning)
+    head += strength
     if learning.get("bound_note"):
         head += f"note: {learning['bound_note']}\n"
     rows = [  # the adaptive attacker first: it is the threat that counts; transfer is the paper's setting

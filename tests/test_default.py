@@ -74,6 +74,7 @@ def test_the_default_run_learns_on_several_tensors_and_judges_adaptively(default
     assert report.score == "learned" and len(report.masks) >= 2
     learning = report.learning
     assert learning["max_clean_drop"] == DEFAULT_CLEAN_DROP
+    assert report.max_clean_drop == DEFAULT_CLEAN_DROP and report.budget_confidence == 0.9  # the budget applied
     strengths = [p["alpha"] for p in report.curve]
     assert strengths[0] == 0.0 and strengths[-1] == 1.0
     if report.mask_added:  # written only when it beats the original adaptively on validation, within the budget
