@@ -255,15 +255,19 @@ def on_logits(runner: Runner, ds: Dataset, config: EvaluateConfig, device: str, 
     except CloakError:
         head = None
     if head is None or head.output == runner.logits:
-        log.warning("the output %r holds probabilities and no pre-Softmax tensor was found: gradient attacks run "
-                    "on probabilities, which weakens them", runner.logits)
-        notes.append(f"the output {runner.logits!r} holds probabilities and no pre-Softmax tensor was found: "
+        _note(notes, f"the output {runner.logits!r} holds probabilities and no pre-Softmax tensor was found: "
                      "gradient attacks ran on probabilities (weaker); export the logits")
         return runner
-    log.warning("the output %r holds probabilities: attacking the pre-Softmax tensor %r", runner.logits, head.output)
-    notes.append(f"the output {runner.logits!r} holds probabilities (non-negative, rows sum to 1): attacks ran on "
+    _note(notes, f"the output {runner.logits!r} holds probabilities (non-negative, rows sum to 1): attacks ran on "
                  f"the pre-Softmax tensor {head.output!r}")
     return Runner.for_config(runner.model, head.output, [head.output], config, device)
+
+
+def _note(notes: list[str], note: str) -> None:
+    """Warn and keep ``note`` once: the model and its --reference usually share their output names."""
+    if note not in notes:
+        log.warning("%s", note)
+        notes.append(note)
 
 
 def _runner(model_path: str | Path, config: EvaluateConfig, device: str) -> Runner:

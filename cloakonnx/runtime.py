@@ -109,6 +109,9 @@ def resolve_threads(requested: int | None) -> int:
     return max(1, min(torch.get_num_threads(), usable_cores()))
 
 
+_WARNED_BUSY = False
+
+
 def use_threads(requested: int | None, warn_if_busy: bool = True) -> int:
     """Set the threads of torch and of the onnxruntime sessions made from now on, and say so when the
     machine is already busy (two jobs at full threads on the same cores run many times slower)."""
@@ -121,7 +124,9 @@ def use_threads(requested: int | None, warn_if_busy: bool = True) -> int:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         load = 0.0
-    if load > 1.5 * cores:
+    global _WARNED_BUSY
+    if load > 1.5 * cores and not _WARNED_BUSY:  # once a process: the demo hardens three times
+        _WARNED_BUSY = True
         log.warning("this machine is busy (load average %.1f on %d cores): cloakonnx uses %d thread(s); beside "
                     "other jobs, --threads 1 (or %s=1) avoids running many times slower", load, cores, n, THREADS_ENV)
     return n

@@ -235,6 +235,8 @@ def test_probability_outputs_are_attacked_on_the_logits(digits_files, tmp_path):
     assert with_softmax["robust_accuracy"]["0.1"] < with_softmax["clean_accuracy"]
     assert any("holds probabilities" in n and "pre-Softmax" in n for n in with_softmax["notes"])
     assert not any("probabilities" in n for n in plain["notes"])
+    referenced = evaluate(soft, digits_files[1], replace(config, reference=soft)).to_dict()
+    assert sum("holds probabilities" in n for n in referenced["notes"]) == 1  # the model and its reference: once
 
 
 def test_zero_gradients_and_randomness_fail_their_checks(digits_files, tmp_path):
