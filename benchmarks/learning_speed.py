@@ -1,4 +1,5 @@
-"""How fast learned masks are learned, and what the speed costs in robustness: the inner attacker and the step count.
+"""How fast learned masks (or fine-tuned weights) are learned, and what the speed costs in robustness: the inner
+attacker and the step count.
 
 harden's default learns soft masks on every stage against an attacker crafted on the current masks at each step.
 This runs that default with several learning settings on the same data, one after the other in this process, and
@@ -9,6 +10,7 @@ the selection attack (harden's guard), beside the original's.
 
     python benchmarks/learning_speed.py --demo-dir /tmp/demo                       # PGD-5 (before) vs FGSM-RS (now)
     python benchmarks/learning_speed.py --demo-dir /tmp/demo --settings fgsm:100,fgsm:400
+    python benchmarks/learning_speed.py --demo-dir /tmp/demo --method finetune --settings fgsm:300,pgd:300
 
 A setting is ATTACK:STEPS (pgd: 5 inner steps). Run it alone on the machine, or say how many threads each had:
 other jobs on the same cores skew every row.
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> dict:
         for attack, steps in args.settings:
             learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack)
             config = HardenConfig(output=Path(tmp) / f"{attack}-{steps}.onnx", learn=learn, seed=args.seed,
+                                  method=args.method,
                                   attack=AttackConfig(name="pgd", eps=args.eps, steps=10, seed=args.seed),
                                   threads=args.threads)
             rep = harden(model, data, config).to_dict()
@@ -56,12 +59,12 @@ def run(args: argparse.Namespace) -> dict:
             rows.append({"setting": f"{attack}:{steps}", "learning_seconds": rep["stages"]["learning"],
                          "original_adaptive": rep["adversarial_accuracy"]["original"],
                          "strength_1_adaptive": full["adversarial_accuracy"], "strength_1_clean": full["clean_accuracy"],
-                         "chosen": learning.get("strength"), "guard_original": guard.get("original"),
+                         "chosen": learning.get("alpha", learning.get("strength")), "guard_original": guard.get("original"),
                          "guard_hardened": guard.get("hardened"), "validation": rep["samples"]["validation"]})
     first = rows[0]["learning_seconds"]
     for r in rows:
         r["time_ratio"] = round(r["learning_seconds"] / first, 3)
-    return {"model": str(model), "eps": args.eps, "threads": args.threads, "cpus": cpus(), "rows": rows}
+    return {"model": str(model), "method": args.method, "eps": args.eps, "threads": args.threads, "cpus": cpus(), "rows": rows}
 
 
 def pct(v) -> str:
@@ -69,7 +72,7 @@ def pct(v) -> str:
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['model']}: eps {result['eps']:g}, {result['threads']} thread(s), {result['cpus']} usable cores; "
+    lines = [f"{result['model']}, method {result['method']}: eps {result['eps']:g}, {result['threads']} thread(s), {result['cpus']} usable cores; "
              f"validation {result['rows'][0]['validation']} samples",
              f"{'setting':10} {'learning':>9} {'ratio':>6} {'adaptive@1':>10} {'clean@1':>8} {'chosen':>6} "
              f"{'guard: original':>15} {'hardened':>8}"]
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", type=parse_settings, default="pgd:300,fgsm:300",
                     help="comma-separated ATTACK:STEPS; the first is the reference of the ratio "
                          "(default: PGD-5 x 300, the default before, then FGSM-RS x 300, the default now)")
+    ap.add_argument("--method", choices=["mask", "finetune"], default="mask",
+                    help="mask: harden's default (soft masks on every stage); finetune: the weights")
     ap.add_argument("--batch", type=int, default=128, help="calibration samples per learning step")
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")

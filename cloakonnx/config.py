@@ -22,6 +22,8 @@ MASK_VALUES = ("binary", "soft")
 INNER_ATTACKS = ("pgd", "fgsm")
 MASK, FINETUNE = "mask", "finetune"  # the methods: a mask (DeepCloak), or fine-tuned weights
 METHODS = (MASK, FINETUNE)
+AUTO = "auto"  # harden's default: both methods, the one more robust on validation written
+HARDEN_METHODS = (AUTO, *METHODS)
 FINETUNE_PARAMS = ("all", "norm", "head")
 # The clean budget (points) of the methods that always choose how strongly to apply what they learned
 # (fine-tuning, masks on several tensors) when --max-clean-drop is not given: one point, held with
@@ -153,10 +155,12 @@ class MaskConfig(CommonConfig):
     # (cloakonnx.curve.clean_drop_bound); 0 uses the validation point estimate alone.
     budget_confidence: float = 0.9
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidates for max_clean_drop and sweep
-    # "mask", or (harden only) "finetune": the weights trained against an adaptive attacker (cloakonnx.finetune)
-    method: str = MASK
+    # "mask"; (harden only) "finetune": the weights trained against an adaptive attacker (cloakonnx.finetune);
+    # or "auto" (harden's default): both, the more robust on validation written. None: the command's default.
+    method: str | None = None
     finetune_params: str = "all"  # with "finetune": "all", "norm" (normalisation only) or "head"
     learned_by_default = False  # class attribute: whether an unset score means the learned masks on every stage
+    methods = METHODS  # class attribute: the methods this command runs
 
     def __post_init__(self) -> None:
         self.resolve_method()
@@ -167,8 +171,11 @@ class MaskConfig(CommonConfig):
         stage (``--feature-tensor auto``), soft, their strength chosen within the clean budget. The
         paper's method is ``score="absdiff"``: a binary mask on the head's input. ``sweep`` and an
         explicit score keep the head's input and binary values unless told otherwise."""
-        default = self.score is None and self.learned_by_default and self.method == MASK
-        if default and self.feature_tensors is None and self.paper_knobs():
+        if self.method is None:  # options that shape a mask ask for the mask method
+            shaped = (self.score, self.mask_values) != (None, None) or self.feature_tensors is not None
+            self.method = AUTO if self.learned_by_default and not shaped and not self.paper_knobs() else MASK
+        default = self.score is None and self.learned_by_default and self.method in (MASK, AUTO)
+        if default and self.method == MASK and self.feature_tensors is None and self.paper_knobs():
             default = False  # they shape the paper's mask on the head's input: they ask for it
         if self.score is None:
             self.score = LEARNED if default else "absdiff"
@@ -176,7 +183,15 @@ class MaskConfig(CommonConfig):
             self.feature_tensors = ("auto",) if default else ()
         if self.mask_values is None:
             self.mask_values = "soft" if default else "binary"
-        self.learn = self.learn.with_defaults_for(self.method if self.method in DEFAULT_STEPS else MASK)
+        if self.method != AUTO:  # auto's two candidates (``candidates``) each take their method's defaults
+            self.learn = self.learn.with_defaults_for(self.method if self.method in DEFAULT_STEPS else MASK)
+
+    def candidates(self) -> tuple["MaskConfig", "MaskConfig"]:
+        """``method="auto"``: the learned masks' configuration and the fine-tuned weights', each with
+        its own learning defaults (steps, inner attack); the options both take are shared."""
+        return (replace(self, method=MASK),
+                replace(self, method=FINETUNE, score=None, feature_tensors=None, mask_values=None,
+                        **({"fold": False} if hasattr(self, "fold") else {})))
 
     @property
     def feature_tensor(self) -> str | None:
@@ -189,6 +204,10 @@ class MaskConfig(CommonConfig):
 
     def describe_method(self) -> str:
         """One line for the log: what this configuration hardens with."""
+        if self.method == AUTO:
+            masks, weights = self.candidates()
+            return (f"{masks.describe_method()}, then {weights.describe_method()}; the one more robust against "
+                    "the adaptive attacker on validation is written")
         if self.method == FINETUNE:
             return f"fine-tuning the weights ({self.finetune_params}) against an adaptive attacker"
         where = "every stage (--feature-tensor auto)" if self.feature_tensors == ("auto",) else (
@@ -222,8 +241,8 @@ class MaskConfig(CommonConfig):
             raise CloakError("soft mask values and masks on several tensors need learned values: add --score learned")
         if "auto" in self.feature_tensors and len(self.feature_tensors) > 1:
             raise CloakError("--feature-tensor auto proposes the tensors itself; give it alone")
-        if self.method not in METHODS:
-            raise CloakError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in self.methods:
+            raise CloakError(f"--method must be one of {', '.join(self.methods)} here, got {self.method!r}")
         if self.finetune_params not in FINETUNE_PARAMS:
             raise CloakError(f"--finetune-params must be one of {', '.join(FINETUNE_PARAMS)}, "
                              f"got {self.finetune_params!r}")
@@ -248,6 +267,7 @@ class HardenConfig(MaskConfig):
     curve: bool = False  # also report the trade-off curve and feature scores (the CLI's --plot draws them)
     fold: bool = False  # multiply the mask into the head's weights instead of adding a Mul node
     learned_by_default = True
+    methods = HARDEN_METHODS
 
     def paper_knobs(self) -> list[str]:
         return super().paper_knobs() + [name for name, used in (("--rounds", self.rounds > 1),

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .config import FINETUNE, LEARNED, HardenConfig
+from .config import AUTO, FINETUNE, LEARNED, MASK, HardenConfig
 from .curve import CurvePoint, choose_point, clean_drop_bound, counts_for, mask_curve
 from .data import Dataset
 from .finetune import WeightSearch, search_weights
@@ -88,7 +88,7 @@ def harden(model_path: str | Path, data: str | Path | Dataset, config: HardenCon
             log.info("hardening with %s", config.describe_method())
             with timer("evaluation"):
                 base = evaluate_original(p, config)
-            search = search_stage(config)(p, config, base, timer)
+            search, config = run_search(p, config, base, timer)
             with timer("surgery"):
                 hardened = hardened_model(p, config, search)
             with timer("evaluation"):
@@ -159,11 +159,59 @@ def evaluate_original(p: Prepared, config: HardenConfig) -> Baseline:
     return Baseline(clean, adv, p.runner.accuracy(p.val, bs, adv))
 
 
-def search_stage(config: HardenConfig):
-    """The one place the method is chosen: fine-tuned weights, a mask on one tensor, or masks on several."""
+def run_search(p: Prepared, config: HardenConfig, base: Baseline,
+               timer: StageTimer) -> tuple[MaskSearch, HardenConfig]:
+    """The one place the method is chosen: fine-tuned weights, a mask on one tensor, masks on several,
+    or (``auto``) both of the last two. Returns the search and the configuration it ran with."""
+    if config.method == AUTO:
+        return search_both(p, config, base, timer)
     if config.method == FINETUNE:
-        return search_weights
-    return search_mask if config.single_tensor else search_layers
+        return search_weights(p, config, base, timer), config
+    return (search_mask if config.single_tensor else search_layers)(p, config, base, timer), config
+
+
+def search_both(p: Prepared, config: HardenConfig, base: Baseline,
+                timer: StageTimer) -> tuple[MaskSearch, HardenConfig]:
+    """harden's default: learned masks on every stage, then fine-tuned weights, each applied at the
+    strength chosen on validation and guarded on its own; the one with the higher worst case under the
+    guard's attacks (APGD-CE-20 and harden's attack, adaptive) is written, the masks on a tie (they
+    leave every weight as it was). Neither beats the original: the model is written unchanged. A
+    method the model does not allow (say, integer weights) leaves the other."""
+    runs: dict[str, tuple[MaskSearch, HardenConfig]] = {}
+    for candidate in config.candidates():
+        run = search_layers if candidate.method == MASK else search_weights
+        try:
+            runs[candidate.method] = run(p, candidate, base, timer), candidate
+        except CloakError as e:
+            if runs or candidate.method == MASK:
+                log.warning("%s is not possible on this model (%s); going on without it", candidate.describe_method(), e)
+                continue
+            raise
+    summaries = {method: candidate_summary(search) for method, (search, _) in runs.items()}
+    kept = max(summaries, key=lambda m: (summaries[m]["guard"] if summaries[m]["written"] else -1.0, m == MASK))
+    search, chosen = runs[kept]
+    search.learning["candidates"] = summaries
+    search.learning["kept"] = kept if search.changed else None
+    worst = "; ".join(f"{m} {100 * s['guard']:.2f}%" if s["written"] else f"{m}: no gain"
+                      for m, s in summaries.items())
+    log.info("kept %s (worst case on validation: original %s; %s)",
+             ("fine-tuned weights" if kept == FINETUNE else "learned masks") if search.changed
+             else "the original: neither beats it", "-" if base.guard is None else f"{100 * base.guard:.2f}%", worst)
+    return search, chosen
+
+
+def candidate_summary(search: MaskSearch) -> dict:
+    """What one of ``auto``'s candidates would write: its strength, clean and adaptive accuracy there
+    (validation), the guard's worst case and its learning seconds."""
+    learning = search.learning
+    strength = learning.get("alpha", learning.get("strength"))
+    point = next((pt for pt in search.curve or [] if pt["alpha"] == strength), None)
+    guard = learning.get("guard") or {}
+    return {"written": bool(search.changed), "strength": strength,
+            "clean_accuracy": None if point is None else point["clean_accuracy"],
+            "adversarial_accuracy": None if point is None else point["adversarial_accuracy"],
+            "guard": guard.get("hardened") if search.changed else None, "guard_attack": guard.get("attack"),
+            "learning_seconds": learning.get("seconds")}
 
 
 def search_mask(p: Prepared, config: HardenConfig, base: Baseline, timer: StageTimer) -> MaskSearch:

@@ -81,6 +81,21 @@ def _what_changed(report: dict) -> str:
     return what
 
 
+CANDIDATE_NAMES = {"mask": "learned masks", "finetune": "fine-tuned weights"}
+
+
+def _candidates_line(learning: dict) -> str:
+    """harden's default (--method auto): which of its two candidates was written, and why."""
+    candidates = learning.get("candidates")
+    if not candidates:
+        return ""
+    kept = learning.get("kept")
+    figures = ", ".join(f"{CANDIDATE_NAMES[m]} {pct(c['guard']).strip()}" if c["written"] else
+                        f"{CANDIDATE_NAMES[m]} no gain" for m, c in candidates.items())
+    return (f"--method auto: {'kept the ' + CANDIDATE_NAMES[kept] if kept else 'neither beats the original'}; "
+            f"worst case on validation: {figures}\n")
+
+
 def _strength_line(learning: dict) -> str:
     """How strongly a learned change was applied, and the check against the original."""
     if "guard" not in learning and "alpha" not in learning and "strength" not in learning:
@@ -114,7 +129,7 @@ def format_harden(report: dict) -> str:
         head += (f"chosen within a clean-accuracy budget of {report['max_clean_drop']:g} points on validation"
                  + (f" and for its {100 * conf:g}% upper bound on new data" if conf else "")
                  + ("" if report.get("mask_added", True) else ": no mask qualifies, the model is unchanged") + "\n")
-    head += strength
+    head += strength + _candidates_line(learning)
     if learning.get("bound_note"):
         head += f"note: {learning['bound_note']}\n"
     rows = [  # the adaptive attacker first: it is the threat that counts; transfer is the paper's setting
@@ -140,12 +155,22 @@ def strength_curve(report: dict) -> str:
 
 
 def format_comparison(reports: dict[str, dict]) -> str:
-    """Several hardens of one model on the same validation samples, one row each: what each method buys."""
+    """Several hardens of one model on the same validation samples, one row each: what each method buys.
+    A default run (--method auto) also shows the candidate it did not write (no transfer figures)."""
     rows = []
     for name, r in reports.items():
         adv, clean = r["adversarial_accuracy"], r["clean_accuracy"]
-        rows.append([name + ("" if r.get("mask_added", True) else " (no gain: unchanged)"), pct(clean["hardened"]),
-                     pct(adv.get("hardened_adaptive")), pct(adv["hardened_transfer"]), f"{r['seconds']:.0f} s"])
+        learning = r.get("learning") or {}
+        kept = learning.get("kept")
+        for method, c in (learning.get("candidates") or {}).items():
+            if method != kept:
+                rows.append([f"  {CANDIDATE_NAMES[method]} (--method {method}): "
+                             + ("not written" if c["written"] else "no gain"),
+                             pct(c["clean_accuracy"]), pct(c["adversarial_accuracy"]), "-", ""])
+        label = name + (f": {CANDIDATE_NAMES[kept]}" if kept else "") + (
+            "" if r.get("mask_added", True) else " (no gain: unchanged)")
+        rows.append([label, pct(clean["hardened"]), pct(adv.get("hardened_adaptive")), pct(adv["hardened_transfer"]),
+                     f"{r['seconds']:.0f} s"])
     first = next(iter(reports.values()))
     rows.insert(0, ["original", pct(first["clean_accuracy"]["original"]),
                     pct(first["adversarial_accuracy"]["original"]), pct(first["adversarial_accuracy"]["original"]), ""])

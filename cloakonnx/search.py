@@ -16,6 +16,7 @@ class Baseline:
     clean: float
     adv: np.ndarray
     adv_accuracy: float
+    guard: float | None = None  # the worst case under the guard's attacks (strength.never_worse), once computed
 
 
 @dataclass

@@ -142,7 +142,9 @@ def never_worse(p: Prepared, config: MaskConfig, base: Baseline, strength: Stren
         apgd = p.backend.survivors(runner, runner, cfg, p.val, p.device, batch, bs, f" validation APGD-CE-{cfg.steps}")
         return float((selection & apgd).mean())
 
-    original = worst(p.runner, p.runner.predict(base.adv, bs) == y)
+    if base.guard is None:  # harden's default judges two candidates against the same original
+        base.guard = worst(p.runner, p.runner.predict(base.adv, bs) == y)
+    original = base.guard
     hardened = worst(strength.runner, strength.survived)
     strength.guard = {"attack": f"{cfg.name}-{cfg.steps} and {p.attack.name}-{p.attack.steps}, adaptive, worst case",
                       "original": original, "hardened": hardened}

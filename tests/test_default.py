@@ -1,5 +1,6 @@
-"""harden's default: soft masks learned on every stage, their strength chosen within a 1-point clean budget,
-judged against the adaptive attacker; the paper's mask is one flag away."""
+"""harden's default (--method auto): soft masks learned on every stage and fine-tuned weights, each applied at
+the strength chosen within a 1-point clean budget against the adaptive attacker, the more robust written; the
+learned masks alone (--method mask) and the paper's mask (--score absdiff) are one flag away."""
 import json
 
 import numpy as np
@@ -17,11 +18,33 @@ ATTACK = AttackConfig(name="pgd", eps=0.1, steps=5, seed=0)
 QUICK = LearnConfig(steps=40, batch_size=64)
 
 
-def test_the_default_is_learned_soft_masks_on_every_stage():
+def test_the_default_is_learned_masks_on_every_stage_and_fine_tuned_weights():
     c = HardenConfig()
-    assert (c.score, c.feature_tensors, c.mask_values, c.method) == ("learned", ("auto",), "soft", "mask")
-    assert c.learn.inner_attack == "fgsm" and c.selection_budget() == DEFAULT_CLEAN_DROP
-    assert "every stage" in c.describe_method()
+    assert c.method == "auto" and c.selection_budget() == DEFAULT_CLEAN_DROP
+    masks, weights = c.candidates()
+    assert (masks.method, masks.score, masks.feature_tensors, masks.mask_values) == ("mask", "learned", ("auto",), "soft")
+    assert (masks.learn.inner_attack, masks.learn.steps) == ("fgsm", 100)
+    assert (weights.method, weights.learn.inner_attack, weights.learn.steps) == ("finetune", "pgd", 300)
+    assert masks.selection_budget() == weights.selection_budget() == DEFAULT_CLEAN_DROP
+    assert "every stage" in c.describe_method() and "fine-tuning" in c.describe_method()
+    m = HardenConfig(method="mask")  # the learned masks alone
+    assert (m.score, m.feature_tensors, m.mask_values, m.learn.steps) == ("learned", ("auto",), "soft", 100)
+
+
+@pytest.mark.parametrize("kw", [dict(score="learned"), dict(feature_tensors=("t",)), dict(mask_values="binary"),
+                                dict(score="absdiff"), dict(fraction=0.05)])
+def test_an_option_that_shapes_a_mask_asks_for_the_mask_method(kw):
+    assert HardenConfig(**kw).method == "mask"
+
+
+def test_auto_shares_the_options_both_take_and_keeps_fold_for_the_masks():
+    c = HardenConfig(learn=LearnConfig(steps=7), max_clean_drop=2.0, fold=True)
+    masks, weights = c.candidates()
+    assert masks.learn.steps == weights.learn.steps == 7 and masks.max_clean_drop == weights.max_clean_drop == 2.0
+    assert masks.fold and not weights.fold
+    weights.validate()  # --fold would be refused for --method finetune
+    with pytest.raises(CloakError, match="--method"):
+        MaskConfig(method="auto").validate()  # sweep draws one method's curve
 
 
 @pytest.mark.parametrize("kw", [dict(score="absdiff"), dict(fraction=0.05), dict(rounds=2), dict(curve=True)])
@@ -59,7 +82,7 @@ def test_the_cli_default_is_the_api_default():
     finally:
         module.harden = original
     assert "stop here" in result.output
-    assert seen["config"] == HardenConfig() and seen["config"].feature_tensors == ("auto",)
+    assert seen["config"] == HardenConfig() and seen["config"].method == "auto"
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +92,34 @@ def default_run(digits_files, tmp_path_factory):
     return harden(model, data, HardenConfig(output=out, attack=ATTACK, learn=QUICK, seed=0)), out
 
 
-def test_the_default_run_learns_on_several_tensors_and_judges_adaptively(default_run):
+@pytest.fixture(scope="module")
+def mask_run(digits_files, tmp_path_factory):
+    model, data = digits_files
+    out = tmp_path_factory.mktemp("masks") / "m.onnx"
+    return harden(model, data, HardenConfig(output=out, attack=ATTACK, learn=QUICK, seed=0, method="mask")), out
+
+
+def test_the_default_run_writes_the_candidate_more_robust_on_validation(default_run, mask_run):
     report, out = default_run
+    learning = report.learning
+    candidates = learning["candidates"]
+    assert set(candidates) == {"mask", "finetune"}
+    guards = {m: c["guard"] for m, c in candidates.items() if c["written"]}
+    if not guards:
+        assert learning["kept"] is None and not report.mask_added
+        return
+    kept = learning["kept"]
+    assert guards[kept] == max(guards.values()) and learning["guard"]["hardened"] == guards[kept]
+    assert report.mask_added and (learning.get("method") == "finetune") == (kept == "finetune")
+    # the masks candidate is exactly what --method mask alone chooses
+    masks_alone = mask_run[0].learning
+    assert candidates["mask"]["strength"] == masks_alone["strength"]
+    assert candidates["mask"]["guard"] == (masks_alone["guard"]["hardened"] if mask_run[0].mask_added else None)
+    assert learning["guard"]["original"] == masks_alone["guard"]["original"]  # the original, attacked once
+
+
+def test_the_mask_run_learns_on_several_tensors_and_judges_adaptively(mask_run):
+    report, out = mask_run
     assert report.score == "learned" and len(report.masks) >= 2
     learning = report.learning
     assert learning["max_clean_drop"] == DEFAULT_CLEAN_DROP
@@ -102,11 +151,11 @@ def test_the_cli_default_run_says_what_it_did(digits_files, tmp_path):
                                        "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["score"] == "learned" and len(report["learning"]["tensors"]) >= 2
+    assert set(report["learning"]["candidates"]) == {"mask", "finetune"}
     assert np.isfinite(report["learning"]["seconds"])
 
 
-def test_fold_multiplies_every_stage_into_the_next_layer(digits_files, default_run, tmp_path):
+def test_fold_multiplies_every_stage_into_the_next_layer(digits_files, mask_run, tmp_path):
     """--fold with the default: each feature map's mask goes into the next conv's (or the head's) weights,
     so the graph has the original's nodes, and the outputs equal the Mul form's."""
     import onnx
@@ -114,11 +163,11 @@ def test_fold_multiplies_every_stage_into_the_next_layer(digits_files, default_r
     from cloakonnx.runtime import make_session, run_batch
 
     model, data = digits_files
-    report, mul_path = default_run
+    report, mul_path = mask_run
     if not report.mask_added:
         pytest.skip("the quick learning bought nothing on this fixture: nothing to fold")
     folded = harden(model, data, HardenConfig(output=tmp_path / "f.onnx", attack=ATTACK, learn=QUICK, seed=0,
-                                              fold=True))
+                                              fold=True, method="mask"))
     assert folded.masks == report.masks
     original, mul, fold = (onnx.load(str(p)) for p in (model, mul_path, tmp_path / "f.onnx"))
     assert len(fold.graph.node) == len(original.graph.node) < len(mul.graph.node)
@@ -143,6 +192,13 @@ def test_the_demo_comparison_names_each_method_and_an_unchanged_model():
     assert lines[2].split()[:3] == ["original", "99.00%", "50.00%"]
     assert "paper" in lines[3] and "55.00%" in lines[3] and "12 s" in lines[3]
     assert "default (no gain: unchanged)" in lines[4]
+    auto = fake(0.99, 0.7, 0.75)
+    auto["learning"] = {"kept": "finetune", "candidates": {
+        "mask": {"written": True, "clean_accuracy": 0.99, "adversarial_accuracy": 0.58, "guard": 0.56},
+        "finetune": {"written": True, "clean_accuracy": 0.99, "adversarial_accuracy": 0.7, "guard": 0.69}}}
+    lines = format_comparison({"paper": fake(0.98, 0.55, 0.6), "default": auto}).splitlines()
+    assert "learned masks (--method mask): not written" in lines[4] and "58.00%" in lines[4] and "-" in lines[4]
+    assert "default: fine-tuned weights" in lines[5] and "75.00%" in lines[5]
 
 
 def test_harden_attacks_a_softmax_model_through_its_logits(digits_files, tmp_path):
@@ -209,6 +265,6 @@ def test_a_change_that_weakens_the_model_is_named_loudly(caplog):
 def test_finetune_learns_against_pgd_and_masks_against_fgsm_unless_told():
     """Weights overfit to FGSM with a random start; masks do not, and it is 3 times cheaper."""
     assert HardenConfig(method="finetune").learn.inner_attack == "pgd"
-    assert HardenConfig().learn.inner_attack == "fgsm"
+    assert HardenConfig(method="mask").learn.inner_attack == "fgsm"
     assert HardenConfig(method="finetune", learn=LearnConfig(inner_attack="fgsm")).learn.inner_attack == "fgsm"
-    assert HardenConfig(learn=LearnConfig(inner_attack="pgd")).learn.inner_attack == "pgd"
+    assert HardenConfig(method="mask", learn=LearnConfig(inner_attack="pgd")).learn.inner_attack == "pgd"

@@ -161,11 +161,14 @@ class MaskArgs(ArgGroup):
                     "'auto' (the head's input and the last activation of each resolution stage), with "
                     "--score learned: one mask per tensor, learned jointly [default: auto for harden's default, "
                     "else the head's input].", to="feature_tensors", convert=as_tuple),
-        Option("--method", type=click.Choice(["mask", "finetune"]), default="mask", show_default=True,
-               help="harden: mask (a DeepCloak mask, weights untouched), or finetune (the weights trained against "
-                    "an adaptive attacker on the calibration split with --learn-* settings, then moved from the "
-                    "original's by the share chosen on validation; no gain, no change). sweep --method finetune "
-                    "shows every share's clean and adaptive accuracy.", to="method"),
+        Option("--method", type=click.Choice(["auto", "mask", "finetune"]), default=None,
+               help="mask: DeepCloak masks, weights untouched; finetune: the weights trained against an adaptive "
+                    "attacker on the calibration split (--learn-* settings), then moved from the original's by the "
+                    "share chosen on validation; auto (harden only): both, and the one more robust on validation "
+                    "against the adaptive attacker is written. No gain, no change. [default: harden: auto, or mask "
+                    "when an option shapes a mask (--score, --feature-tensor, --mask-values, --fraction, --rounds, "
+                    "--plot); sweep: mask, and sweep --method finetune shows every share's clean and adaptive "
+                    "accuracy].", to="method"),
         Option("--finetune-params", type=click.Choice(["all", "norm", "head"]), default="all", show_default=True,
                help="--method finetune: the weights to move: all (linear layers and normalisations), norm "
                     "(normalisation scales and biases) or head (the final layer).", to="finetune_params"),
