@@ -268,3 +268,25 @@ def test_finetune_learns_against_pgd_and_masks_against_fgsm_unless_told():
     assert HardenConfig(method="mask").learn.inner_attack == "fgsm"
     assert HardenConfig(method="finetune", learn=LearnConfig(inner_attack="fgsm")).learn.inner_attack == "fgsm"
     assert HardenConfig(method="mask", learn=LearnConfig(inner_attack="pgd")).learn.inner_attack == "pgd"
+
+
+def test_auto_goes_on_with_the_method_the_model_allows(digits_files, tmp_path, monkeypatch, caplog):
+    """Fine-tuning refuses some graphs (quantized weights); the default then writes the masks alone,
+    saying why, and a model neither method can harden fails with the reason."""
+    import logging
+
+    import cloakonnx.harden as module
+
+    def refuse(*args, **kwargs):
+        raise CloakError("integer weights 'w' cannot be fine-tuned")
+
+    monkeypatch.setattr(module, "search_weights", refuse)
+    model, data = digits_files
+    with caplog.at_level(logging.WARNING, logger="cloakonnx.harden"):
+        report = harden(model, data, HardenConfig(output=tmp_path / "m.onnx", attack=ATTACK, learn=QUICK, seed=0))
+    assert "integer weights 'w'" in caplog.text and "going on without it" in caplog.text
+    assert set(report.learning["candidates"]) == {"mask"} and report.score == "learned"
+    monkeypatch.setattr(module, "search_layers", refuse)
+    with pytest.raises(CloakError, match="integer weights"):
+        harden(model, data, HardenConfig(output=tmp_path / "n.onnx", attack=ATTACK, learn=QUICK, seed=0))
+    assert not (tmp_path / "n.onnx").exists()
