@@ -71,7 +71,7 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
     net = preprocess.torch_wrap(masked_net, data.x.ndim)  # box-space inputs, as the attacks expect
     sparsity = (lambda: config.sparsity * torch.cat(masked_net.masks()).mean()) if config.sparsity else None
     history = adversarial_training(net, masked_net.thetas.parameters(), data, attack, config, config.lr_for(MASK),
-                                   preprocess.bounds, device, seed, "learning the mask", sparsity)
+                                   preprocess.bounds, device, seed, "learning the mask" if len(tensors) == 1 else "learning the masks", sparsity)
     values = {t: m.detach().cpu().numpy().reshape(-1).astype(np.float64) for t, m in zip(tensors, masked_net.masks())}
     seconds = time.perf_counter() - start
     log.info("learned masks on %s in %.1f s (%d steps): %s", ", ".join(map(repr, tensors)), seconds, config.steps,
@@ -109,9 +109,10 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
         optimiser.step()
         if step % 10 == 0:
             history.append(round(loss.item(), 4))
-        if bar.disable and (step + 1) % every == 0:  # no terminal (a log, CI): a line every tenth instead
-            log.info("%s: step %d of %d, loss %.4f, %.0f s", desc, step + 1, config.steps, loss.item(),
-                     time.perf_counter() - start)
+        if bar.disable and ((step + 1) % every == 0 or step == 1):  # no terminal (a log, CI): a line every tenth
+            spent = time.perf_counter() - start
+            log.info("%s: step %d of %d, loss %.4f, %.0f s, about %.0f s to go", desc, step + 1, config.steps,
+                     loss.item(), spent, spent / (step + 1) * (config.steps - step - 1))
     return history
 
 
