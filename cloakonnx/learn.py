@@ -70,8 +70,9 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
     masked_net = masked_model(module, image, dict(zip(value_inputs, tensors)), shapes, config.init).to(device)
     net = preprocess.torch_wrap(masked_net, data.x.ndim)  # box-space inputs, as the attacks expect
     sparsity = (lambda: config.sparsity * torch.cat(masked_net.masks()).mean()) if config.sparsity else None
+    desc = "learning the mask" if len(tensors) == 1 else "learning the masks"
     history = adversarial_training(net, masked_net.thetas.parameters(), data, attack, config, config.lr_for(MASK),
-                                   preprocess.bounds, device, seed, "learning the mask" if len(tensors) == 1 else "learning the masks", sparsity)
+                                   preprocess.bounds, device, seed, desc, sparsity)
     values = {t: m.detach().cpu().numpy().reshape(-1).astype(np.float64) for t, m in zip(tensors, masked_net.masks())}
     seconds = time.perf_counter() - start
     log.info("learned masks on %s in %.1f s (%d steps): %s", ", ".join(map(repr, tensors)), seconds, config.steps,
