@@ -10,7 +10,9 @@ constants made by Constant nodes or folded subgraphs count), and gets back a lis
 * BatchNormalization is folded into the weights of the Conv, ConvTranspose or Gemm before it;
 * ``Clip(x + 3, 0, 6) / 6`` (or ``* 1/6``) is one HardSigmoid(alpha=1/6, beta=0.5);
 * ``x * HardSigmoid(x)`` (alpha=1/6, beta=0.5) and ``x * Clip(x + 3, 0, 6) / 6`` are one HardSwish;
-* ``0.5 * x * (1 + Erf(x / sqrt(2)))`` (in any operand order, ``x * 0.7071..`` too) is one Gelu.
+* ``0.5 * x * (1 + Erf(x / sqrt(2)))`` (in any operand order, ``x * 0.7071..`` too) is one Gelu;
+* a Conv read only by a HardSwish runs in the HardSwish's step, with the activation fused into
+  the convolution (the Conv step only hands its inputs on).
 
 A pattern is only replaced when it matches exactly: its constants within 1e-6, every intermediate
 tensor read by the next node of the pattern alone and not a requested output. Anything else is
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 from typing import Callable, NamedTuple
 
 import onnx
 import torch
 from onnx import helper
 
+from .ops.conv import CONV_HARD_SWISH, DEFERRED_CONV
 from .registry import _OPS, NodeContext, _OpVersion
 from .tensors import _empty
 
@@ -289,6 +293,25 @@ def _gelu(g: _Graph, pn: PlanNode) -> tuple[PlanNode, list[PlanNode]] | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Conv + HardSwish
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_hard_swish(nodes: list[PlanNode], consts: dict[str, torch.Tensor], keep: set[str]) -> list[PlanNode]:
+    """A Conv read only by a HardSwish hands its inputs on (ops/conv.py), and the HardSwish step runs
+    the convolution with the activation fused in; both steps stay in the plan under their names."""
+    g = _Graph(nodes, consts, keep)
+    swap: dict[int, PlanNode] = {}
+    for pn in nodes:
+        conv = g.sole(pn.node.input[0], "Conv") if pn.node.op_type == "HardSwish" else None
+        if conv is None or len(conv.node.input) < 2:
+            continue
+        swap[id(conv)] = conv._replace(entry=replace(DEFERRED_CONV, since=conv.entry.since))
+        swap[id(pn)] = pn._replace(entry=replace(CONV_HARD_SWISH, since=pn.entry.since))
+    return [swap.get(id(pn), pn) for pn in nodes]
+
+
+# --------------------------------------------------------------------------------------------
 # The passes
 # --------------------------------------------------------------------------------------------
 
@@ -321,4 +344,4 @@ def fuse(nodes: list[PlanNode], consts: dict[str, torch.Tensor], keep: set[str])
     weights, ``keep`` names the tensors that must stay visible (the requested outputs)."""
     for match in _PASSES:
         nodes = _apply(nodes, consts, keep, match)
-    return nodes
+    return _conv_hard_swish(nodes, consts, keep)  # last: it reads the HardSwish steps made above

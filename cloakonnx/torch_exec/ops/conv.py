@@ -6,10 +6,12 @@ explicit or automatic padding into what torch accepts.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from ..registry import op
+from ..registry import _OpVersion, op
 from ..tensors import _pt_pad
 from .spatial import _spatial_pads
 
@@ -111,3 +113,82 @@ def _conv_transpose(inputs, attrs, ctx):
     if b is not None:
         y = y + b.reshape((1, -1) + (1,) * n)
     return (y,)
+
+
+# --------------------------------------------------------------------------------------------
+# Conv + HardSwish run in one kernel (fuse.py: a Conv whose only reader is a HardSwish defers to it)
+# --------------------------------------------------------------------------------------------
+
+# Above this many multiply-adds per output element (input channels per group x kernel size) the
+# convolution costs more to run again in the backward pass than the activation pass it saves.
+_RECOMPUTE_MAX_MACS = 27
+
+
+def _mkldnn_conv_args(x, w, b, attrs):
+    """(stride, padding, dilation, groups) when oneDNN can run this 2-d Conv with the activation
+    fused in (CPU, float32, symmetric pads), else None."""
+    if (w.dim() != 4 or x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32
+            or w.dtype != torch.float32 or (b is not None and b.dtype != torch.float32)
+            or w.requires_grad or (b is not None and b.requires_grad) or not torch.backends.mkldnn.is_available()):
+        return None
+    kernel = attrs.get("kernel_shape") or list(w.shape[2:])
+    strides = attrs.get("strides", [1, 1])
+    dilations = attrs.get("dilations", [1, 1])
+    begins, ends = _spatial_pads(x, attrs, kernel, strides, dilations)
+    if list(begins) != list(ends):
+        return None
+    return list(strides), list(begins), list(dilations), attrs.get("group", 1)
+
+
+class _ConvHardSwish(torch.autograd.Function):
+    """hardswish(conv2d(x, w, b)) in one oneDNN kernel; the backward pass computes the convolution
+    again (cheap for depthwise and narrow ones) instead of keeping its output, and gives the
+    gradient with respect to ``x`` only (the weights are constants)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, w, b)
+        ctx.conf = (stride, padding, dilation, groups)
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, padding, stride, dilation, groups, "hardswish", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, w, b = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        z = F.conv2d(x, w, b, stride, padding, dilation, groups)  # the same kernel as the unfused Conv
+        gz = torch.ops.aten.hardswish_backward(grad, z)
+        del z
+        gx = torch.ops.aten.convolution_backward(gz, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                                                 [True, False, False])[0]
+        return gx, None, None, None, None, None, None
+
+
+class _ConvCall(NamedTuple):
+    """A Conv not run yet: what its only reader, a HardSwish step, needs to run it fused."""
+
+    inputs: list
+    attrs: dict
+    ctx: object
+
+
+def _deferred_conv(inputs, attrs, ctx):
+    return (_ConvCall(inputs, attrs, ctx),)
+
+
+def _conv_hard_swish(inputs, attrs, ctx):
+    call = inputs[0]
+    x, w = call.inputs[0], call.inputs[1]
+    b = call.inputs[2] if len(call.inputs) > 2 else None
+    args = _mkldnn_conv_args(x, w, b, call.attrs)
+    if args is not None:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            with torch.no_grad():
+                return (torch.ops.mkldnn._convolution_pointwise(x, w, b, args[1], args[0], args[2], args[3], "hardswish", [], ""),)
+        if w.shape[1] * w.shape[2] * w.shape[3] <= _RECOMPUTE_MAX_MACS:
+            return (_ConvHardSwish.apply(x, w, b, *args),)
+    return (F.hardswish(_conv(call.inputs, call.attrs, call.ctx)[0]),)
+
+
+DEFERRED_CONV = _OpVersion(since=1, fn=_deferred_conv, check=None)
+CONV_HARD_SWISH = _OpVersion(since=14, fn=_conv_hard_swish, check=None)
