@@ -90,6 +90,32 @@ def test_float16_weights_come_back_float16():
     assert [i.name for i in inputs.graph.input] == ["X", "W", "B"] and not inputs.graph.initializer
 
 
+def _as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every initializer held by a Constant node instead, as Paddle's exporter writes them."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t) for t in out.graph.initializer]
+    nodes = consts + list(out.graph.node)
+    del out.graph.initializer[:]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_weights_in_constant_nodes_are_trained_and_written_back(trained):
+    model, data, names, result = trained
+    consts = _as_constants(model)
+    assert not consts.graph.initializer and trainable_initializers(consts, "all") == names
+    again = finetune_weights(consts, names, find_head(model).logits, Preprocess(), data, ATTACK, FAST, seed=1)
+    assert all(again.values[n].tobytes() == result.values[n].tobytes() for n in names)
+    values = interpolate(result.start, result.values, 1.0)
+    new = with_weights(consts, values)
+    onnx.checker.check_model(new)
+    assert [n.name for n in new.graph.node] == [n.name for n in consts.graph.node] and not new.graph.initializer
+    x = np.asarray(data.x[:32])
+    np.testing.assert_allclose(_logits(new, x), _logits(with_weights(model, values), x), atol=1e-5)
+
+
 def test_quantized_and_integer_weights_are_refused_by_name():
     q = numpy_helper.from_array(np.ones((4, 3), np.int8), "W_quantized")
     scale = numpy_helper.from_array(np.array(0.1, np.float32), "W_scale")

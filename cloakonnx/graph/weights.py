@@ -3,7 +3,9 @@
 - :func:`trainable_initializers`: the float initializers that are weights and biases of linear
   layers (Conv, ConvTranspose, Gemm, MatMul, the Add after a MatMul) or scales and biases of a
   normalisation; ``norm`` keeps the normalisation ones, ``head`` the final head's weight and bias.
-  Quantized (QDQ) or integer weights are refused, naming the tensor.
+  Quantized (QDQ) or integer weights are refused, naming the tensor. Weights held in Constant
+  nodes (Paddle's exporter writes every weight that way) count as initializers here: they are
+  read from, and written back to, the node's ``value``.
 - :func:`with_weight_inputs`: a copy where those initializers are graph inputs, so the torch
   executor takes them as inputs and autograd reaches them. It is never served.
 - :func:`with_weights`: a copy with only those initializers' values replaced: same names, dtypes
@@ -34,7 +36,7 @@ def trainable_initializers(model: onnx.ModelProto, params: str = "all") -> list[
     weights and biases, normalisation scales and biases), "norm" (normalisation only) or "head"."""
     if params not in PARAM_SETS:
         raise CloakError(f"--finetune-params must be one of {', '.join(PARAM_SETS)}, got {params!r}")
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = stored_tensors(model)
     _refuse_quantized(model, inits)
     if params == "head":
         names = _head_initializers(model, inits)
@@ -53,6 +55,19 @@ def trainable_initializers(model: onnx.ModelProto, params: str = "all") -> list[
     if not names:
         raise CloakError(f"the model has no float initializers for --finetune-params {params} to fine-tune")
     return names
+
+
+def stored_tensors(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    """Every tensor stored in the graph, by name: the initializers and the ``value`` of each Constant
+    node (the tensor itself, so that writing to it writes the model)."""
+    out = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
+                         None)
+            if value is not None:
+                out[node.output[0]] = value
+    return out
 
 
 def _stored(made_by: dict, name: str) -> str:
@@ -98,14 +113,14 @@ def _head_initializers(model: onnx.ModelProto, inits: dict) -> list[str]:
     if missing:
         raise CloakError(f"the head's weight {missing[0]!r} is not a float tensor: it cannot be fine-tuned")
     if not names:
-        raise CloakError(f"the head ({', '.join(head.nodes)}) keeps its weights outside the initializers "
-                         "(Constant nodes): use --finetune-params all or norm")
+        raise CloakError(f"the head ({', '.join(head.nodes)}) computes its weights instead of storing them: "
+                         "use --finetune-params all or norm")
     return names
 
 
 def initializer_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
     """The named initializers as float32 arrays (the master copy a fine-tuning moves)."""
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = stored_tensors(model)
     missing = [n for n in names if n not in inits]
     if missing:
         raise CloakError(f"no initializer named {', '.join(map(repr, missing))} in the model")
@@ -116,15 +131,18 @@ def with_weight_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPr
     """A copy of ``model`` where each named initializer is a graph input of the same name, dtype and
     shape instead (appended after the other inputs): the model fine-tuning runs through the torch
     executor, with gradients to the weights. It is never served."""
-    initializer_values(model, names)  # every name must be an initializer
+    initializer_values(model, names)  # every name must be stored in the graph
     wanted = set(names)
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    moved = {n: t for n, t in stored_tensors(out).items() if n in wanted}
     kept = [t for t in out.graph.initializer if t.name not in wanted]
-    moved = {t.name: t for t in out.graph.initializer if t.name in wanted}
+    nodes = [n for n in out.graph.node if not (n.op_type == "Constant" and n.output and n.output[0] in wanted)]
     inputs = [i for i in out.graph.input if i.name not in wanted]  # old IRs list initializers as inputs too
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
     del out.graph.input[:]
     out.graph.input.extend(inputs)
     for name in names:
@@ -138,7 +156,7 @@ def with_weights(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.
     and checked against its shape; everything else is left as it was."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
+    inits = stored_tensors(out)
     for name, value in values.items():
         if name not in inits:
             raise CloakError(f"no initializer named {name!r} in the model")
@@ -148,7 +166,7 @@ def with_weights(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.
             raise CloakError(f"new values for {name!r} have shape {list(value.shape)}, "
                              f"the initializer {list(old.dims)}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
-        new = numpy_helper.from_array(value.astype(dtype), name)
+        new = numpy_helper.from_array(value.astype(dtype), old.name)
         new.doc_string = old.doc_string
         old.CopyFrom(new)
     return out
