@@ -186,3 +186,25 @@ def test_several_tensors_refuse_a_fraction(digits_files, tmp_path):
     with pytest.raises(CloakError, match="--fraction shapes a mask on one tensor"):
         harden(model, data, _config(tmp_path, "x.onnx", feature_tensors=(CONV, head), fraction=0.1))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_learned_mask_that_loses_to_the_adaptive_attacker_is_refused(digits_files, tmp_path, monkeypatch):
+    """A learned mask on one tensor is cut by transfer accuracy; one that leaves the model easier to
+    attack directly (here: all but two head features switched off) must not be written."""
+    import cloakonnx.harden as module
+
+    model, data = digits_files
+    width = find_head(load_model(model)).weight.shape[0]
+
+    def crippling(p, config, search, timer, tensors):
+        values = np.zeros(width, np.float32)
+        values[:2] = 1.0
+        search.learning = {"tensors": tensors, "seconds": 0.0, "steps": 0, "loss": []}
+        return {tensors[0]: values}
+
+    monkeypatch.setattr(module, "learn_stage", crippling)
+    report = harden(model, data, _config(tmp_path, "x.onnx"))
+    guard = report.learning["guard"]
+    assert guard["hardened"] <= guard["original"], guard
+    assert not report.mask_added and report.masked == 0 and report.masks == []
+    assert find_head(load_model(tmp_path / "x.onnx")).mask is None
