@@ -14,6 +14,7 @@ Then the chosen candidate must beat the original under a second, stronger attack
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -75,7 +76,7 @@ def choose_strength(p: Prepared, config: MaskConfig, base: Baseline, build: Call
     budget, confidence, bs, y = config.selection_budget(), config.budget_confidence, config.ort_batch_size, p.val.y
     before = p.runner.predict(p.val.x, bs) == y
     points = [StrengthPoint(0.0, base.clean, base.adv_accuracy, 0.0, median_margin(p.runner, p.val, bs))]
-    runners, survived, broken = {}, {}, {0.0: 0}
+    runners, survived, broken, start = {}, {}, {0.0: 0}, time.perf_counter()
     for alpha in STRENGTHS:
         runner = p.runner_for(build(alpha), config)
         correct = runner.predict(p.val.x, bs) == y
@@ -86,6 +87,8 @@ def choose_strength(p: Prepared, config: MaskConfig, base: Baseline, build: Call
         points.append(StrengthPoint(alpha, float(correct.mean()), float(survived[alpha].mean()),
                                     clean_drop_bound(before, correct, confidence or 0.9),
                                     median_margin(runner, p.val, bs)))
+        log.info("%s at strength %g: clean %.1f%%, adaptive %.1f%% on validation (%.0f s)", what, alpha,
+                 100 * points[-1].clean_accuracy, 100 * points[-1].adversarial_accuracy, time.perf_counter() - start)
     best = choose_point(points, base.clean, budget, use_bound=bool(confidence), floor=base.adv_accuracy)
     note = bound_note(points, broken, base, budget, confidence, best, len(y))
     if best is None:
@@ -148,6 +151,9 @@ def never_worse(p: Prepared, config: MaskConfig, base: Baseline, strength: Stren
     hardened = worst(strength.runner, strength.survived)
     strength.guard = {"attack": f"{cfg.name}-{cfg.steps} and {p.attack.name}-{p.attack.steps}, adaptive, worst case",
                       "original": original, "hardened": hardened}
+    log.info("the %s at strength %g against APGD-CE-%d and %s-%d on validation, worst case: %.1f%% (the "
+             "original: %.1f%%)", what, strength.chosen.alpha, cfg.steps, p.attack.name, p.attack.steps,
+             100 * hardened, 100 * original)
     if hardened <= original:
         log.warning("the %s at strength %g is not more robust than the original against APGD-CE-%d on validation "
                     "(%.1f%% vs %.1f%%, worst case): nothing is changed", what, strength.chosen.alpha, cfg.steps,
