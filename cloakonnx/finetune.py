@@ -22,13 +22,13 @@ import numpy as np
 import onnx
 
 from .attacks import AttackConfig
-from .config import FINETUNE, HardenConfig, LearnConfig
+from .config import FINETUNE, LR_BACKOFF, LR_BACKOFFS, HardenConfig, LearnConfig
 from .data import Dataset, Preprocess
 from .errors import CloakError
 from .graph import (CloakRecord, initializer_values, relative_change, select_input, trainable_initializers,
                     with_weight_inputs, with_weights)
 from .graph.record import set_metadata
-from .learn import adversarial_training
+from .learn import LossRose, adversarial_training
 from .pipeline import Prepared
 from .search import Baseline, MaskSearch
 from .strength import choose_strength, never_worse
@@ -48,6 +48,7 @@ class FinetunedWeights:
     steps: int
     lr: float
     history: list[float] = field(default_factory=list)  # the training loss every 10 steps
+    rose: list[float] = field(default_factory=list)  # the step sizes given up on: the loss rose at each
 
 
 @dataclass
@@ -81,20 +82,31 @@ def finetune_weights(model: onnx.ModelProto, names: list[str], logits: str, prep
     config.validate()
     config = config.with_defaults_for(FINETUNE)
     start, lr = time.perf_counter(), config.lr_for(FINETUNE)
-    torch.manual_seed(seed)
     image = select_input(model, input_name).name
     w0 = initializer_values(model, names)
     module = OnnxTorchModule(with_weight_inputs(model, names), outputs=[logits]).to(device).eval()
     if sorted(module.input_names) != sorted([image, *names]):
         raise CloakError(f"fine-tuning needs a model with one input, this one takes {module.input_names}")
-    weighted = weighted_model(module, image, w0).to(device)
-    net = preprocess.torch_wrap(weighted, data.x.ndim)  # box-space inputs, as the attacks expect
-    history = adversarial_training(net, weighted.weights.parameters(), data, attack, config, lr, preprocess.bounds,
-                                   device, seed, "fine-tuning the weights")
+    backoffs = 0 if config.lr is not None else LR_BACKOFFS  # a step size the user chose is kept
+    rose = []
+    while True:
+        torch.manual_seed(seed)  # each try starts as a run with --learn-lr at its step size would
+        weighted = weighted_model(module, image, w0).to(device)
+        net = preprocess.torch_wrap(weighted, data.x.ndim)  # box-space inputs, as the attacks expect
+        try:
+            run = adversarial_training(net, weighted.weights.parameters(), data, attack, config, lr,
+                                       preprocess.bounds, device, seed, "fine-tuning the weights",
+                                       stop_below=config.stop_loss or None, check_rise=len(rose) < backoffs)
+            break
+        except LossRose as e:
+            rose.append(lr)
+            log.warning("fine-tuning at step size %g: %s; starting again from the original weights at %g",
+                        lr, e, lr / LR_BACKOFF)
+            lr /= LR_BACKOFF
     values = {n: p.detach().cpu().numpy().astype(w0[n].dtype) for n, p in zip(names, weighted.parameter_list())}
     seconds = time.perf_counter() - start
-    log.info("fine-tuned %d weight tensors in %.1f s (%d steps, lr %g)", len(names), seconds, config.steps, lr)
-    return FinetunedWeights(w0, values, seconds, config.steps, lr, history)
+    log.info("fine-tuned %d weight tensors in %.1f s (%d steps, lr %g)", len(names), seconds, run.steps, lr)
+    return FinetunedWeights(w0, values, seconds, run.steps, lr, run.history, rose)
 
 
 def _weighted_model_class():
@@ -144,7 +156,7 @@ def search_weights(p: Prepared, config: HardenConfig, base: Baseline, timer: Sta
     search.curve = [pt.to_dict() for pt in points]
     search.learning = {"method": FINETUNE, "params": config.finetune_params, "tensors": len(names),
                        "seconds": round(result.seconds, 3), "steps": result.steps, "lr": result.lr,
-                       "loss": result.history, "max_clean_drop": budget, "alpha": None if best is None else best.alpha,
+                       "lr_given_up": result.rose, "loss": result.history, "max_clean_drop": budget, "alpha": None if best is None else best.alpha,
                        "guard": strength.guard, "bound_note": strength.bound_note,
                        "median_margin": {"original": points[0].median_margin, "trained": points[-1].median_margin,
                                          "written": (points[0] if best is None else best).median_margin}}
@@ -154,13 +166,13 @@ def search_weights(p: Prepared, config: HardenConfig, base: Baseline, timer: Sta
         values = interpolate(result.start, result.values, best.alpha)
         change = {n: float(f"{v:.6g}") for n, v in relative_change(result.start, values).items()}
         search.model = with_weights(p.model, values)
-        set_metadata(search.model, finetune_record(p, config, best.alpha, budget, change).metadata(p.model))
+        set_metadata(search.model, finetune_record(p, config, result, best.alpha, budget, change).metadata(p.model))
     search.runner, search.weights_changed = strength.runner, True
     search.learning["relative_change"] = change
     return search
 
 
-def finetune_record(p: Prepared, config: HardenConfig, alpha: float, budget: float,
+def finetune_record(p: Prepared, config: HardenConfig, result: FinetunedWeights, alpha: float, budget: float,
                     change: dict[str, float]) -> CloakRecord:
     """The cloak record of a fine-tuning: method, the weights moved and by how much, alpha and where it
     was chosen; the mask fields describe the input's mask, if it had one (fine-tuning keeps it)."""
@@ -171,5 +183,5 @@ def finetune_record(p: Prepared, config: HardenConfig, alpha: float, budget: flo
         seed=config.seed, rounds=1, max_clean_drop=budget, budget_confidence=config.budget_confidence,
         method=FINETUNE, finetune={"params": config.finetune_params, "alpha": alpha, "validation_samples": len(p.val),
                                    "clean_budget": budget,
-                                   "relative_change": change, "lr": config.learn.lr_for(FINETUNE),
-                                   "steps": config.learn.steps, "inner_attack": config.learn.inner_attack})
+                                   "relative_change": change, "lr": result.lr, "steps": result.steps,
+                                   "inner_attack": config.learn.with_defaults_for(FINETUNE).inner_attack})

@@ -72,7 +72,7 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
     sparsity = (lambda: config.sparsity * torch.cat(masked_net.masks()).mean()) if config.sparsity else None
     desc = "learning the mask" if len(tensors) == 1 else "learning the masks"
     history = adversarial_training(net, masked_net.thetas.parameters(), data, attack, config, config.lr_for(MASK),
-                                   preprocess.bounds, device, seed, desc, sparsity)
+                                   preprocess.bounds, device, seed, desc, sparsity).history
     values = {t: m.detach().cpu().numpy().reshape(-1).astype(np.float64) for t, m in zip(tensors, masked_net.masks())}
     seconds = time.perf_counter() - start
     log.info("learned masks on %s in %.1f s (%d steps): %s", ", ".join(map(repr, tensors)), seconds, config.steps,
@@ -80,13 +80,36 @@ def learn_masks(model: onnx.ModelProto, tensors: list[str], logits: str, preproc
     return LearnedMasks(values, {t: r for t, (_, r) in shapes.items()}, seconds, config.steps, history)
 
 
+class LossRose(Exception):
+    """The training loss over steps 11-20 was above the first step's: the step size is too large
+    for this model (a deep pretrained network's weights, say), and the run should start again smaller."""
+
+    def __init__(self, first: float, later: float):
+        super().__init__(f"the loss rose from {first:.3f} (step 1, the original weights) to {later:.3f} "
+                         "(steps 11-20)")
+        self.first, self.later = first, later
+
+
+@dataclass
+class Training:
+    """What the loop did: the loss every 10 steps, and how many steps it took (fewer than asked when
+    it stopped early)."""
+
+    history: list[float]
+    steps: int
+
+
 def adversarial_training(net, params, data: Dataset, attack: AttackConfig, config: LearnConfig, lr: float,
                          bounds: tuple[float, float], device: str, seed: int, desc: str,
-                         extra_loss=None) -> list[float]:
+                         extra_loss=None, stop_below: float | None = None, check_rise: bool = False) -> Training:
     """The loop masks and fine-tuned weights share: each step draws a calibration batch, crafts the
     inner attack on the *current* ``net`` (the adaptive attacker), and takes an Adam step on
     ``params`` alone with CE(net(x_adv)) + CE(net(x)) (+ ``extra_loss()``). Nothing in it rewards
-    smaller logits. Returns the loss every 10 steps."""
+    smaller logits.
+
+    ``stop_below``: stop once the mean loss of the last 10 steps is below it (the inner attacker no
+    longer finds anything to learn from). ``check_rise``: raise :class:`LossRose` after step 20 when
+    the mean loss of steps 11-20 is above the first step's (taken at the starting point)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -94,7 +117,7 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
     inner = PGD(net, inner_attack_config(attack, config, seed), bounds)
     optimiser = torch.optim.Adam(params, lr=lr)  # state for the moving parameters only
     rng = np.random.default_rng(seed)
-    batch, history = min(config.batch_size, len(data)), []
+    batch, history, losses = min(config.batch_size, len(data)), [], []
     bar, every, start = tqdm(range(config.steps), desc=desc, unit="step", leave=False, disable=None), \
         max(1, config.steps // 10), time.perf_counter()
     for step in bar:
@@ -108,13 +131,23 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        losses.append(loss.item())
         if step % 10 == 0:
-            history.append(round(loss.item(), 4))
+            history.append(round(losses[-1], 4))
         if bar.disable and ((step + 1) % every == 0 or step == 1):  # no terminal (a log, CI): a line every tenth
             spent = time.perf_counter() - start
             log.info("%s: step %d of %d, loss %.4f, %.0f s, about %.0f s to go", desc, step + 1, config.steps,
-                     loss.item(), spent, spent / (step + 1) * (config.steps - step - 1))
-    return history
+                     losses[-1], spent, spent / (step + 1) * (config.steps - step - 1))
+        if check_rise and step == 19 and np.mean(losses[10:20]) > losses[0]:
+            bar.close()
+            raise LossRose(losses[0], float(np.mean(losses[10:20])))
+        if stop_below is not None and step >= 9 and np.mean(losses[-10:]) < stop_below:
+            log.info("%s: stopped at step %d of %d: the loss of the last 10 steps, %.4f, is below %g (the inner "
+                     "attacker no longer finds anything to learn from)", desc, step + 1, config.steps,
+                     np.mean(losses[-10:]), stop_below)
+            bar.close()
+            return Training(history, step + 1)
+    return Training(history, config.steps)
 
 
 def learn_on(p: Prepared, config: MaskConfig, model: onnx.ModelProto, tensors: list[str]) -> LearnedMasks:

@@ -277,3 +277,29 @@ def test_sweep_finetune_shows_every_alpha_and_writes_nothing(digits_files, tmp_p
 
     text = format_sweep(report)
     assert "fine-tuned weights" in text and "strength (* chosen)" in text and "budget of 1 points" in text
+
+
+def test_a_step_size_that_makes_the_loss_rise_is_given_up(trained, monkeypatch):
+    """At the default step size, a loss that rises over the first 20 steps starts the run again from
+    the original weights, 10 times smaller: exactly the run that step size gives when asked for."""
+    from cloakonnx.config import DEFAULT_LR, FINETUNE
+
+    model, data, names, _ = trained
+    monkeypatch.setitem(DEFAULT_LR, FINETUNE, 30.0)  # wrecks the weights at once
+    cfg = LearnConfig(steps=22, batch_size=32, inner_steps=1, stop_loss=0)
+    backed = finetune_weights(model, names, find_head(model).logits, Preprocess(), data, ATTACK, cfg, seed=2)
+    assert backed.rose and backed.rose[0] == 30.0 and backed.lr == 30.0 / 10 ** len(backed.rose)
+    asked = finetune_weights(model, names, find_head(model).logits, Preprocess(), data, ATTACK,
+                             LearnConfig(steps=22, batch_size=32, inner_steps=1, stop_loss=0, lr=backed.lr), seed=2)
+    assert not asked.rose and asked.history == backed.history
+    assert all(asked.values[n].tobytes() == backed.values[n].tobytes() for n in names)
+
+
+def test_a_given_step_size_is_kept_and_learning_stops_when_nothing_is_left(trained):
+    model, data, names, _ = trained
+    kept = finetune_weights(model, names, find_head(model).logits, Preprocess(), data, ATTACK,
+                            LearnConfig(steps=22, batch_size=32, inner_steps=1, lr=30.0, stop_loss=0), seed=2)
+    assert kept.rose == [] and kept.lr == 30.0 and kept.steps == 22
+    stopped = finetune_weights(model, names, find_head(model).logits, Preprocess(), data, ATTACK,
+                               LearnConfig(steps=40, batch_size=32, inner_steps=1, stop_loss=100.0), seed=2)
+    assert stopped.steps == 10 and len(stopped.history) == 1

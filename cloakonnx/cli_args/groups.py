@@ -197,6 +197,10 @@ class LearnArgs(ArgGroup):
         Option("--learn-sparsity", type=float, default=0.0, show_default=True,
                help="--score learned: weight of the mean mask value in the loss (more features off).",
                to="learn.sparsity"),
+        Option("--learn-stop-loss", type=click.FloatRange(min=0), default=None,
+               help="Stop learning once the mean loss of the last 10 steps is below this (the inner attacker "
+                    "finds nothing left to learn from); 0: run every step [default: 0.01 for weights, 0 for "
+                    "masks].", to="learn.stop_loss"),
     )
 
 
