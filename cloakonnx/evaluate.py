@@ -170,7 +170,7 @@ def attack_rows(s: Session, runs: list, correct: np.ndarray, cumulative: bool) -
             cfg, position = replace(base, eps=eps), position + 1
             if s.progress.is_done(position, eps, cfg.name, threat):
                 continue
-            idx = tally.targets()
+            idx, started = tally.targets(), time.perf_counter()
             try:
                 ok = _survivors(s, source, cfg, s.ds.subset(idx), threat)
             except CloakError as exc:  # keep what finished; name what did not
@@ -179,6 +179,8 @@ def attack_rows(s: Session, runs: list, correct: np.ndarray, cumulative: bool) -
                 continue
             accuracy = tally.record(idx, ok)
             s.progress.finished(i, eps, cfg.name, threat, tally.survived, accuracy)
+            log.info("%s %s at eps %g: %.2f%% (%d samples, %.0f s); worst case so far %.2f%%", cfg.name, threat, eps,
+                     100 * accuracy, len(idx), time.perf_counter() - started, 100 * tally.robust())
         robust[repr(eps)] = tally.robust()
     return robust
 
