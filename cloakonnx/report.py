@@ -119,6 +119,10 @@ def format_harden(report: dict) -> str:
     learning = report.get("learning") or {}
     method = "method finetune" if learning.get("method") == "finetune" else f"score {report['score']}"
     seconds = f"; learned in {learning['seconds']:.1f} s" if learning else ""
+    if learning.get("method") == "finetune" and "steps" in learning:
+        rose = learning.get("lr_given_up") or []
+        seconds += f", {learning['steps']} steps at step size {learning['lr']:g}" + (
+            f", after the loss rose at {' and '.join(f'{lr:g}' for lr in rose)}" if rose else "")
     head = (f"{report['model']} -> {report['output']}\n"
             f"{what} ({method}{seconds}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
             + (f" steps={a['steps']}" if a["name"] != "fgsm" else "")
