@@ -182,8 +182,9 @@ class LearnArgs(ArgGroup):
         Option("--learn-steps", type=click.IntRange(min=1), default=None,
                help="--score learned or --method finetune: optimiser steps, one calibration batch each "
                     "[default: 100 for masks, 300 for weights].", to="learn.steps"),
-        Option("--learn-batch", type=click.IntRange(min=1), default=128, show_default=True,
-               help="--score learned: calibration samples per step.", to="learn.batch_size"),
+        Option("--learn-batch", type=click.IntRange(min=1), default=None,
+               help="--score learned or --method finetune: calibration samples per step [default: 128 for "
+                    "masks, 32 for weights].", to="learn.batch_size"),
         Option("--learn-lr", type=float, default=None,
                help="--score learned or --method finetune: Adam's step size [default: 0.1 on mask values, 1e-3 "
                     "on weights].", to="learn.lr"),
