@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 STRENGTHS = (0.1, 0.25, 0.5, 0.75, 1.0)  # candidates besides 0 (the original)
 GUARD_STEPS = 20  # APGD-CE steps of the final check against the original
+SLOW_S = 20.0  # past this many seconds of choosing, each strength measured is logged
 
 
 @dataclass
@@ -87,8 +88,10 @@ def choose_strength(p: Prepared, config: MaskConfig, base: Baseline, build: Call
         points.append(StrengthPoint(alpha, float(correct.mean()), float(survived[alpha].mean()),
                                     clean_drop_bound(before, correct, confidence or 0.9),
                                     median_margin(runner, p.val, bs)))
-        log.info("%s at strength %g: clean %.1f%%, adaptive %.1f%% on validation (%.0f s)", what, alpha,
-                 100 * points[-1].clean_accuracy, 100 * points[-1].adversarial_accuracy, time.perf_counter() - start)
+        spent = time.perf_counter() - start  # a progress line once the choice is slow (PP-LCNet: 15 minutes)
+        log.log(logging.INFO if spent > SLOW_S else logging.DEBUG, "%s at strength %g: clean %.1f%%, adaptive "
+                "%.1f%% on validation (%.0f s)", what, alpha, 100 * points[-1].clean_accuracy,
+                100 * points[-1].adversarial_accuracy, spent)
     best = choose_point(points, base.clean, budget, use_bound=bool(confidence), floor=base.adv_accuracy)
     note = bound_note(points, broken, base, budget, confidence, best, len(y))
     if best is None:
