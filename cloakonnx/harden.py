@@ -25,6 +25,7 @@ from .mask import DEFAULT_FRACTION, count_for, mask_top, ranking, score_features
 from .pipeline import Prepared, prepare
 from .runner import collect_features
 from .search import Baseline, MaskSearch
+from .strength import judge_adaptively
 from .timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -248,27 +249,14 @@ def search_mask(p: Prepared, config: HardenConfig, base: Baseline, timer: StageT
             search.rounds.append({"round": r + 1, "added": 0, "masked": search.masked})
             break
         _add_round(p, config, search, order, k, adv_val, timer, scale)
-    if config.score == LEARNED and search.changed:
-        guard_learned(p, config, base, search, timer)
+    if config.score == LEARNED and search.changed:  # cut by transfer accuracy: judged adaptively too
+        with timer("selection"):
+            strength = judge_adaptively(p, config, base, search.runner, "learned mask")
+        search.learning["guard"] = strength.guard
+        if strength.chosen is None:  # the input model's masks stay
+            search.masks, search.runner = dict(search.initial), p.runner
+            search.rounds = [{"round": 1, "added": 0, "masked": search.previously}]
     return search
-
-
-def guard_learned(p: Prepared, config: HardenConfig, base: Baseline, search: MaskSearch, timer: StageTimer) -> None:
-    """A learned mask on one tensor is cut by transfer accuracy (the numpy head cannot attack it), so
-    it is kept only if it also beats the original against the adaptive attacker, as every other
-    learned change is (:func:`cloakonnx.strength.never_worse`); else the input model's masks stay."""
-    from .strength import Strength, StrengthPoint, never_worse
-
-    bs, runner = config.ort_batch_size, search.runner
-    with timer("selection"):
-        adv = p.adversarial(runner, p.val, " validation (learned mask, adaptive)")
-        survived = runner.predict(adv, bs) == p.val.y
-        point = StrengthPoint(1.0, runner.accuracy(p.val, bs), float(survived.mean()), 0.0)
-        strength = never_worse(p, config, base, Strength(point, [], 0.0, runner, survived), "learned mask")
-    search.learning["guard"] = strength.guard
-    if strength.chosen is None:
-        search.masks, search.runner = dict(search.initial), p.runner
-        search.rounds = [{"round": 1, "added": 0, "masked": search.previously}]
 
 
 def default_count(config: HardenConfig, width: int, order: np.ndarray, learned: np.ndarray | None) -> int:

@@ -163,3 +163,14 @@ def never_worse(p: Prepared, config: MaskConfig, base: Baseline, strength: Stren
                     100 * hardened, 100 * original)
         strength.chosen, strength.runner, strength.survived = None, None, None
     return strength
+
+
+def judge_adaptively(p: Prepared, config: MaskConfig, base: Baseline, runner: Runner, what: str) -> Strength:
+    """A change chosen some other way (a learned mask on one tensor, cut by transfer accuracy through
+    the numpy head), judged as a chosen strength is: the run's attack crafted on it, then
+    :func:`never_worse`. ``chosen`` is None when it does not beat the original."""
+    bs = config.ort_batch_size
+    adv = p.adversarial(runner, p.val, f" validation ({what}, adaptive)")
+    survived = runner.predict(adv, bs) == p.val.y
+    point = StrengthPoint(1.0, runner.accuracy(p.val, bs), float(survived.mean()), 0.0)
+    return never_worse(p, config, base, Strength(point, [], 0.0, runner, survived), what)
