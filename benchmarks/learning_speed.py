@@ -92,7 +92,8 @@ def main(argv=None) -> int:
                          "(default: PGD-5 x 300, the default before, then FGSM-RS x 300, the default now)")
     ap.add_argument("--method", choices=["mask", "finetune"], default="mask",
                     help="mask: harden's default (soft masks on every stage); finetune: the weights")
-    ap.add_argument("--batch", type=int, default=128, help="calibration samples per learning step")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="calibration samples per learning step (default: the method's, 128 for masks, 32 for weights)")
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     ap.add_argument("--seed", type=int, default=0)
