@@ -22,8 +22,9 @@ MASK_VALUES = ("binary", "soft")
 INNER_ATTACKS = ("pgd", "fgsm")
 MASK, FINETUNE = "mask", "finetune"  # the methods: a mask (DeepCloak), or fine-tuned weights
 METHODS = (MASK, FINETUNE)
-AUTO = "auto"  # harden's default: both methods, the one more robust on validation written
-HARDEN_METHODS = (AUTO, *METHODS)
+AUTO = "auto"  # harden's default: fine-tuned weights; learned masks when fine-tuning writes nothing
+BOTH = "both"  # both methods, the one more robust on validation written (about twice auto's time)
+HARDEN_METHODS = (AUTO, BOTH, *METHODS)
 FINETUNE_PARAMS = ("all", "norm", "head")
 # The clean budget (points) of the methods that always choose how strongly to apply what they learned
 # (fine-tuning, masks on several tensors) when --max-clean-drop is not given: one point, held with
@@ -173,7 +174,8 @@ class MaskConfig(CommonConfig):
     budget_confidence: float = 0.9
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidates for max_clean_drop and sweep
     # "mask"; (harden only) "finetune": the weights trained against an adaptive attacker (cloakonnx.finetune);
-    # or "auto" (harden's default): both, the more robust on validation written. None: the command's default.
+    # "auto" (harden's default): fine-tuned weights, learned masks when they write nothing; "both": both, the
+    # more robust on validation written. None: the command's default.
     method: str | None = None
     finetune_params: str = "all"  # with "finetune": "all", "norm" (normalisation only) or "head"
     learned_by_default = False  # class attribute: whether an unset score means the learned masks on every stage
@@ -183,15 +185,15 @@ class MaskConfig(CommonConfig):
         self.resolve_method()
 
     def resolve_method(self) -> None:
-        """Fill what was left unset. ``harden``'s default (``learned_by_default``, method "mask") is
-        the method that works on real models: masks learned against an adaptive attacker on every
-        stage (``--feature-tensor auto``), soft, their strength chosen within the clean budget. The
-        paper's method is ``score="absdiff"``: a binary mask on the head's input. ``sweep`` and an
-        explicit score keep the head's input and binary values unless told otherwise."""
+        """Fill what was left unset. ``harden``'s default (``learned_by_default``) is method "auto": the
+        weights fine-tuned against an adaptive attacker, and when that gains nothing, masks learned on
+        every stage (``--feature-tensor auto``), soft; either at the strength chosen within the clean
+        budget. The paper's method is ``score="absdiff"``: a binary mask on the head's input. ``sweep``
+        and an explicit score keep the head's input and binary values unless told otherwise."""
         if self.method is None:  # options that shape a mask ask for the mask method
             shaped = (self.score, self.mask_values) != (None, None) or self.feature_tensors is not None
             self.method = AUTO if self.learned_by_default and not shaped and not self.paper_knobs() else MASK
-        default = self.score is None and self.learned_by_default and self.method in (MASK, AUTO)
+        default = self.score is None and self.learned_by_default and self.method in (MASK, AUTO, BOTH)
         if default and self.method == MASK and self.feature_tensors is None and self.paper_knobs():
             default = False  # they shape the paper's mask on the head's input: they ask for it
         if self.score is None:
@@ -200,12 +202,17 @@ class MaskConfig(CommonConfig):
             self.feature_tensors = ("auto",) if default else ()
         if self.mask_values is None:
             self.mask_values = "soft" if default else "binary"
-        if self.method != AUTO:  # auto's two candidates (``candidates``) each take their method's defaults
+        if not self.two_candidates:  # auto's and both's candidates (``candidates``) take their method's defaults
             self.learn = self.learn.with_defaults_for(self.method if self.method in DEFAULT_STEPS else MASK)
 
+    @property
+    def two_candidates(self) -> bool:
+        """``auto`` and ``both`` choose between learned masks and fine-tuned weights (``candidates``)."""
+        return self.method in (AUTO, BOTH)
+
     def candidates(self) -> tuple["MaskConfig", "MaskConfig"]:
-        """``method="auto"``: the learned masks' configuration and the fine-tuned weights', each with
-        its own learning defaults (steps, inner attack); the options both take are shared."""
+        """``method="auto"`` or ``"both"``: the learned masks' configuration and the fine-tuned weights',
+        each with its own learning defaults (steps, inner attack); the options both take are shared."""
         return (replace(self, method=MASK),
                 replace(self, method=FINETUNE, score=None, feature_tensors=None, mask_values=None,
                         **({"fold": False} if hasattr(self, "fold") else {})))
@@ -222,6 +229,9 @@ class MaskConfig(CommonConfig):
     def describe_method(self) -> str:
         """One line for the log: what this configuration hardens with."""
         if self.method == AUTO:
+            masks, weights = self.candidates()
+            return f"{weights.describe_method()}; {masks.describe_method()} if that gains nothing"
+        if self.method == BOTH:
             masks, weights = self.candidates()
             return (f"{masks.describe_method()}, then {weights.describe_method()}; the one more robust against "
                     "the adaptive attacker on validation is written")

@@ -162,9 +162,9 @@ def evaluate_original(p: Prepared, config: HardenConfig) -> Baseline:
 
 def run_search(p: Prepared, config: HardenConfig, base: Baseline,
                timer: StageTimer) -> tuple[MaskSearch, HardenConfig]:
-    """The one place the method is chosen: fine-tuned weights, a mask on one tensor, masks on several,
-    or (``auto``) both of the last two. Returns the search and the configuration it ran with."""
-    if config.method == AUTO:
+    """The one place the method is chosen: fine-tuned weights, a mask on one tensor, masks on several, or
+    (``auto``, ``both``) the first or the last. Returns the search and the configuration it ran with."""
+    if config.two_candidates:
         return search_both(p, config, base, timer)
     if config.method == FINETUNE:
         return search_weights(p, config, base, timer), config
@@ -173,26 +173,28 @@ def run_search(p: Prepared, config: HardenConfig, base: Baseline,
 
 def search_both(p: Prepared, config: HardenConfig, base: Baseline,
                 timer: StageTimer) -> tuple[MaskSearch, HardenConfig]:
-    """harden's default: learned masks on every stage, then fine-tuned weights, each applied at the
-    strength chosen on validation and guarded on its own; the one with the higher worst case under the
-    guard's attacks (APGD-CE-20 and harden's attack, adaptive) is written, the masks on a tie (they
-    leave every weight as it was). Neither beats the original: the model is written unchanged. A
-    method the model does not allow (say, integer weights) leaves the other."""
+    """Fine-tuned weights and learned masks on every stage, each at the strength chosen on validation and
+    guarded on its own. ``both`` writes the one with the higher worst case under the guard's attacks, the
+    masks on a tie. ``auto`` (the default) learns the masks only when the weights gain nothing: the weights
+    won on every model measured (docs/results.md) and serve at the original's latency. Neither gains: the
+    model is written unchanged. A method the model does not allow (integer weights) leaves the other."""
     runs: dict[str, tuple[MaskSearch, HardenConfig]] = {}
-    for candidate in config.candidates():
+    masks, weights = config.candidates()
+    for i, candidate in enumerate((weights, masks) if config.method == AUTO else (masks, weights)):
+        if config.method == AUTO and FINETUNE in runs and runs[FINETUNE][0].changed:
+            break
         run = search_layers if candidate.method == MASK else search_weights
         try:
             runs[candidate.method] = run(p, candidate, base, timer), candidate
         except CloakError as e:
-            if runs or candidate.method == MASK:
+            if runs or i == 0:  # the first candidate may fail; the second then decides
                 log.warning("%s is not possible on this model (%s); going on without it", candidate.describe_method(), e)
                 continue
             raise
     summaries = {method: candidate_summary(search) for method, (search, _) in runs.items()}
     kept = max(summaries, key=lambda m: (summaries[m]["guard"] if summaries[m]["written"] else -1.0, m == MASK))
     search, chosen = runs[kept]
-    search.learning["candidates"] = summaries
-    search.learning["kept"] = kept if search.changed else None
+    search.learning.update(candidates=summaries, kept=kept if search.changed else None, chooser=config.method)
     worst = "; ".join(f"{m} {100 * s['guard']:.2f}%" if s["written"] else f"{m}: no gain"
                       for m, s in summaries.items())
     log.info("kept %s (worst case on validation: original %s; %s)",

@@ -85,14 +85,14 @@ CANDIDATE_NAMES = {"mask": "learned masks", "finetune": "fine-tuned weights"}
 
 
 def _candidates_line(learning: dict) -> str:
-    """harden's default (--method auto): which of its two candidates was written, and why."""
+    """--method auto (harden's default) or both: which candidate was written, and why."""
     candidates = learning.get("candidates")
     if not candidates:
         return ""
     kept = learning.get("kept")
     figures = ", ".join(f"{CANDIDATE_NAMES[m]} {pct(c['guard']).strip()}" if c["written"] else
                         f"{CANDIDATE_NAMES[m]} no gain" for m, c in candidates.items())
-    return (f"--method auto: {'kept the ' + CANDIDATE_NAMES[kept] if kept else 'neither beats the original'}; "
+    return (f"--method {learning.get('chooser', 'auto')}: {'kept the ' + CANDIDATE_NAMES[kept] if kept else 'neither beats the original'}; "
             f"worst case on validation: {figures}\n")
 
 
@@ -160,7 +160,8 @@ def strength_curve(report: dict) -> str:
 
 def format_comparison(reports: dict[str, dict]) -> str:
     """Several hardens of one model on the same validation samples, one row each: what each method buys.
-    A default run (--method auto) also shows the candidate it did not write (no transfer figures)."""
+    A run that chose between methods (--method auto or both) also shows the candidate it did not
+    write (no transfer figures)."""
     rows = []
     for name, r in reports.items():
         adv, clean = r["adversarial_accuracy"], r["clean_accuracy"]

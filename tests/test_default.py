@@ -1,6 +1,7 @@
-"""harden's default (--method auto): soft masks learned on every stage and fine-tuned weights, each applied at
-the strength chosen within a 1-point clean budget against the adaptive attacker, the more robust written; the
-learned masks alone (--method mask) and the paper's mask (--score absdiff) are one flag away."""
+"""harden's default (--method auto): the weights fine-tuned against the adaptive attacker, and when that gains
+nothing, soft masks learned on every stage, applied at the strength chosen within a 1-point clean budget;
+--method both learns both and writes the more robust; the learned masks alone (--method mask) and the paper's
+mask (--score absdiff) are one flag away."""
 import json
 
 import numpy as np
@@ -18,15 +19,17 @@ ATTACK = AttackConfig(name="pgd", eps=0.1, steps=5, seed=0)
 QUICK = LearnConfig(steps=40, batch_size=64)
 
 
-def test_the_default_is_learned_masks_on_every_stage_and_fine_tuned_weights():
+def test_the_default_is_fine_tuned_weights_and_learned_masks_on_every_stage():
     c = HardenConfig()
-    assert c.method == "auto" and c.selection_budget() == DEFAULT_CLEAN_DROP
+    assert c.method == "auto" and c.selection_budget() == DEFAULT_CLEAN_DROP and c.two_candidates
+    assert HardenConfig(method="both").candidates() == c.candidates() and HardenConfig(method="both").two_candidates
     masks, weights = c.candidates()
     assert (masks.method, masks.score, masks.feature_tensors, masks.mask_values) == ("mask", "learned", ("auto",), "soft")
     assert (masks.learn.inner_attack, masks.learn.steps) == ("fgsm", 100)
     assert (weights.method, weights.learn.inner_attack, weights.learn.steps) == ("finetune", "pgd", 300)
     assert masks.selection_budget() == weights.selection_budget() == DEFAULT_CLEAN_DROP
-    assert "every stage" in c.describe_method() and "fine-tuning" in c.describe_method()
+    assert c.describe_method().index("fine-tuning") < c.describe_method().index("every stage")
+    assert "if that gains nothing" in c.describe_method() and "more robust" in HardenConfig(method="both").describe_method()
     m = HardenConfig(method="mask")  # the learned masks alone
     assert (m.score, m.feature_tensors, m.mask_values, m.learn.steps) == ("learned", ("auto",), "soft", 100)
 
@@ -93,16 +96,24 @@ def default_run(digits_files, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def both_run(digits_files, tmp_path_factory):
+    model, data = digits_files
+    out = tmp_path_factory.mktemp("both") / "m.onnx"
+    return harden(model, data, HardenConfig(output=out, attack=ATTACK, learn=QUICK, seed=0, method="both")), out
+
+
+@pytest.fixture(scope="module")
 def mask_run(digits_files, tmp_path_factory):
     model, data = digits_files
     out = tmp_path_factory.mktemp("masks") / "m.onnx"
     return harden(model, data, HardenConfig(output=out, attack=ATTACK, learn=QUICK, seed=0, method="mask")), out
 
 
-def test_the_default_run_writes_the_candidate_more_robust_on_validation(default_run, mask_run):
-    report, out = default_run
+def test_both_writes_the_candidate_more_robust_on_validation(both_run, mask_run):
+    report, out = both_run
     learning = report.learning
     candidates = learning["candidates"]
+    assert learning["chooser"] == "both"
     assert set(candidates) == {"mask", "finetune"}
     guards = {m: c["guard"] for m, c in candidates.items() if c["written"]}
     if not guards:
@@ -116,6 +127,31 @@ def test_the_default_run_writes_the_candidate_more_robust_on_validation(default_
     assert candidates["mask"]["strength"] == masks_alone["strength"]
     assert candidates["mask"]["guard"] == (masks_alone["guard"]["hardened"] if mask_run[0].mask_added else None)
     assert learning["guard"]["original"] == masks_alone["guard"]["original"]  # the original, attacked once
+
+
+def test_the_default_learns_masks_only_when_the_weights_gain_nothing(digits_files, default_run, mask_run, tmp_path,
+                                                                   monkeypatch):
+    import cloakonnx.harden as module
+    from cloakonnx.finetune import WeightSearch
+
+    learning = default_run[0].learning
+    assert learning["chooser"] == "auto" and "finetune" in learning["candidates"]
+    assert learning["candidates"]["finetune"]["written"]  # on the digits CNN the weights gain
+    assert set(learning["candidates"]) == {"finetune"} and learning["kept"] == "finetune"  # so no masks are learned
+
+    def no_gain(p, config, base, timer):  # what search_weights returns when no strength beats the original
+        search = WeightSearch(p.target.feature, p.runner, {}, {}, 0)
+        search.learning = {"method": "finetune", "alpha": None, "seconds": 1.0}
+        return search
+
+    monkeypatch.setattr(module, "search_weights", no_gain)
+    model, data = digits_files
+    report = harden(model, data, HardenConfig(output=tmp_path / "m.onnx", attack=ATTACK, learn=QUICK, seed=0))
+    candidates, masks_alone = report.learning["candidates"], mask_run[0].learning
+    assert set(candidates) == {"finetune", "mask"} and not candidates["finetune"]["written"]
+    assert candidates["mask"]["strength"] == masks_alone["strength"]  # exactly what --method mask alone writes
+    assert report.learning["kept"] == ("mask" if mask_run[0].mask_added else None)
+    assert report.mask_added == mask_run[0].mask_added and report.score == "learned"
 
 
 def test_the_mask_run_learns_on_several_tensors_and_judges_adaptively(mask_run):
@@ -151,7 +187,7 @@ def test_the_cli_default_run_says_what_it_did(digits_files, tmp_path):
                                        "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert set(report["learning"]["candidates"]) == {"mask", "finetune"}
+    assert "finetune" in report["learning"]["candidates"] and report["learning"]["chooser"] == "auto"
     assert np.isfinite(report["learning"]["seconds"])
 
 

@@ -161,11 +161,12 @@ class MaskArgs(ArgGroup):
                     "'auto' (the head's input and the last activation of each resolution stage), with "
                     "--score learned: one mask per tensor, learned jointly [default: auto for harden's default, "
                     "else the head's input].", to="feature_tensors", convert=as_tuple),
-        Option("--method", type=click.Choice(["auto", "mask", "finetune"]), default=None,
+        Option("--method", type=click.Choice(["auto", "both", "mask", "finetune"]), default=None,
                help="mask: DeepCloak masks, weights untouched; finetune: the weights trained against an adaptive "
                     "attacker on the calibration split (--learn-* settings), then moved from the original's by the "
-                    "share chosen on validation; auto (harden only): both, and the one more robust on validation "
-                    "against the adaptive attacker is written. No gain, no change. [default: harden: auto, or mask "
+                    "share chosen on validation; auto (harden only): finetune, and the masks when that gains nothing; "
+                    "both (harden only): both, the one more robust on validation against the adaptive attacker "
+                    "written (about twice auto's time). No gain, no change. [default: harden: auto, or mask "
                     "when an option shapes a mask (--score, --feature-tensor, --mask-values, --fraction, --rounds, "
                     "--plot); sweep: mask, and sweep --method finetune shows every share's clean and adaptive "
                     "accuracy].", to="method"),
