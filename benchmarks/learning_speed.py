@@ -11,9 +11,11 @@ the selection attack (harden's guard), beside the original's.
     python benchmarks/learning_speed.py --demo-dir /tmp/demo                       # PGD-5 (before) vs FGSM-RS (now)
     python benchmarks/learning_speed.py --demo-dir /tmp/demo --settings fgsm:100,fgsm:400
     python benchmarks/learning_speed.py --demo-dir /tmp/demo --method finetune --settings fgsm:300,pgd:300
+    python benchmarks/learning_speed.py --model M --data D --test T --eps 2/255 --mean ... --std ... \
+        --method auto --settings pgd:300,pgd:224:0     # the default, against a run 4 times longer (no early stop)
 
-A setting is ATTACK:STEPS (pgd: 5 inner steps). Run it alone on the machine, or say how many threads each had:
-other jobs on the same cores skew every row.
+A setting is ATTACK:STEPS[:STOP_LOSS] (pgd: 5 inner steps; STOP_LOSS: --learn-stop-loss, 0 runs every step).
+Run it alone on the machine, or say how many threads each had: other jobs on the same cores skew every row.
 """
 from __future__ import annotations
 
@@ -26,19 +28,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_model_options, cpus, parse_model_args, run_main  # noqa: E402
 
 
-def parse_settings(text: str) -> list[tuple[str, int]]:
+def parse_settings(text: str) -> list[tuple[str, int, float | None]]:
     out = []
     for part in text.split(","):
-        attack, _, steps = part.strip().partition(":")
-        if attack not in ("pgd", "fgsm") or not steps.isdigit():
-            raise argparse.ArgumentTypeError(f"bad setting {part!r}: use ATTACK:STEPS, ATTACK pgd or fgsm")
-        out.append((attack, int(steps)))
+        attack, steps, *stop = part.strip().split(":")
+        try:
+            out.append((attack, int(steps), float(stop[0]) if stop else None))
+            assert attack in ("pgd", "fgsm") and len(stop) <= 1
+        except (ValueError, AssertionError):
+            raise argparse.ArgumentTypeError(f"bad setting {part!r}: use ATTACK:STEPS[:STOP_LOSS], ATTACK pgd or "
+                                             "fgsm") from None
     return out
+
+
+def parse_eps(text: str) -> float:
+    """0.1 or 2/255."""
+    top, _, bottom = text.partition("/")
+    return float(top) / float(bottom or 1)
 
 
 def run(args: argparse.Namespace) -> dict:
     from cloakonnx.attacks import AttackConfig
     from cloakonnx.config import HardenConfig, LearnConfig
+    from cloakonnx.data import Preprocess
     from cloakonnx.harden import harden
     from cloakonnx.runtime import use_threads
 
@@ -46,17 +58,20 @@ def run(args: argparse.Namespace) -> dict:
     model, data = args.model, args.data
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for attack, steps in args.settings:
-            learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack)
+        for attack, steps, stop in args.settings:
+            learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack, stop_loss=stop)
             config = HardenConfig(output=Path(tmp) / f"{attack}-{steps}.onnx", learn=learn, seed=args.seed,
-                                  method=args.method,
+                                  method=args.method, preprocess=Preprocess(args.bounds, args.mean, args.std),
                                   attack=AttackConfig(name="pgd", eps=args.eps, steps=10, seed=args.seed),
                                   threads=args.threads)
             rep = harden(model, data, config).to_dict()
             learning = rep["learning"]
             full = next(p for p in rep["curve"] if p["alpha"] == 1.0)
             guard = learning.get("guard") or {}
-            rows.append({"setting": f"{attack}:{steps}", "learning_seconds": rep["stages"]["learning"],
+            rows.append({"setting": f"{attack}:{steps}" + ("" if stop is None else f":{stop:g}"),
+                         "learning_seconds": rep["stages"]["learning"], "steps_run": learning.get("steps"),
+                         "lr": learning.get("lr"), "kept": learning.get("kept", args.method),
+                         "harden_seconds": rep["seconds"],
                          "original_adaptive": rep["adversarial_accuracy"]["original"],
                          "strength_1_adaptive": full["adversarial_accuracy"], "strength_1_clean": full["clean_accuracy"],
                          "chosen": learning.get("alpha", learning.get("strength")), "guard_original": guard.get("original"),
@@ -74,10 +89,12 @@ def pct(v) -> str:
 def table(result: dict) -> str:
     lines = [f"{result['model']}, method {result['method']}: eps {result['eps']:g}, {result['threads']} thread(s), {result['cpus']} usable cores; "
              f"validation {result['rows'][0]['validation']} samples",
-             f"{'setting':10} {'learning':>9} {'ratio':>6} {'adaptive@1':>10} {'clean@1':>8} {'chosen':>6} "
-             f"{'guard: original':>15} {'hardened':>8}"]
+             f"{'setting':12} {'learning':>9} {'ratio':>6} {'steps':>5} {'harden':>8} {'adaptive@1':>10} {'clean@1':>8} "
+             f"{'chosen':>6} {'guard: original':>15} {'hardened':>8}"]
     for r in result["rows"]:
-        lines.append(f"{r['setting']:10} {r['learning_seconds']:8.1f}s {r['time_ratio']:6.2f} "
+        steps = "-" if r["steps_run"] is None else str(r["steps_run"])
+        lines.append(f"{r['setting']:12} {r['learning_seconds']:8.1f}s {r['time_ratio']:6.2f} {steps:>5} "
+                     f"{r['harden_seconds']:7.0f}s "
                      f"{pct(r['strength_1_adaptive']):>10} {pct(r['strength_1_clean']):>8} "
                      f"{'-' if r['chosen'] is None else format(r['chosen'], 'g'):>6} {pct(r['guard_original']):>15} "
                      f"{pct(r['guard_hardened']):>8}")
@@ -90,11 +107,15 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", type=parse_settings, default="pgd:300,fgsm:300",
                     help="comma-separated ATTACK:STEPS; the first is the reference of the ratio "
                          "(default: PGD-5 x 300, the default before, then FGSM-RS x 300, the default now)")
-    ap.add_argument("--method", choices=["mask", "finetune"], default="mask",
-                    help="mask: harden's default (soft masks on every stage); finetune: the weights")
+    ap.add_argument("--method", choices=["auto", "both", "mask", "finetune"], default="mask",
+                    help="harden's --method: auto (its default: the weights, the masks if they gain nothing), both, "
+                         "mask (soft masks on every stage) or finetune (the weights)")
     ap.add_argument("--batch", type=int, default=None,
                     help="calibration samples per learning step (default: the method's, 128 for masks, 32 for weights)")
-    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--eps", type=parse_eps, default=0.1, help="0.1 or 2/255")
+    ap.add_argument("--bounds", type=lambda t: tuple(map(float, t.split(","))), default=(0.0, 1.0))
+    ap.add_argument("--mean", type=lambda t: tuple(map(float, t.split(","))), default=None)
+    ap.add_argument("--std", type=lambda t: tuple(map(float, t.split(","))), default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     ap.add_argument("--seed", type=int, default=0)
     return run_main(run, parse_model_args(ap, argv), table)

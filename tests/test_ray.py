@@ -85,6 +85,24 @@ def test_harden_with_ray_writes_the_same_model(local_ray, digits_files, tmp_path
     assert here.ray is None
 
 
+def test_fine_tuning_with_ray_writes_the_same_model(local_ray, digits_files, tmp_path):
+    """--method finetune --ray: the learning loop stays in this process (one batch of 32 a step, too
+    small to ship), while choosing the strength and the final check attack on the workers; the
+    weights written are the same to the byte."""
+    from cloakonnx.config import LearnConfig
+
+    model, data = digits_files
+    options = dict(attack=PGD3, method="finetune", learn=LearnConfig(steps=20, batch_size=32), ort_batch_size=64)
+    here = harden(model, data, HardenConfig(output=tmp_path / "here.onnx", **options))
+    there = harden(model, data, HardenConfig(output=tmp_path / "ray.onnx", ray=RayConfig(workers=2), **options))
+    assert here.learning["method"] == "finetune" and here.learning["guard"] is not None
+    assert sha256(tmp_path / "here.onnx") == sha256(tmp_path / "ray.onnx")
+    drop = {"seconds"}  # the learning's own wall-clock time
+    _same_reports({**here.to_dict(), "learning": {k: v for k, v in here.learning.items() if k not in drop}},
+                  {**there.to_dict(), "learning": {k: v for k, v in there.learning.items() if k not in drop}})
+    assert there.ray["shards"] >= 2 * (len(there.curve) - 1)  # every strength's attack was sharded
+
+
 def test_evaluate_with_ray_gives_the_same_figures(local_ray, digits_files):
     model, data = digits_files
     options = dict(attacks=("fgsm", "pgd", "square"), eps=(0.05, 0.1), attack=AttackConfig(steps=3, queries=50,
