@@ -31,11 +31,13 @@ from common import add_model_options, cpus, parse_model_args, run_main  # noqa: 
 def parse_settings(text: str) -> list[tuple[str, int, float | None]]:
     out = []
     for part in text.split(","):
-        attack, steps, *stop = part.strip().split(":")
+        fields = part.strip().split(":")
         try:
-            out.append((attack, int(steps), float(stop[0]) if stop else None))
-            assert attack in ("pgd", "fgsm") and len(stop) <= 1
-        except (ValueError, AssertionError):
+            attack, steps, stop = fields[0], int(fields[1]), float(fields[2]) if len(fields) == 3 else None
+            if attack not in ("pgd", "fgsm") or len(fields) > 3:
+                raise ValueError
+            out.append((attack, steps, stop))
+        except (ValueError, IndexError):
             raise argparse.ArgumentTypeError(f"bad setting {part!r}: use ATTACK:STEPS[:STOP_LOSS], ATTACK pgd or "
                                              "fgsm") from None
     return out
