@@ -92,7 +92,7 @@ def test_fine_tuning_with_ray_writes_the_same_model(local_ray, digits_files, tmp
     from cloakonnx.config import LearnConfig
 
     model, data = digits_files
-    options = dict(attack=PGD3, method="finetune", learn=LearnConfig(steps=20, batch_size=32), ort_batch_size=64)
+    options = dict(attack=PGD3, method="finetune", learn=LearnConfig(steps=10, batch_size=32), ort_batch_size=64)
     here = harden(model, data, HardenConfig(output=tmp_path / "here.onnx", **options))
     there = harden(model, data, HardenConfig(output=tmp_path / "ray.onnx", ray=RayConfig(workers=2), **options))
     assert here.learning["method"] == "finetune" and here.learning["guard"] is not None
