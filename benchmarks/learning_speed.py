@@ -59,10 +59,13 @@ def run(args: argparse.Namespace) -> dict:
     use_threads(args.threads)
     model, data = args.model, args.data
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for attack, steps, stop in args.settings:
             learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack, stop_loss=stop)
-            config = HardenConfig(output=Path(tmp) / f"{attack}-{steps}.onnx", learn=learn, seed=args.seed,
+            name = f"{attack}-{steps}" + ("" if stop is None else f"-{stop:g}")
+            config = HardenConfig(output=Path(tmp) / f"{name}.onnx", learn=learn, seed=args.seed,
                                   method=args.method, preprocess=Preprocess(args.bounds, args.mean, args.std),
                                   attack=AttackConfig(name="pgd", eps=args.eps, steps=10, seed=args.seed),
                                   threads=args.threads)
@@ -120,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--std", type=lambda t: tuple(map(float, t.split(","))), default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="write each setting's model into this folder (ATTACK-STEPS[-STOP_LOSS].onnx) to evaluate it later; "
+                         "default: a temporary folder, removed")
     return run_main(run, parse_model_args(ap, argv), table)
 
 
