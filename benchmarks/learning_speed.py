@@ -14,7 +14,8 @@ the selection attack (harden's guard), beside the original's.
     python benchmarks/learning_speed.py --model M --data D --test T --eps 2/255 --mean ... --std ... \
         --method auto --settings pgd:300,pgd:224:0     # the default, against a run 4 times longer (no early stop)
 
-A setting is ATTACK:STEPS[:STOP_LOSS] (pgd: 5 inner steps; STOP_LOSS: --learn-stop-loss, 0 runs every step).
+A setting is ATTACK:STEPS[:STOP_LOSS] (pgd: 5 inner steps; STOP_LOSS: --learn-stop-loss; 0 runs every step, with
+the early stop on validation, --learn-stop-every, off as well).
 Run it alone on the machine, or say how many threads each had: other jobs on the same cores skew every row.
 """
 from __future__ import annotations
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> dict:
         tmp = args.keep or scratch
         Path(tmp).mkdir(parents=True, exist_ok=True)
         for attack, steps, stop in args.settings:
-            learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack, stop_loss=stop)
+            learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack, stop_loss=stop,
+                                stop_every=0 if stop == 0 else None)  # :0 turns both early stops off
             name = f"{attack}-{steps}" + ("" if stop is None else f"-{stop:g}")
             config = HardenConfig(output=Path(tmp) / f"{name}.onnx", learn=learn, seed=args.seed,
                                   method=args.method, preprocess=Preprocess(args.bounds, args.mean, args.std),
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> dict:
             guard = learning.get("guard") or {}
             rows.append({"setting": f"{attack}:{steps}" + ("" if stop is None else f":{stop:g}"),
                          "learning_seconds": rep["stages"]["learning"], "steps_run": learning.get("steps"),
+                         "stopped_by": learning.get("stopped_by"),
                          "lr": learning.get("lr"), "kept": learning.get("kept", args.method),
                          "harden_seconds": rep["seconds"],
                          "original_adaptive": rep["adversarial_accuracy"]["original"],

@@ -161,9 +161,10 @@ HARDEN = Command(*MASKING, HardenArgs(), OutputArgs(plot="Write a PNG of the tra
 def harden(**kw) -> None:
     """Write a hardened copy of MODEL, learned on --data, and report what it buys.
 
-    By default (--method auto) it learns soft masks on every stage and fine-tunes the weights, each
-    against an adaptive attacker, applies each at the strength chosen on validation within a 1-point
-    clean budget, and writes the one more robust there (nothing, if neither beats the original).
+    By default (--method auto) it fine-tunes the model's weights against an adaptive attacker and
+    applies them at the strength chosen on validation within a 1-point clean budget; only when that
+    gains nothing (or the weights cannot be trained) does it learn soft masks on every stage instead.
+    It writes nothing new if neither beats the original.
 
     \b
     Examples:
@@ -298,8 +299,8 @@ DEMO = Command(DemoArgs(), ThreadsArgs(), OutputArgs())
 @handles_errors
 def demo(**kw) -> None:
     """Run the whole job on real data: train a CNN on scikit-learn's digits, export it, harden it with
-    the default (soft masks learned on every stage) and, for comparison, with the paper's mask and
-    with fine-tuned weights.
+    the default (fine-tuned weights; learned masks when those gain nothing) and, for comparison, with
+    the paper's mask.
 
     Needs no download and finishes in one to two minutes on two CPU cores.
     """

@@ -88,13 +88,13 @@ class DemoResult:
     test_data: Path
     test_accuracy: float
     train_seconds: float
-    report: dict  # harden's default: learned masks and fine-tuned weights, the more robust written
+    report: dict  # harden's default: fine-tuned weights (learned masks when those gain nothing)
     paper: dict  # the paper's mask on the same data, for comparison
 
 
 def run_demo(options: DemoOptions):
-    """Train, export, write data, harden with the default (learned masks and fine-tuned weights) and
-    with the paper's mask: the whole job on real digits, in two to three minutes."""
+    """Train, export, write data, harden with the default (fine-tuned weights; learned masks when
+    those gain nothing) and with the paper's mask: the whole job on real digits, in about a minute."""
     import time
 
     import torch

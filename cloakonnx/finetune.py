@@ -49,6 +49,7 @@ class FinetunedWeights:
     lr: float
     history: list[float] = field(default_factory=list)  # the training loss every 10 steps
     rose: list[float] = field(default_factory=list)  # the step sizes given up on: the loss rose at each
+    stopped_by: str | None = None  # what ended it early: "loss", "validation" (learn.Training); None: every step
 
 
 @dataclass
@@ -73,8 +74,9 @@ def interpolate(w0: dict[str, np.ndarray], w: dict[str, np.ndarray], alpha: floa
 
 def finetune_weights(model: onnx.ModelProto, names: list[str], logits: str, preprocess: Preprocess, data: Dataset,
                      attack: AttackConfig, config: LearnConfig, device: str = "cpu", seed: int = 0,
-                     input_name: str | None = None) -> FinetunedWeights:
-    """Train the initializers ``names`` against an adaptive attacker on ``data`` (the calibration split)."""
+                     input_name: str | None = None, watch: Dataset | None = None) -> FinetunedWeights:
+    """Train the initializers ``names`` against an adaptive attacker on ``data`` (the calibration split);
+    ``watch``: held-out samples for the early stop (the validation split)."""
     import torch
 
     from .torch_exec import OnnxTorchModule
@@ -96,7 +98,8 @@ def finetune_weights(model: onnx.ModelProto, names: list[str], logits: str, prep
         try:
             run = adversarial_training(net, weighted.weights.parameters(), data, attack, config, lr,
                                        preprocess.bounds, device, seed, "fine-tuning the weights",
-                                       stop_below=config.stop_loss or None, check_rise=len(rose) < backoffs)
+                                       stop_below=config.stop_loss or None, check_rise=len(rose) < backoffs,
+                                       watch=watch)
             break
         except LossRose as e:
             rose.append(lr)
@@ -106,7 +109,7 @@ def finetune_weights(model: onnx.ModelProto, names: list[str], logits: str, prep
     values = {n: p.detach().cpu().numpy().astype(w0[n].dtype) for n, p in zip(names, weighted.parameter_list())}
     seconds = time.perf_counter() - start
     log.info("fine-tuned %d weight tensors in %.1f s (%d steps, lr %g)", len(names), seconds, run.steps, lr)
-    return FinetunedWeights(w0, values, seconds, run.steps, lr, run.history, rose)
+    return FinetunedWeights(w0, values, seconds, run.steps, lr, run.history, rose, run.stopped_by)
 
 
 def _weighted_model_class():
@@ -147,7 +150,7 @@ def search_weights(p: Prepared, config: HardenConfig, base: Baseline, timer: Sta
                           widths={} if existing is None else {p.target.feature: int(existing.size)})
     with timer("learning"):
         result = finetune_weights(p.model, names, p.target.logits, config.preprocess, p.calib, p.attack, config.learn,
-                                  p.device, config.seed, config.input_name)
+                                  p.device, config.seed, config.input_name, watch=p.val)
     with timer("selection"):
         strength = choose_strength(p, config, base, lambda alpha: with_weights(
             p.model, interpolate(result.start, result.values, alpha)), "fine-tuned weights")
@@ -155,7 +158,7 @@ def search_weights(p: Prepared, config: HardenConfig, base: Baseline, timer: Sta
     best, points, budget = strength.chosen, strength.points, strength.budget
     search.curve = [pt.to_dict() for pt in points]
     search.learning = {"method": FINETUNE, "params": config.finetune_params, "tensors": len(names),
-                       "seconds": round(result.seconds, 3), "steps": result.steps, "lr": result.lr,
+                       "seconds": round(result.seconds, 3), "steps": result.steps, "stopped_by": result.stopped_by, "lr": result.lr,
                        "lr_given_up": result.rose, "loss": result.history, "max_clean_drop": budget, "alpha": None if best is None else best.alpha,
                        "guard": strength.guard, "bound_note": strength.bound_note,
                        "median_margin": {"original": points[0].median_margin, "trained": points[-1].median_margin,

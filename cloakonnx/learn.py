@@ -94,18 +94,23 @@ class LossRose(Exception):
         self.first, self.later = first, later
 
 
+WATCH_SAMPLES = 128  # the validation probe the early stop attacks: at most this many samples
+
+
 @dataclass
 class Training:
-    """What the loop did: the loss every 10 steps, and how many steps it took (fewer than asked when
-    it stopped early)."""
+    """What the loop did: the loss every 10 steps, how many steps it took (fewer than asked when it
+    stopped early) and what stopped it ("loss": the training loss; "validation": the probe)."""
 
     history: list[float]
     steps: int
+    stopped_by: str | None = None
 
 
 def adversarial_training(net, params, data: Dataset, attack: AttackConfig, config: LearnConfig, lr: float,
                          bounds: tuple[float, float], device: str, seed: int, desc: str,
-                         extra_loss=None, stop_below: float | None = None, check_rise: bool = False) -> Training:
+                         extra_loss=None, stop_below: float | None = None, check_rise: bool = False,
+                         watch: Dataset | None = None) -> Training:
     """The loop masks and fine-tuned weights share: each step draws a calibration batch, crafts the
     inner attack on the *current* ``net`` (the adaptive attacker), and takes an Adam step on
     ``params`` alone with CE(net(x_adv)) + CE(net(x)) (+ ``extra_loss()``). Nothing in it rewards
@@ -116,7 +121,12 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
     ``RISE_CHECK_STEP`` steps, the loss on a fixed probe batch under the same attack (its own
     generator, so the training run is the one it would be without the check) is above its value at
     the start. A single training batch is too noisy for that: on the demo, batches of 32 at a step
-    size of 1e-5, which barely moves the weights, went from 0.73 at step 1 to 1.48 at step 11."""
+    size of 1e-5, which barely moves the weights, went from 0.73 at step 1 to 1.48 at step 11.
+    ``watch`` (held-out samples, the validation split): every ``config.stop_every`` steps the inner
+    attack, with a fixed start, runs on up to WATCH_SAMPLES of them, and learning stops once it turns
+    none that the model gets right: the attacker this run trains against has nothing left to find,
+    judged on data the steps never saw (early stopping on a held-out robust loss). Its generator is its
+    own, so a run it does not stop is the run it would be without it."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -125,8 +135,11 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
     optimiser = torch.optim.Adam(params, lr=lr)  # state for the moving parameters only
     rng = np.random.default_rng(seed)
     batch, history, losses = min(config.batch_size, len(data)), [], []
-    probe = _probe(net, data, attack, config, seed, bounds, device, batch) if check_rise else None
-    before = probe() if probe else None
+    probe = fixed_attack(net, data, attack, config, seed, bounds, device, batch) if check_rise else None
+    before = probe()[0] if probe else None
+    every_watch = config.stop_every if watch is not None and len(watch) else 0
+    held_out = fixed_attack(net, watch, attack, config, seed, bounds, device, min(WATCH_SAMPLES, len(watch)),
+                            batch) if every_watch else None
     bar, every, start = tqdm(range(config.steps), desc=desc, unit="step", leave=False, disable=None), \
         max(1, config.steps // 10), time.perf_counter()
     for step in bar:
@@ -148,7 +161,7 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
             log.info("%s: step %d of %d, loss %.4f, %.0f s, about %.0f s to go", desc, step + 1, config.steps,
                      losses[-1], spent, spent / (step + 1) * (config.steps - step - 1))
         if probe and step + 1 == RISE_CHECK_STEP:
-            after = probe()
+            after = probe()[0]
             if after > before:
                 bar.close()
                 raise LossRose(before, after)
@@ -157,27 +170,46 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
                      "attacker no longer finds anything to learn from)", desc, step + 1, config.steps,
                      np.mean(losses[-10:]), stop_below)
             bar.close()
-            return Training(history, step + 1)
+            return Training(history, step + 1, "loss")
+        if held_out and (step + 1) % every_watch == 0 and step + 1 < config.steps:
+            _, flipped, right = held_out()
+            if right and not flipped:
+                log.info("%s: stopped at step %d of %d: the inner attack turns none of the %d held-out samples the "
+                         "model gets right (of %d)", desc, step + 1, config.steps, right, held_out.size)
+                bar.close()
+                return Training(history, step + 1, "validation")
+            log.debug("%s: step %d: the inner attack turns %d of %d held-out samples", desc, step + 1, flipped, right)
     return Training(history, config.steps)
 
 
-def _probe(net, data: Dataset, attack: AttackConfig, config: LearnConfig, seed: int, bounds, device: str,
-           batch: int):
-    """A function giving the training loss on one fixed calibration batch, attacked each time with
-    the same random start: two calls compare the weights, not the batches."""
+def fixed_attack(net, data: Dataset, attack: AttackConfig, config: LearnConfig, seed: int, bounds, device: str,
+                 size: int, chunk: int | None = None):
+    """A function giving, on ``size`` fixed samples of ``data`` attacked each time with the same random
+    start (the inner attack), the training loss (CE(x_adv) + CE(x), on the first chunk), how many the
+    attack turns from right to wrong, and how many are right: two calls compare the weights, not the
+    batches. ``chunk``: samples per forward pass (default: all at once)."""
     import torch
     import torch.nn.functional as F
 
-    idx = np.sort(np.random.default_rng([seed, 1]).choice(len(data), size=batch, replace=False))
+    idx = np.sort(np.random.default_rng([seed, 1]).choice(len(data), size=size, replace=False))
     x, y = torch.from_numpy(data.x[idx]).to(device), torch.from_numpy(data.y[idx]).to(device)
-    cfg = inner_attack_config(attack, config, seed + 1)
+    cfg, chunk = inner_attack_config(attack, config, seed + 1), chunk or size
 
-    def loss() -> float:
-        x_adv = PGD(net, cfg, bounds)(x, y)  # a fresh attacker: the same start every time
-        with torch.no_grad():
-            return float(F.cross_entropy(net(x_adv), y) + F.cross_entropy(net(x), y))
+    def run() -> tuple[float, int, int]:
+        loss, flipped, right = None, 0, 0
+        for at in range(0, size, chunk):
+            xs, ys = x[at:at + chunk], y[at:at + chunk]
+            x_adv = PGD(net, cfg, bounds)(xs, ys)  # a fresh attacker: the same start every time
+            with torch.no_grad():
+                clean, adv = net(xs), net(x_adv)
+            loss = float(F.cross_entropy(adv, ys) + F.cross_entropy(clean, ys)) if loss is None else loss
+            ok = clean.argmax(1) == ys
+            right += int(ok.sum())
+            flipped += int((ok & (adv.argmax(1) != ys)).sum())
+        return loss, flipped, right
 
-    return loss
+    run.size = size
+    return run
 
 
 def learn_on(p: Prepared, config: MaskConfig, model: onnx.ModelProto, tensors: list[str]) -> LearnedMasks:

@@ -9,6 +9,9 @@ from typing import Any
 from .errors import CloakError
 
 
+STOPPED_BY = {"loss": "the training loss fell below --learn-stop-loss",
+              "validation": "the inner attack turned no held-out sample"}
+
 def pct(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}%"
 
@@ -122,7 +125,8 @@ def format_harden(report: dict) -> str:
     if learning.get("method") == "finetune" and "steps" in learning:
         rose = learning.get("lr_given_up") or []
         seconds += f", {learning['steps']} steps at step size {learning['lr']:g}" + (
-            f", after the loss rose at {' and '.join(f'{lr:g}' for lr in rose)}" if rose else "")
+            f", after the loss rose at {' and '.join(f'{lr:g}' for lr in rose)}" if rose else "") + (
+            f" (stopped early: {STOPPED_BY[learning['stopped_by']]})" if learning.get("stopped_by") else "")
     head = (f"{report['model']} -> {report['output']}\n"
             f"{what} ({method}{seconds}); attack {a['name']} {a['norm']} eps={a['eps']:g}"
             + (f" steps={a['steps']}" if a["name"] != "fgsm" else "")

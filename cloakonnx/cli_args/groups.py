@@ -203,6 +203,10 @@ class LearnArgs(ArgGroup):
                help="Stop learning once the mean loss of the last 10 steps is below this (the inner attacker "
                     "finds nothing left to learn from); 0: run every step [default: 0.01 for weights, 0 for "
                     "masks].", to="learn.stop_loss"),
+        Option("--learn-stop-every", type=click.IntRange(min=0), default=None, metavar="N",
+               help="Every N steps, attack up to 128 validation samples with the inner attacker and stop learning "
+                    "once it turns none that the model gets right; 0: never [default: 25 for weights, 0 for masks].",
+               to="learn.stop_every"),
     )
 
 
