@@ -303,3 +303,33 @@ def test_a_given_step_size_is_kept_and_learning_stops_when_nothing_is_left(train
     stopped = finetune_weights(model, names, find_head(model).logits, Preprocess(), data, ATTACK,
                                LearnConfig(steps=40, batch_size=32, inner_steps=1, stop_loss=100.0), seed=2)
     assert stopped.steps == 10 and len(stopped.history) == 1
+
+
+def test_learning_stops_once_the_inner_attack_turns_no_held_out_sample(trained):
+    """The early stop on held-out data: an attack too small to turn anything stops learning at the
+    first check; at the run's eps it turns samples, every step runs, and the check's own generator
+    leaves that run identical to one without it."""
+    model, data, names, _ = trained
+    logits, held_out = find_head(model).logits, data.subset(np.arange(len(data) - 100, len(data)))
+
+    def tune(attack, every):
+        return finetune_weights(model, names, logits, Preprocess(), data, attack,
+                                LearnConfig(steps=12, batch_size=32, inner_steps=1, stop_loss=0, stop_every=every),
+                                seed=2, watch=held_out)
+
+    tiny = tune(AttackConfig(name="pgd", eps=1e-5, steps=3, seed=0), 4)
+    assert (tiny.steps, tiny.stopped_by) == (4, "validation")
+    watched, unwatched = tune(ATTACK, 4), tune(ATTACK, 0)
+    assert (watched.steps, watched.stopped_by) == (12, None) == (unwatched.steps, unwatched.stopped_by)
+    assert all(watched.values[n].tobytes() == unwatched.values[n].tobytes() for n in names)
+
+
+def test_the_early_stop_is_reported(digits_files, tmp_path):
+    out = tmp_path / "ft.onnx"
+    report = harden(digits_files[0], digits_files[1], HardenConfig(
+        output=out, method="finetune", attack=AttackConfig(name="pgd", eps=1e-5, steps=2, seed=0),
+        learn=LearnConfig(steps=30, batch_size=32, inner_steps=1, stop_loss=0, stop_every=5))).to_dict()
+    assert report["learning"]["steps"] == 5 and report["learning"]["stopped_by"] == "validation"
+    from cloakonnx.report import format_harden
+
+    assert "stopped early: the inner attack turned no held-out sample" in format_harden(report)
