@@ -107,6 +107,51 @@ class Training:
     stopped_by: str | None = None
 
 
+class EarlyStop:
+    """The checks that end a learning run before its last step, run after each step.
+
+    ``stop_below``: stop once the mean loss of the last 10 steps is below it (the inner attacker no
+    longer finds anything to learn from). ``check_rise``: raise :class:`LossRose` when, after
+    ``RISE_CHECK_STEP`` steps, the loss on a fixed probe batch under the same attack is above its
+    value at the start. A single training batch is too noisy for that: on the demo, batches of 32 at
+    a step size of 1e-5, which barely moves the weights, went from 0.73 at step 1 to 1.48 at step 11.
+    ``watch`` (held-out samples, the validation split): every ``config.stop_every`` steps the inner
+    attack, with a fixed start, runs on up to WATCH_SAMPLES of them, and learning stops once it turns
+    none that the model gets right: the attacker this run trains against has nothing left to find,
+    judged on data the steps never saw (early stopping on a held-out robust loss). Both probes draw
+    from their own generators, so a run they do not stop is the run it would be without them."""
+
+    def __init__(self, net, data: Dataset, attack: AttackConfig, config: LearnConfig, seed: int, bounds,
+                 device: str, batch: int, stop_below: float | None, check_rise: bool, watch: Dataset | None):
+        self.steps, self.stop_below = config.steps, stop_below
+        self.probe = fixed_attack(net, data, attack, config, seed, bounds, device, batch) if check_rise else None
+        self.before = self.probe()[0] if self.probe else None
+        self.every = config.stop_every if watch is not None and len(watch) else 0
+        self.held_out = fixed_attack(net, watch, attack, config, seed, bounds, device,
+                                     min(WATCH_SAMPLES, len(watch)), batch) if self.every else None
+
+    def after(self, done: int, losses: list[float], desc: str) -> str | None:
+        """Why to stop after ``done`` steps ("loss", "validation"), or None to go on."""
+        if self.probe and done == RISE_CHECK_STEP:
+            later = self.probe()[0]
+            if later > self.before:
+                raise LossRose(self.before, later)
+        if self.stop_below is not None and done >= 10 and np.mean(losses[-10:]) < self.stop_below:
+            log.info("%s: stopped at step %d of %d: the loss of the last 10 steps, %.4f, is below %g (the inner "
+                     "attacker no longer finds anything to learn from)", desc, done, self.steps,
+                     np.mean(losses[-10:]), self.stop_below)
+            return "loss"
+        if self.held_out and done % self.every == 0 and done < self.steps:
+            _, flipped, right = self.held_out()
+            log.debug("%s: step %d: the inner attack turns %d of the %d held-out samples the model gets right",
+                     desc, done, flipped, right)
+            if right and not flipped:
+                log.info("%s: stopped at step %d of %d: nothing left for the inner attack to turn", desc, done,
+                         self.steps)
+                return "validation"
+        return None
+
+
 def adversarial_training(net, params, data: Dataset, attack: AttackConfig, config: LearnConfig, lr: float,
                          bounds: tuple[float, float], device: str, seed: int, desc: str,
                          extra_loss=None, stop_below: float | None = None, check_rise: bool = False,
@@ -114,19 +159,7 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
     """The loop masks and fine-tuned weights share: each step draws a calibration batch, crafts the
     inner attack on the *current* ``net`` (the adaptive attacker), and takes an Adam step on
     ``params`` alone with CE(net(x_adv)) + CE(net(x)) (+ ``extra_loss()``). Nothing in it rewards
-    smaller logits.
-
-    ``stop_below``: stop once the mean loss of the last 10 steps is below it (the inner attacker no
-    longer finds anything to learn from). ``check_rise``: raise :class:`LossRose` when, after
-    ``RISE_CHECK_STEP`` steps, the loss on a fixed probe batch under the same attack (its own
-    generator, so the training run is the one it would be without the check) is above its value at
-    the start. A single training batch is too noisy for that: on the demo, batches of 32 at a step
-    size of 1e-5, which barely moves the weights, went from 0.73 at step 1 to 1.48 at step 11.
-    ``watch`` (held-out samples, the validation split): every ``config.stop_every`` steps the inner
-    attack, with a fixed start, runs on up to WATCH_SAMPLES of them, and learning stops once it turns
-    none that the model gets right: the attacker this run trains against has nothing left to find,
-    judged on data the steps never saw (early stopping on a held-out robust loss). Its generator is its
-    own, so a run it does not stop is the run it would be without it."""
+    smaller logits. ``stop_below``, ``check_rise`` and ``watch`` end it early (:class:`EarlyStop`)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -135,11 +168,7 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
     optimiser = torch.optim.Adam(params, lr=lr)  # state for the moving parameters only
     rng = np.random.default_rng(seed)
     batch, history, losses = min(config.batch_size, len(data)), [], []
-    probe = fixed_attack(net, data, attack, config, seed, bounds, device, batch) if check_rise else None
-    before = probe()[0] if probe else None
-    every_watch = config.stop_every if watch is not None and len(watch) else 0
-    held_out = fixed_attack(net, watch, attack, config, seed, bounds, device, min(WATCH_SAMPLES, len(watch)),
-                            batch) if every_watch else None
+    stops = EarlyStop(net, data, attack, config, seed, bounds, device, batch, stop_below, check_rise, watch)
     bar, every, start = tqdm(range(config.steps), desc=desc, unit="step", leave=False, disable=None), \
         max(1, config.steps // 10), time.perf_counter()
     for step in bar:
@@ -160,25 +189,14 @@ def adversarial_training(net, params, data: Dataset, attack: AttackConfig, confi
             spent = time.perf_counter() - start
             log.info("%s: step %d of %d, loss %.4f, %.0f s, about %.0f s to go", desc, step + 1, config.steps,
                      losses[-1], spent, spent / (step + 1) * (config.steps - step - 1))
-        if probe and step + 1 == RISE_CHECK_STEP:
-            after = probe()[0]
-            if after > before:
-                bar.close()
-                raise LossRose(before, after)
-        if stop_below is not None and step >= 9 and np.mean(losses[-10:]) < stop_below:
-            log.info("%s: stopped at step %d of %d: the loss of the last 10 steps, %.4f, is below %g (the inner "
-                     "attacker no longer finds anything to learn from)", desc, step + 1, config.steps,
-                     np.mean(losses[-10:]), stop_below)
+        try:
+            why = stops.after(step + 1, losses, desc)
+        except LossRose:
             bar.close()
-            return Training(history, step + 1, "loss")
-        if held_out and (step + 1) % every_watch == 0 and step + 1 < config.steps:
-            _, flipped, right = held_out()
-            if right and not flipped:
-                log.info("%s: stopped at step %d of %d: the inner attack turns none of the %d held-out samples the "
-                         "model gets right (of %d)", desc, step + 1, config.steps, right, held_out.size)
-                bar.close()
-                return Training(history, step + 1, "validation")
-            log.debug("%s: step %d: the inner attack turns %d of %d held-out samples", desc, step + 1, flipped, right)
+            raise
+        if why:
+            bar.close()
+            return Training(history, step + 1, why)
     return Training(history, config.steps)
 
 
