@@ -3,12 +3,17 @@
 
 (a) Time. A small CNN is trained on scikit-learn's real digits (a few epochs), exported with the demo's
 torch.onnx exporter, and hardened as the demo does (PGD, eps 0.1, 10 steps, 5% of features, half the
-held-out digits for validation, adaptive attack on). Each repeat also runs the *unavoidable work* in the
+719 held-out digits for validation, adaptive attack on). ``--input digits32`` takes instead the 3x32x32
+small CNN of ``benchmarks/data_scale.py`` (no BatchNorm, 64 features; trained here for 40 epochs on one
+jittered copy of 60% of the digits, about 75% accuracy on the rest) and hands harden ``--n`` (default
+20,000) of data_scale's jittered 3x32x32 digits with their real labels: a size at which the per-sample
+work, not harden's fixed costs, makes up the time. Each repeat also runs the *unavoidable work* in the
 same process: the same number of native torch forward+backward passes (input gradient only, same batch
-sizes) on the nn.Module the ONNX file was exported from, as the attacks make (PGD steps x restarts x
-batches x crafted sets: calibration, validation, adaptive), plus the same number of plain onnxruntime
-forward passes (same batch sizes) as the statistics and evaluation stages make. The numbers of passes are
-counted from the attack settings and checked against an instrumented warm-up run of ``harden``.
+sizes) on the nn.Module the ONNX file was exported from, as the attacks make (FGSM 1 or PGD steps x
+restarts, x batches x crafted sets: calibration, validation, adaptive), plus the same number of plain
+onnxruntime forward passes (same batch sizes, harden's thread count) as the statistics and evaluation
+stages make. The passes are counted from the attack settings and checked against an instrumented
+warm-up run of ``harden``; the script stops with an error if they differ.
 Pipeline and baseline alternate (P B, B P, ...), medians over ``--repeats`` are reported, and the
 overhead ratio is pipeline total / baseline total (target: at most 1.20). A second, stricter baseline
 runs the same passes on a copy of the module with BatchNorm folded into the convolutions, which is the
@@ -41,6 +46,7 @@ that the measurement would see growth in N if there were any.
     python benchmarks/harden_cost.py                       # ~6-9 min on 2 busy CPU cores
     python benchmarks/harden_cost.py --repeats 5 --json --out harden_cost.json
     python benchmarks/harden_cost.py --skip-memory --attack fgsm
+    python benchmarks/harden_cost.py --input digits32 --n 20000 --attack fgsm --repeats 3 --skip-memory
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import data_scale  # its 3x32x32 small CNN and digits (--input digits32); found beside this script, as common is
 import numpy as np
 from common import (REPO, AnonPeak, Clock, add_output_options, cpus, log_to_stderr, parse_sizes, proc_status,
                     reset_peak_rss, run_main)
@@ -82,16 +89,66 @@ def build_demo(folder: Path, features: int, epochs: int, seed: int):
     t = time.perf_counter()
     net = train_classifier(build_digits_cnn(features), train, epochs, seed)
     train_s = time.perf_counter() - t
-    with torch.no_grad():
-        acc = float((net(torch.from_numpy(held_out.x)).argmax(1).numpy() == held_out.y).mean())
+    acc = accuracy(net, held_out)
     model_path, data_path = folder / "digits_cnn.onnx", folder / "digits.npz"
     export_onnx(net, torch.from_numpy(held_out.x[:2]), model_path)
     np.savez(data_path, x=held_out.x, y=held_out.y)
     log.info("trained a %d-feature CNN for %d epochs in %.1f s (held-out accuracy %.1f%%)", features, epochs,
              train_s, 100 * acc)
-    for p in net.parameters():  # the attacks need input gradients only, as for the ONNX graph's constants
+    return frozen(net), held_out, model_path, data_path, {
+        "name": "digits CNN, 1x8x8", "features": features, "train_seconds": train_s, "held_out_accuracy": acc}
+
+
+DIGITS32_N = 20000  # the N of the 3x32x32 FGSM target
+DIGITS32_EPOCHS = 40  # about 75% held-out accuracy, 30 s on one busy core
+DIGITS32_LR = 1e-2  # without BatchNorm, data_scale's small CNN is still near chance after 20 epochs at the demo's 3e-3
+
+
+def build_digits32(folder: Path, n: int, epochs: int, seed: int):
+    """data_scale's small CNN on its 3x32x32 digits, trained so that it is a real classifier, exported,
+    and ``n`` jittered digits (real labels) written as .npz for harden.
+
+    The model is trained on one jittered copy of 60% of the 1,797 digits and scored on the other 40%;
+    it does not depend on ``n``. The ``n`` samples are fresh jittered copies of all 1,797 digits (so
+    also of those trained on): they are there to be timed, not to judge robustness."""
+    import torch
+
+    from cloakonnx.data import Dataset, digits_dataset, split
+    from cloakonnx.demo import train_classifier
+
+    labels = digits_dataset(data_scale.SHAPE[1]).y  # data_scale.digits(n) repeats these: sample i is digit i % 1797
+    train, held_out = split(Dataset(data_scale.digits(len(labels), seed), labels), 0.4, seed)
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    net = train_classifier(data_scale.small_cnn(), train, epochs, seed, lr=DIGITS32_LR)
+    train_s = time.perf_counter() - t
+    data = Dataset(data_scale.digits(n, seed + 1), labels[np.arange(n) % len(labels)])
+    info = {"name": "data_scale's small CNN, 3x32x32", "features": net[-1].in_features, "train_seconds": train_s,
+            "held_out_accuracy": accuracy(net, held_out), "data_accuracy": accuracy(net, data)}
+    model_path, data_path = folder / "small_cnn.onnx", folder / "digits32.npz"
+    data_scale.export(net, data_scale.SHAPE, model_path)
+    np.savez(data_path, x=data.x, y=data.y)
+    log.info("trained data_scale's small CNN for %d epochs in %.1f s (held-out accuracy %.1f%%, %.1f%% on the %d "
+             "samples for harden)", epochs, train_s, 100 * info["held_out_accuracy"], 100 * info["data_accuracy"], n)
+    return frozen(net), data, model_path, data_path, info
+
+
+def accuracy(net, ds, batch: int = 1024) -> float:
+    """Top-1 accuracy, a batch at a time: 20k 3x32x32 digits at once would hold every activation."""
+    import torch
+
+    with torch.no_grad():
+        pred = np.concatenate([net(torch.from_numpy(ds.x[s : s + batch])).argmax(1).numpy()
+                               for s in range(0, len(ds), batch)])
+    return float((pred == ds.y).mean())
+
+
+def frozen(net):
+    """``net`` in eval mode without parameter gradients: the attacks need input gradients only, as for the
+    ONNX graph's constants."""
+    for p in net.parameters():
         p.requires_grad_(False)
-    return net.eval(), held_out, model_path, data_path, {"train_seconds": train_s, "held_out_accuracy": acc}
+    return net.eval()
 
 
 # --- counting the work harden does ------------------------------------------------------------------------
@@ -103,6 +160,7 @@ class Recorder:
     def __init__(self, feature: str):
         self.feature = feature
         self.grad_passes: list[int] = []  # batch size of each forward+backward
+        self.grad_forwards: list[int] = []  # torch forwards with gradients, however called: the same, or work is missed
         self.forward_only: list[int] = []  # torch forwards without gradients (e.g. PGD's final check)
         self.ort_runs: list[tuple[str, int]] = []  # ("statistics" | "evaluation", batch size)
 
@@ -123,8 +181,7 @@ class Recorder:
             return input_grad(self, x_adv, y)
 
         def counted_forward(self, *xs):
-            if not torch.is_grad_enabled():
-                rec.forward_only.append(len(xs[0]))
+            (rec.grad_forwards if torch.is_grad_enabled() else rec.forward_only).append(len(xs[0]))
             return forward(self, *xs)
 
         def counted_run(self, output_names, input_feed, run_options=None):
@@ -153,6 +210,20 @@ def expected_grad_passes(attack, n_calib: int, n_val: int, adaptive: bool) -> di
     sets = {"attack": [n_calib], "evaluation": [n_val] + ([n_val] if adaptive else [])}
     return {stage: [b for n in ns for b in batch_sizes(n, attack.batch_size) for _ in range(per_batch)]
             for stage, ns in sets.items()}
+
+
+def expected_statistics_runs(n_calib: int, ort_batch_size: int) -> list[int]:
+    """onnxruntime runs of the statistics stage: StatsStream regroups the attacked batches into batches of
+    ``ort_batch_size`` and runs each twice (clean, adversarial)."""
+    return [b for b in batch_sizes(n_calib, ort_batch_size) for _ in range(2)]
+
+
+def check_counts(what: str, expected: list[int], counted: list[int]) -> None:
+    """Fail loudly when the passes counted from the settings are not those the instrumented harden run made:
+    the baseline would time other work than harden does."""
+    if sorted(expected) != sorted(counted):
+        raise RuntimeError(f"{what}: {len(expected)} passes ({sum(expected)} samples) counted from the settings, "
+                           f"{len(counted)} ({sum(counted)} samples) in the instrumented harden run")
 
 
 # --- the baseline: the unavoidable work, natively --------------------------------------------------------
@@ -195,10 +266,7 @@ def fold_batchnorm(net):
 
     from torch.fx.experimental.optimization import fuse
 
-    fused = fuse(copy.deepcopy(net).eval())
-    for p in fused.parameters():
-        p.requires_grad_(False)
-    return fused
+    return frozen(fuse(copy.deepcopy(net).eval()))
 
 
 # --- (a) timing -------------------------------------------------------------------------------------------
@@ -223,13 +291,13 @@ def time_pipeline(args, model_path: Path, data_path: Path, out: Path):
     return c, dict(report.stages_cpu if args.clock == "cpu" else report.stages), report
 
 
-def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: Path) -> dict:
+def run_timing(args, net, data, model_path: Path, data_path: Path, folder: Path) -> dict:
     import onnxruntime as ort
 
     from cloakonnx.graph import find_head, load_model
 
     feature = find_head(load_model(model_path)).feature
-    out = folder / "digits_cnn.cloaked.onnx"
+    out = folder / f"{model_path.stem}.cloaked.onnx"
     clock = args.clock
 
     # Warm-up, instrumented: count what harden really does (and let torch/onnxruntime initialise).
@@ -240,17 +308,20 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
     n_calib, n_val = report.samples["calibration"], report.samples["validation"]
     adaptive = report.adversarial_accuracy.get("hardened_adaptive") is not None and report.mask_added
     expected = expected_grad_passes(cfg.attack, n_calib, n_val, adaptive)
-    counted_ok = sorted(expected["attack"] + expected["evaluation"]) == sorted(rec.grad_passes)
-    if not counted_ok:
-        log.warning("forward+backward passes counted from the settings (%d) differ from the instrumented run (%d): "
-                    "replaying the instrumented ones, all under evaluation",
-                    len(expected["attack"]) + len(expected["evaluation"]), len(rec.grad_passes))
-        expected = {"attack": [], "evaluation": list(rec.grad_passes)}
     ort_sizes = {s: [b for st, b in rec.ort_runs if st == s] for s in ("statistics", "evaluation")}
+    check_counts("torch forward+backward (Attack.input_grad)", expected["attack"] + expected["evaluation"],
+                 rec.grad_passes)
+    check_counts("torch forwards with gradients (OnnxTorchModule)", rec.grad_passes, rec.grad_forwards)
+    check_counts("onnxruntime statistics runs", expected_statistics_runs(n_calib, cfg.ort_batch_size),
+                 ort_sizes["statistics"])
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    # onnxruntime with harden's threads (report.threads), not its default of one per core: more threads,
+    # spinning between runs, would add CPU time to the baseline only
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = report.threads, 1
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     in_name = session.get_inputs()[0].name
-    x, y = held_out.x, held_out.y
+    x, y = data.x, data.y
     fused = fold_batchnorm(net)
 
     def baseline() -> dict:
@@ -281,7 +352,8 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
             if which == "pipeline":
                 c, stages, _ = time_pipeline(args, model_path, data_path, out)
                 total = getattr(c, clock)
-                row["pipeline"] = dict(stages, setup=max(total - sum(stages.values()), 0.0), total=total,
+                inside = sum(v for k, v in stages.items() if k != "data wait")  # data wait overlaps the others
+                row["pipeline"] = dict(stages, setup=max(total - inside, 0.0), total=total,
                                        total_wall=c.wall, total_cpu=c.cpu)
             else:
                 row["baseline"] = baseline()
@@ -315,7 +387,6 @@ def run_timing(args, net, held_out, model_path: Path, data_path: Path, folder: P
         "attack": cfg.attack.to_dict(),
         "work": {
             "torch_forward_backward": {s: {"passes": len(v), "images": int(sum(v))} for s, v in expected.items()},
-            "torch_forward_backward_counted_from_settings_match_instrumented": counted_ok,
             "torch_forward_only_in_harden_not_in_baseline": {"passes": len(rec.forward_only),
                                                               "images": int(sum(rec.forward_only))},
             "onnxruntime_forward": {s: {"passes": len(v), "images": int(sum(v))} for s, v in ort_sizes.items()},
@@ -408,19 +479,20 @@ def stats_child(argv: list[str]) -> int:
     return 0
 
 
-def synthesise(held_out, n: int, eps: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``n`` digits: the held-out ones repeated, jittered by +-0.05 and clipped to the box; 'adversarial'
-    copies at +-eps (the statistics stage's cost does not depend on how they were crafted)."""
+def synthesise(data, n: int, eps: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` digits: those of ``data`` (the held-out ones, or digits32's) repeated, jittered by +-0.05 and
+    clipped to the box; 'adversarial' copies at +-eps (the statistics stage's cost does not depend on how
+    they were crafted)."""
     rng = np.random.default_rng(seed)
-    idx = np.arange(n) % len(held_out)
-    x = np.clip(held_out.x[idx] + rng.uniform(-0.05, 0.05, held_out.x[idx].shape), 0, 1).astype(np.float32)
+    idx = np.arange(n) % len(data)
+    x = np.clip(data.x[idx] + rng.uniform(-0.05, 0.05, data.x[idx].shape), 0, 1).astype(np.float32)
     adv = np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape), 0, 1).astype(np.float32)
-    return x, adv, held_out.y[idx].astype(np.int64)
+    return x, adv, data.y[idx].astype(np.int64)
 
 
-def run_memory(args, held_out, model_path: Path, folder: Path) -> dict:
+def run_memory(args, data, model_path: Path, folder: Path) -> dict:
     for n in args.sizes:
-        x, adv, y = synthesise(held_out, n, args.eps, args.seed)
+        x, adv, y = synthesise(data, n, args.eps, args.seed)
         np.save(folder / f"x_clean_{n}.npy", x)
         np.save(folder / f"x_adv_{n}.npy", adv)
         np.save(folder / f"y_{n}.npy", y)
@@ -461,8 +533,10 @@ def table(result: dict) -> str:
     lines.append(f"cloakonnx {env['cloakonnx']}  torch {env['torch']} ({env['torch_threads']} threads)  onnxruntime "
                  f"{env['onnxruntime']}  {env['cpus']} CPUs, load average at start {env['load_average']}")
     m = result["model"]
-    lines.append(f"model: digits CNN, {m['features']} features, {m['epochs']} epochs, held-out accuracy "
-                 f"{100 * m['held_out_accuracy']:.1f}%")
+    lines.append(f"model: {m['name']}, {m['features']} features, {m['epochs']} epochs, held-out accuracy "
+                 f"{100 * m['held_out_accuracy']:.1f}%"
+                 + (f", {100 * m['data_accuracy']:.1f}% on the {m['samples']} samples for harden"
+                    if "data_accuracy" in m else ""))
     t = result.get("timing")
     if t:
         w, a = t["work"], t["attack"]
@@ -470,16 +544,17 @@ def table(result: dict) -> str:
         clock = "CPU time of this process, all threads" if t["clock"] == "cpu" else "wall-clock time"
         other = "wall" if t["clock"] == "cpu" else "cpu"
         ot, pr = t[f"{other}_totals"], t["ratio_per_repeat"]
+        steps = "" if a["name"] == "fgsm" else f" steps={a['steps']} restarts={a['restarts']}"  # FGSM: one step
         lines += [
             "",
-            f"(a) harden, {a['name']} eps={a['eps']:g} steps={a['steps']} restarts={a['restarts']}, "
-            f"{t['samples']['calibration']} calibration / {t['samples']['validation']} validation digits; "
+            f"(a) harden, {a['name']} eps={a['eps']:g}{steps}, "
+            f"{t['samples']['calibration']} calibration / {t['samples']['validation']} validation samples; "
             f"medians of {len(t['repeats'])} interleaved repeats",
             f"    clock: {clock}; torch threads: {t['torch_threads'] or 'default'}",
             f"    baseline work: native torch forward+backward: attack {fb['attack']['passes']} passes "
             f"({fb['attack']['images']} images), evaluation {fb['evaluation']['passes']} passes "
-            f"({fb['evaluation']['images']} images), batch {w['attack_batch_size']}"
-            f"{'' if w['torch_forward_backward_counted_from_settings_match_instrumented'] else ' (INSTRUMENTED COUNT)'}",
+            f"({fb['evaluation']['images']} images), batch {w['attack_batch_size']}; counted from the settings, "
+            "checked against an instrumented harden run",
             f"    plain onnxruntime forward: statistics {w['onnxruntime_forward']['statistics']['passes']} passes "
             f"({w['onnxruntime_forward']['statistics']['images']} images), evaluation "
             f"{w['onnxruntime_forward']['evaluation']['passes']} passes "
@@ -544,11 +619,20 @@ def table(result: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + __doc__.rstrip().rsplit("\n\n", 1)[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="timed pipeline+baseline pairs (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed baseline runs after the warm-up harden (default 1)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs for the digits CNN (default 3)")
-    p.add_argument("--features", type=int, default=256, help="width of the CNN's feature tensor (default 256)")
+    p.add_argument("--input", choices=("digits", "digits32"), default="digits",
+                   help="digits (default): the demo's CNN on the 719 held-out 1x8x8 digits; digits32: "
+                        "benchmarks/data_scale.py's small CNN on --n jittered 3x32x32 digits")
+    p.add_argument("--n", type=int, help="--input digits32 only: samples handed to harden, half of them for "
+                                         f"validation (default {DIGITS32_N}); --input digits rejects it")
+    p.add_argument("--epochs", type=int,
+                   help=f"training epochs (default 3 for digits, {DIGITS32_EPOCHS} for digits32, whose CNN has no "
+                        "BatchNorm and learns slowly)")
+    p.add_argument("--features", type=int, default=256,
+                   help="width of the digits CNN's feature tensor (default 256; digits32's small CNN has 64)")
     p.add_argument("--attack", choices=("pgd", "fgsm"), default="pgd")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=10)
@@ -567,6 +651,14 @@ def parse_args(argv=None):
     add_output_options(p, out=True)
     args = p.parse_args(argv)
     args.sizes = parse_sizes(p, args.sizes)
+    if args.input == "digits" and args.n is not None:
+        p.error("--n needs --input digits32: --input digits hardens the demo's 719 held-out digits")
+    if args.input == "digits32":
+        args.n = DIGITS32_N if args.n is None else args.n
+        if args.n < 4:
+            p.error("--n must be at least 4 (harden splits the samples into calibration and validation)")
+    if args.epochs is None:
+        args.epochs = 3 if args.input == "digits" else DIGITS32_EPOCHS
     if args.repeats < 1 or args.warmup < 0 or args.epochs < 1 or args.steps < 1 or args.threads < 0:
         p.error("--repeats, --epochs and --steps must be at least 1, --warmup and --threads at least 0")
     return args
@@ -585,15 +677,18 @@ def run(args) -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="cloakonnx-harden-cost-") as tmp:
         folder = Path(tmp)
-        net, held_out, model_path, data_path, info = build_demo(folder, args.features, args.epochs, args.seed)
-        result["model"] = dict(info, features=args.features, epochs=args.epochs, held_out_samples=len(held_out))
+        if args.input == "digits32":
+            net, data, model_path, data_path, info = build_digits32(folder, args.n, args.epochs, args.seed)
+        else:
+            net, data, model_path, data_path, info = build_demo(folder, args.features, args.epochs, args.seed)
+        result["model"] = dict(info, input=args.input, epochs=args.epochs, samples=len(data))
         if args.threads:
             torch.set_num_threads(args.threads)  # after training, which runs at torch's default
         result["environment"]["torch_threads"] = torch.get_num_threads()
         if not args.skip_timing:
-            result["timing"] = run_timing(args, net, held_out, model_path, data_path, folder)
+            result["timing"] = run_timing(args, net, data, model_path, data_path, folder)
         if not args.skip_memory:
-            result["memory"] = run_memory(args, held_out, model_path, folder)
+            result["memory"] = run_memory(args, data, model_path, folder)
     return result
 
 
