@@ -43,8 +43,8 @@ DEFAULT_INNER_ATTACK = {MASK: "fgsm", FINETUNE: "pgd"}
 # Fine-tuning stops once the mean loss of the last 10 steps is below this: the inner attacker no longer
 # finds anything to learn from (PP-LCNet got there in about 50 of 100 steps; the demo never does). 0: off.
 DEFAULT_STOP_LOSS = {MASK: 0.0, FINETUNE: 0.01}
-# ... and, every this many steps, once the inner attack turns none of up to 128 validation samples the
-# model gets right (early stopping on held-out data; learn.WATCH_SAMPLES). 0: off. Masks rarely get there.
+# ... and, every this many steps, once as many of up to 128 validation samples survive the inner attack
+# as were right, clean, before learning, less 1% (early stopping on held-out data; learn.EarlyStop). 0: off.
 DEFAULT_STOP_EVERY = {MASK: 0, FINETUNE: 25}
 # When the default step size makes fine-tuning's loss rise over its first 20 steps, it starts again
 # from the original weights with a step this many times smaller, at most LR_BACKOFFS times: 1e-3 wrecked
@@ -70,7 +70,7 @@ class LearnConfig:
     inner_steps: int = 5
     sparsity: float = 0.0  # weight of mean(m) in the loss: pushes more values towards 0
     stop_loss: float | None = None  # stop when the last 10 steps' mean loss is below it; None: DEFAULT_STOP_LOSS; 0: off
-    stop_every: int | None = None  # attack a validation probe every this many steps, stop when it turns none;
+    stop_every: int | None = None  # attack a validation probe every this many steps, stop when it is robust;
     # None: DEFAULT_STOP_EVERY; 0: off
 
     def validate(self) -> None:

@@ -95,6 +95,7 @@ class LossRose(Exception):
 
 
 WATCH_SAMPLES = 128  # the validation probe the early stop attacks: at most this many samples
+WATCH_SLACK = 0.01  # the early stop's allowance: this share of the probe, as a 1-point clean budget
 
 
 @dataclass
@@ -116,10 +117,13 @@ class EarlyStop:
     value at the start. A single training batch is too noisy for that: on the demo, batches of 32 at
     a step size of 1e-5, which barely moves the weights, went from 0.73 at step 1 to 1.48 at step 11.
     ``watch`` (held-out samples, the validation split): every ``config.stop_every`` steps the inner
-    attack, with a fixed start, runs on up to WATCH_SAMPLES of them, and learning stops once it turns
-    none that the model gets right: the attacker this run trains against has nothing left to find,
-    judged on data the steps never saw (early stopping on a held-out robust loss). Both probes draw
-    from their own generators, so a run they do not stop is the run it would be without them."""
+    attack, with a fixed start, runs on up to WATCH_SAMPLES of them, and learning stops once as many
+    of them survive it as the model got right, clean, before learning (less WATCH_SLACK of them): the
+    attacker this run trains against has nothing left to find, judged on data the steps never saw
+    (early stopping on a held-out robust loss). Counting survivors against the starting clean count,
+    not flips among what is right now, keeps a wrecked model (one class for every input: nothing to
+    flip) from passing. Both probes draw from their own generators, so a run they do not stop is the
+    run it would be without them."""
 
     def __init__(self, net, data: Dataset, attack: AttackConfig, config: LearnConfig, seed: int, bounds,
                  device: str, batch: int, stop_below: float | None, check_rise: bool, watch: Dataset | None):
@@ -129,6 +133,8 @@ class EarlyStop:
         self.every = config.stop_every if watch is not None and len(watch) else 0
         self.held_out = fixed_attack(net, watch, attack, config, seed, bounds, device,
                                      min(WATCH_SAMPLES, len(watch)), batch) if self.every else None
+        self.target = (self.held_out(attacked=False)[2] - int(WATCH_SLACK * self.held_out.size)
+                       if self.held_out else None)
 
     def after(self, done: int, losses: list[float], desc: str) -> str | None:
         """Why to stop after ``done`` steps ("loss", "validation"), or None to go on."""
@@ -143,11 +149,12 @@ class EarlyStop:
             return "loss"
         if self.held_out and done % self.every == 0 and done < self.steps:
             _, flipped, right = self.held_out()
-            log.debug("%s: step %d: the inner attack turns %d of the %d held-out samples the model gets right",
-                     desc, done, flipped, right)
-            if right and not flipped:
-                log.info("%s: stopped at step %d of %d: nothing left for the inner attack to turn", desc, done,
-                         self.steps)
+            log.debug("%s: step %d: %d of %d held-out samples survive the inner attack (stop at %d)", desc, done,
+                      right - flipped, self.held_out.size, self.target)
+            if right - flipped >= max(1, self.target):
+                log.info("%s: stopped at step %d of %d: %d of %d held-out samples survive the inner attack, as many "
+                         "as were right before learning (less %g%%)", desc, done, self.steps, right - flipped,
+                         self.held_out.size, 100 * WATCH_SLACK)
                 return "validation"
         return None
 
@@ -205,7 +212,7 @@ def fixed_attack(net, data: Dataset, attack: AttackConfig, config: LearnConfig, 
     """A function giving, on ``size`` fixed samples of ``data`` attacked each time with the same random
     start (the inner attack), the training loss (CE(x_adv) + CE(x), on the first chunk), how many the
     attack turns from right to wrong, and how many are right: two calls compare the weights, not the
-    batches. ``chunk``: samples per forward pass (default: all at once)."""
+    batches. ``chunk``: samples per forward pass (default: all at once). ``attacked=False``: clean only."""
     import torch
     import torch.nn.functional as F
 
@@ -213,11 +220,11 @@ def fixed_attack(net, data: Dataset, attack: AttackConfig, config: LearnConfig, 
     x, y = torch.from_numpy(data.x[idx]).to(device), torch.from_numpy(data.y[idx]).to(device)
     cfg, chunk = inner_attack_config(attack, config, seed + 1), chunk or size
 
-    def run() -> tuple[float, int, int]:
+    def run(attacked: bool = True) -> tuple[float, int, int]:
         loss, flipped, right = None, 0, 0
         for at in range(0, size, chunk):
             xs, ys = x[at:at + chunk], y[at:at + chunk]
-            x_adv = PGD(net, cfg, bounds)(xs, ys)  # a fresh attacker: the same start every time
+            x_adv = PGD(net, cfg, bounds)(xs, ys) if attacked else xs  # a fresh attacker: the same start each time
             with torch.no_grad():
                 clean, adv = net(xs), net(x_adv)
             loss = float(F.cross_entropy(adv, ys) + F.cross_entropy(clean, ys)) if loss is None else loss

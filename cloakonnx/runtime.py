@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import glob
 import logging
 import os
@@ -214,19 +215,29 @@ def run_batch(session, xb: np.ndarray, outputs: Sequence[str] | None = None,
     if fb and n < fb:
         xb = np.concatenate([xb, np.repeat(xb[-1:], fb - n, axis=0)])
     try:
-        results = session.run(outputs, {input_name: xb}, _shrinking_run_options())
+        results = session.run(outputs, {input_name: xb}, _run_options())
     except Exception as exc:  # onnxruntime's own error types: shapes or values the graph cannot take
         raise CloakError(f"onnxruntime could not run the model on input of shape {tuple(xb.shape)}: "
                          f"{first_line(exc)}") from exc
     return [r[:n] for r in results]
 
 
+SHRINK_EVERY = 16  # runs between two that hand the CPU arena's free regions back (_run_options)
+_RUNS = itertools.count()
+
+
+def _run_options():
+    """Every SHRINK_EVERY-th run, options that hand the CPU arena's extra regions back after it. Without
+    them the arena's high-water mark crept up over thousands of batches (87 MiB more at 20,000 samples
+    than at 1,000 in benchmarks/data_scale.py), so memory was not flat in N; turning the arena off cost
+    28-48%. Shrinking after *every* run cost 55-60% of the CPU time of onnxruntime's runs on a small
+    3x32x32 CNN at batch 256 (benchmarks/harden_cost.py --input digits32): the arena was rebuilt each
+    time. Every 16th run bounds the creep the same way at a sixteenth of that."""
+    return _shrinking_run_options() if next(_RUNS) % SHRINK_EVERY == 0 else None
+
+
 @functools.lru_cache(maxsize=1)
 def _shrinking_run_options():
-    """Run options that hand the CPU arena's extra regions back after each run. Without them the
-    arena's high-water mark crept up over thousands of batches (87 MiB more at 20,000 samples than at
-    1,000 in benchmarks/data_scale.py), so memory was not flat in N; measured cost about 3% per run.
-    Turning the arena off instead cost 28-48%."""
     ort = _ort()
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")

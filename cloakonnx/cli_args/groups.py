@@ -205,7 +205,8 @@ class LearnArgs(ArgGroup):
                     "masks].", to="learn.stop_loss"),
         Option("--learn-stop-every", type=click.IntRange(min=0), default=None, metavar="N",
                help="Every N steps, attack up to 128 validation samples with the inner attacker and stop learning "
-                    "once it turns none that the model gets right; 0: never [default: 25 for weights, 0 for masks].",
+                    "once as many survive as were right before learning, less 1%; 0: never [default: 25 for "
+                    "weights, 0 for masks].",
                to="learn.stop_every"),
     )
 
