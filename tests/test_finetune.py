@@ -312,16 +312,29 @@ def test_learning_stops_once_the_inner_attack_turns_no_held_out_sample(trained):
     model, data, names, _ = trained
     logits, held_out = find_head(model).logits, data.subset(np.arange(len(data) - 100, len(data)))
 
-    def tune(attack, every):
+    def tune(attack, every, lr=None):
         return finetune_weights(model, names, logits, Preprocess(), data, attack,
-                                LearnConfig(steps=12, batch_size=32, inner_steps=1, stop_loss=0, stop_every=every),
-                                seed=2, watch=held_out)
+                                LearnConfig(steps=12, batch_size=32, inner_steps=1, stop_loss=0, stop_every=every,
+                                            lr=lr), seed=2, watch=held_out)
 
-    tiny = tune(AttackConfig(name="pgd", eps=1e-5, steps=3, seed=0), 4)
+    tiny = tune(AttackConfig(name="pgd", eps=1e-5, steps=3, seed=0), 4, lr=1e-6)  # weights barely move
     assert (tiny.steps, tiny.stopped_by) == (4, "validation")
     watched, unwatched = tune(ATTACK, 4), tune(ATTACK, 0)
     assert (watched.steps, watched.stopped_by) == (12, None) == (unwatched.steps, unwatched.stopped_by)
     assert all(watched.values[n].tobytes() == unwatched.values[n].tobytes() for n in names)
+
+
+def test_a_wrecked_model_does_not_pass_the_early_stop(trained):
+    """A step size that wrecks the weights leaves few right and nothing for the attack to flip; the
+    stop counts survivors against the clean count before learning, so it runs on."""
+    model, data, names, _ = trained
+    wrecked = finetune_weights(model, names, find_head(model).logits, Preprocess(), data,
+                               AttackConfig(name="pgd", eps=1e-5, steps=3, seed=0),
+                               LearnConfig(steps=8, batch_size=32, inner_steps=1, stop_loss=0, stop_every=4, lr=30.0),
+                               seed=2, watch=data.subset(np.arange(len(data) - 100, len(data))))
+    new = with_weights(model, interpolate(wrecked.start, wrecked.values, 1.0))
+    assert (_logits(new, data.x[-100:]).argmax(1) == data.y[-100:]).mean() < 0.5  # wrecked indeed
+    assert (wrecked.steps, wrecked.stopped_by) == (8, None)
 
 
 def test_the_early_stop_is_reported(digits_files, tmp_path):
