@@ -28,7 +28,7 @@ from .errors import CloakError
 from .graph import (CloakRecord, initializer_values, relative_change, select_input, trainable_initializers,
                     with_weight_inputs, with_weights)
 from .graph.record import set_metadata
-from .learn import LossRose, adversarial_training
+from .learn import StepTooLarge, adversarial_training
 from .pipeline import Prepared
 from .search import Baseline, MaskSearch
 from .strength import choose_strength, never_worse
@@ -101,7 +101,7 @@ def finetune_weights(model: onnx.ModelProto, names: list[str], logits: str, prep
                                        stop_below=config.stop_loss or None, check_rise=len(rose) < backoffs,
                                        watch=watch)
             break
-        except LossRose as e:
+        except StepTooLarge as e:
             rose.append(lr)
             log.warning("fine-tuning at step size %g: %s; starting again from the original weights at %g",
                         lr, e, lr / LR_BACKOFF)

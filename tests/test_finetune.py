@@ -346,3 +346,21 @@ def test_the_early_stop_is_reported(digits_files, tmp_path):
     from cloakonnx.report import format_harden
 
     assert "stopped early: as many held-out samples survive the inner attack as were right before" in format_harden(report)
+
+
+def test_a_collapse_of_held_out_clean_accuracy_gives_the_step_size_up():
+    """PP-LCNet at 1e-3: the probe's loss fell (every prediction unsure) while the held-out clean
+    accuracy went from 128 of 128 to 62; the rise check gives such a step size up, not a small dip."""
+    from cloakonnx.learn import RISE_CHECK_STEP, EarlyStop, StepTooLarge
+
+    def stop_with(right_now):
+        stop = EarlyStop.__new__(EarlyStop)  # the decision alone, with stand-in probes
+        held_out = lambda attacked=True: (0.0, 0, right_now)  # noqa: E731
+        held_out.size = 128
+        stop.steps, stop.stop_below, stop.every, stop.held_out, stop.right, stop.target = 300, None, 25, held_out, 128, 127
+        stop.probe, stop.before = (lambda: (1.0, 0, 0)), 4.0  # the probe batch's loss fell from 4.0 to 1.0
+        return stop
+
+    with pytest.raises(StepTooLarge, match=r"clean accuracy on 128 held-out samples fell from 100.0% to 48.4%"):
+        stop_with(62).after(RISE_CHECK_STEP, [1.0] * RISE_CHECK_STEP, "fine-tuning")
+    assert stop_with(110).after(RISE_CHECK_STEP, [1.0] * RISE_CHECK_STEP, "fine-tuning") is None
