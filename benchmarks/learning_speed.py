@@ -14,8 +14,13 @@ the selection attack (harden's guard), beside the original's.
     python benchmarks/learning_speed.py --model M --data D --test T --eps 2/255 --mean ... --std ... \
         --method auto --settings pgd:300,pgd:224:0     # the default, against a run 4 times longer (no early stop)
 
-A setting is ATTACK:STEPS[:STOP_LOSS] (pgd: 5 inner steps; STOP_LOSS: --learn-stop-loss; 0 runs every step, with
-the early stop on validation, --learn-stop-every, off as well).
+A setting is ATTACK:STEPS[:STOP_LOSS[:LR]] (pgd: 5 inner steps; STOP_LOSS: --learn-stop-loss; 0 runs every step,
+with the early stop on validation, --learn-stop-every, off as well; LR: --learn-lr, a step size kept as given). The
+run 4 times longer than the default gives the step size the default ended with (its row's lr), since without the
+held-out probe the rise check cannot see a wrecked model:
+
+    python benchmarks/learning_speed.py --model M ... --method auto --settings pgd:300            # the default
+    python benchmarks/learning_speed.py --model M ... --method auto --settings pgd:200:0:1e-4     # 4 x its 50 steps
 Run it alone on the machine, or say how many threads each had: other jobs on the same cores skew every row.
 """
 from __future__ import annotations
@@ -29,18 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_model_options, cpus, parse_model_args, run_main  # noqa: E402
 
 
-def parse_settings(text: str) -> list[tuple[str, int, float | None]]:
+def parse_settings(text: str) -> list[tuple[str, int, float | None, float | None]]:
     out = []
     for part in text.split(","):
         fields = part.strip().split(":")
         try:
-            attack, steps, stop = fields[0], int(fields[1]), float(fields[2]) if len(fields) == 3 else None
-            if attack not in ("pgd", "fgsm") or len(fields) > 3:
+            attack, steps = fields[0], int(fields[1])
+            stop = float(fields[2]) if len(fields) >= 3 and fields[2] else None
+            lr = float(fields[3]) if len(fields) == 4 else None
+            if attack not in ("pgd", "fgsm") or len(fields) > 4 or (lr is not None and not lr > 0):
                 raise ValueError
-            out.append((attack, steps, stop))
+            out.append((attack, steps, stop, lr))
         except (ValueError, IndexError):
-            raise argparse.ArgumentTypeError(f"bad setting {part!r}: use ATTACK:STEPS[:STOP_LOSS], ATTACK pgd or "
-                                             "fgsm") from None
+            raise argparse.ArgumentTypeError(f"bad setting {part!r}: use ATTACK:STEPS[:STOP_LOSS[:LR]], ATTACK pgd "
+                                             "or fgsm") from None
     return out
 
 
@@ -63,10 +70,10 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or scratch
         Path(tmp).mkdir(parents=True, exist_ok=True)
-        for attack, steps, stop in args.settings:
-            learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack, stop_loss=stop,
+        for attack, steps, stop, lr in args.settings:
+            learn = LearnConfig(steps=steps, batch_size=args.batch, inner_attack=attack, stop_loss=stop, lr=lr,
                                 stop_every=0 if stop == 0 else None)  # :0 turns both early stops off
-            name = f"{attack}-{steps}" + ("" if stop is None else f"-{stop:g}")
+            name = f"{attack}-{steps}" + ("" if stop is None else f"-{stop:g}") + ("" if lr is None else f"-lr{lr:g}")
             config = HardenConfig(output=Path(tmp) / f"{name}.onnx", learn=learn, seed=args.seed,
                                   method=args.method, preprocess=Preprocess(args.bounds, args.mean, args.std),
                                   attack=AttackConfig(name="pgd", eps=args.eps, steps=10, seed=args.seed),
@@ -75,7 +82,8 @@ def run(args: argparse.Namespace) -> dict:
             learning = rep["learning"]
             full = next(p for p in rep["curve"] if p["alpha"] == 1.0)
             guard = learning.get("guard") or {}
-            rows.append({"setting": f"{attack}:{steps}" + ("" if stop is None else f":{stop:g}"),
+            rows.append({"setting": f"{attack}:{steps}" + ("" if stop is None else f":{stop:g}")
+                         + ("" if lr is None else f":{lr:g}"),
                          "learning_seconds": rep["stages"]["learning"], "steps_run": learning.get("steps"),
                          "stopped_by": learning.get("stopped_by"),
                          "lr": learning.get("lr"), "kept": learning.get("kept", args.method),
