@@ -46,7 +46,8 @@ DEFAULT_STOP_LOSS = {MASK: 0.0, FINETUNE: 0.01}
 # ... and, every this many steps, once as many of up to 128 validation samples survive the inner attack
 # as were right, clean, before learning, less 1% (early stopping on held-out data; learn.EarlyStop). 0: off.
 DEFAULT_STOP_EVERY = {MASK: 0, FINETUNE: 25}
-# When the default step size makes fine-tuning's loss rise over its first 20 steps, it starts again
+# When the default step size makes fine-tuning's loss rise over its first 20 steps (or, with the early
+# stop on, the clean accuracy of its validation samples fall by 20 points: learn.WRECK_DROP), it starts again
 # from the original weights with a step this many times smaller, at most LR_BACKOFFS times: 1e-3 wrecked
 # PP-LCNet (clean 100% -> 80%), 1e-4 took its validation worst case from 31.7% to 99.8%; on the demo
 # 1e-3 beat 3e-4 and 1e-4 (70.8%, 68.9%, 65.8%).

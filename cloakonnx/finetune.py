@@ -158,7 +158,8 @@ def search_weights(p: Prepared, config: HardenConfig, base: Baseline, timer: Sta
     best, points, budget = strength.chosen, strength.points, strength.budget
     search.curve = [pt.to_dict() for pt in points]
     search.learning = {"method": FINETUNE, "params": config.finetune_params, "tensors": len(names),
-                       "seconds": round(result.seconds, 3), "steps": result.steps, "stopped_by": result.stopped_by, "lr": result.lr,
+                       "seconds": round(result.seconds, 3), "steps": result.steps, "stopped_by": result.stopped_by,
+                       "lr": result.lr,
                        "lr_given_up": result.rose, "loss": result.history, "max_clean_drop": budget, "alpha": None if best is None else best.alpha,
                        "guard": strength.guard, "bound_note": strength.bound_note,
                        "median_margin": {"original": points[0].median_margin, "trained": points[-1].median_margin,
