@@ -70,6 +70,8 @@ COMMAND_LINES = {
         ("harden", dict(config=HardenConfig(score="learned", feature_tensors=("auto",), mask_values="soft",
                                             learn=LearnConfig(steps=50, batch_size=64, lr=0.05, inner_attack="fgsm",
                                                               inner_steps=3, sparsity=0.01)))),
+    "harden m.onnx --data d.npz --method finetune --learn-stop-loss 0 --learn-stop-every 10":
+        ("harden", dict(config=HardenConfig(method="finetune", learn=LearnConfig(stop_loss=0.0, stop_every=10)))),
     "harden m.onnx --data d.npz --max-clean-drop 1.5 --budget-confidence 0 --val-split 0.3 --val-max 500 "
     "--fraction 0.1": ("harden", dict(config=HardenConfig(max_clean_drop=1.5, budget_confidence=0.0, val_split=0.3,
                                                           val_max=500, fraction=0.1))),
