@@ -12,6 +12,7 @@ from .errors import CloakError
 STOPPED_BY = {"loss": "the training loss fell below --learn-stop-loss",
               "validation": "as many held-out samples survive the inner attack as were right before"}
 
+
 def pct(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}%"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import glob
+import itertools
 import logging
 import os
 import sys
