@@ -102,6 +102,9 @@ def main(debug: bool, quiet: bool) -> None:
     _configure_logging(quiet)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # attack steps reuse freed activations instead of faulting in fresh pages
 
 
 # --- the commands: each is the list of its argument groups, and a body that calls one library function ---

@@ -196,9 +196,10 @@ class Worker:
     same :class:`~cloakonnx.backend.LocalBackend` loops as one process runs."""
 
     def __init__(self, threads: int):
-        from .runtime import limit_threads
+        from .runtime import keep_freed_memory, limit_threads
 
         limit_threads(threads)
+        keep_freed_memory()
         self.local = LocalBackend()
         self.runners: dict = {}
 

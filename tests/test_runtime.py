@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import sys
 
 import numpy as np
 import onnx
@@ -248,3 +251,47 @@ def test_a_fixed_batch_model_runs_in_its_own_batch(fixed_model):
     assert y.shape == (10, 3)
     np.testing.assert_allclose(y, affine(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(rec.fed[-1][2:], np.repeat(x[-1:], 2, axis=0))
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+from cloakonnx.runtime import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "tune" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+p = libc.malloc(20 << 20)  # an activation's size: glibc's default gives it its own mmap, freed back on free()
+lo, hi = next([int(a, 16) for a in line.split()[0].split("-")] for line in open("/proc/self/maps") if "[heap]" in line)
+print(applied, lo <= p < hi)
+"""
+
+
+def _probe_heap(mode: str, env: dict | None = None) -> str:
+    import subprocess
+
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    run_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, env=run_env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_activations_stay_in_the_heap_for_reuse():
+    # without the setting, a 20 MiB block is mmapped (and its pages faulted in afresh after every free)
+    assert _probe_heap("default") == ["False", "False"]
+    assert _probe_heap("tune") == ["True", "True"]
+    # glibc settings the user gave are theirs: left alone
+    assert _probe_heap("tune", {"MALLOC_TRIM_THRESHOLD_": "131072"}) == ["False", "False"]
+    assert _probe_heap("tune", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}) == ["False", "False"]
+
+
+def test_the_cli_keeps_freed_memory(monkeypatch):
+    from click.testing import CliRunner
+
+    from cloakonnx.cli import main
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert CliRunner().invoke(main, ["inspect", "--help"]).exit_code == 0
+    assert calls == [1]
