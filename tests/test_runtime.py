@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from cloakonnx import runtime
+from cloakonnx import allocator, runtime
 from cloakonnx.errors import CloakError
 from cloakonnx.runtime import (CPU, CUDA, batch_size_for, default_providers, fixed_batch, make_session,
                                provider_really_loads, resolve_providers, run_batch)
@@ -255,7 +255,7 @@ def test_a_fixed_batch_model_runs_in_its_own_batch(fixed_model):
 
 _HEAP_PROBE = """
 import ctypes, sys
-from cloakonnx.runtime import keep_freed_memory
+from cloakonnx.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tune" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -292,6 +292,6 @@ def test_the_cli_keeps_freed_memory(monkeypatch):
     from cloakonnx.cli import main
 
     calls = []
-    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     assert CliRunner().invoke(main, ["inspect", "--help"]).exit_code == 0
     assert calls == [1]
