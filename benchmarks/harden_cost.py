@@ -645,6 +645,9 @@ def parse_args(argv=None):
                         "ops stall whenever one thread is descheduled); 0 keeps torch's default")
     p.add_argument("--sizes", default="1000,20000", help="N for the memory runs (default 1000,20000)")
     p.add_argument("--batch-size", type=int, default=256, help="onnxruntime batch in the memory runs (harden's default)")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's malloc settings as they are (the CLI, which this script bypasses, tunes them "
+                        "with cloakonnx.allocator.keep_freed_memory; so does this script by default)")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -668,10 +671,13 @@ def run(args) -> dict:
     import onnxruntime
     import torch
 
+    from cloakonnx.allocator import keep_freed_memory
+
+    tuned = False if args.glibc_malloc else keep_freed_memory()  # harden and the baseline alike, as the CLI does
     result: dict = {
         "environment": {"cloakonnx": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "numpy": np.__version__, "python": platform.python_version(), "cpus": cpus(),
-                        "torch_threads": torch.get_num_threads(),
+                        "torch_threads": torch.get_num_threads(), "malloc_tuned": tuned,
                         "load_average": [round(v, 2) for v in os.getloadavg()]},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
