@@ -229,12 +229,13 @@ def run_resnet18(args: argparse.Namespace) -> dict:
 def table(r: dict) -> str:
     if "ratio_forward" in r:
         lines = [f"{r['model']}: input {r['shape']}, CPU, {r['threads']} thread(s) for both, {r['repeats']} "
-                 f"interleaved repeats (plan steps: {r['steps']['fused']} fused, {r['steps']['unfused']} unfused), "
+                 f"interleaved repeats (plan steps: {r['steps']['fused']} fused"
+                 + (f", {r['steps']['unfused']} unfused" if r["steps"]["unfused"] else "") + "), "
                  f"malloc {'tuned' if r['malloc_tuned'] else 'as glibc left it'}"]
         lines += [f"  {k:27s} median {v:9.2f} ms" for k, v in r["median_ms"].items()]
         lines += [f"  executor forward / onnxruntime forward           {r['ratio_forward']:.2f}",
-                  f"  executor forward+backward / onnxruntime forward  {r['ratio_forward_backward']:.2f} "
-                  + (f"(before: {r['ratio_forward_backward_before']:.2f}) " if r["ratio_forward_backward_before"] else "")
+                  f"  executor forward+backward / onnxruntime forward  {r['ratio_forward_backward']:.2f}"
+                  + (f" (before: {r['ratio_forward_backward_before']:.2f})" if r["ratio_forward_backward_before"] else "")
                   + f"; target <= {r['target']}: "
                   f"{'met' if r['meets_target'] else 'NOT met'}",
                   f"  PGD step in the attack / onnxruntime forward     {r['ratio_attack_step']:.2f}; target <= "

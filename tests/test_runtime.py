@@ -265,7 +265,7 @@ print(applied, lo <= p < hi)
 """
 
 
-def _probe_heap(mode: str, env: dict | None = None) -> str:
+def _probe_heap(mode: str, env: dict | None = None) -> list[str]:
     import subprocess
 
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
