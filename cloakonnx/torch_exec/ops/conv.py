@@ -74,7 +74,10 @@ def _conv(inputs, attrs, ctx):
     if begins != ends:
         x = F.pad(x, _pt_pad(begins, ends))
         begins = [0] * n
-    return (_CONV[n](x, w, b, strides, begins, dilations, attrs.get("group", 1)),)
+    group = attrs.get("group", 1)
+    if _grad_by_phases(x, w, b, strides, dilations, group):
+        return (_PhasedConv.apply(x, w, b, strides[0], begins),)
+    return (_CONV[n](x, w, b, strides, begins, dilations, group),)
 
 
 @op("ConvTranspose", 1, 11, 22, check=_check_conv_transpose)
@@ -113,6 +116,66 @@ def _conv_transpose(inputs, attrs, ctx):
     if b is not None:
         y = y + b.reshape((1, -1) + (1,) * n)
     return (y,)
+
+
+# --------------------------------------------------------------------------------------------
+# Input gradients of stems (few input channels, a large kernel at a stride), by phases
+# --------------------------------------------------------------------------------------------
+
+
+def _grad_by_phases(x, w, b, strides, dilations, groups) -> bool:
+    """Whether this Conv's input gradient is the one an attack needs and is cheaper by phases.
+
+    oneDNN's backward-data kernel for a stem such as ResNet's 7x7/2 over 3 channels, or a ViT's
+    16x16/16 patch embedding, costs 3-6 times the forward pass; by phases it costs 0.2-0.5 of
+    oneDNN's (benchmarks/executor_speed.py). At 3x3/2 there is no gain, so those are left alone.
+    """
+    return (torch.is_grad_enabled() and x.requires_grad and x.dim() == 4 and x.device.type == "cpu"
+            and not w.requires_grad and (b is None or not b.requires_grad) and groups == 1 and w.shape[1] <= 4
+            and strides[0] == strides[1] >= 2 and min(w.shape[2:]) >= 4 and all(d == 1 for d in dilations))
+
+
+def _phase_weight(w: torch.Tensor, s: int) -> torch.Tensor:
+    """The weight of one stride-1 convolution of the output gradient whose C*s*s output channels
+    are the input gradient's s*s phases, in F.pixel_shuffle's order.
+
+    Along an axis, input position n with n + pad = s*q + r receives sum_m gz[q - m] * w[r + s*m]:
+    phase r is a correlation of gz with the taps r, r + s, r + 2s, ... reversed (zeros past the kernel).
+    """
+    co, ci, kh, kw = w.shape
+    mh, mw = -(-kh // s), -(-kw // s)
+    taps = F.pad(w, (0, s * mw - kw, 0, s * mh - kh)).reshape(co, ci, mh, s, mw, s).flip(2, 4)
+    return taps.permute(1, 3, 5, 0, 2, 4).reshape(ci * s * s, co, mh, mw)
+
+
+def _input_grad_by_phases(grad, x_shape, memory_format, w, s, pads):
+    """d(conv2d(x, w, stride=s, padding=pads))/dx applied to ``grad``, as a stride-1 convolution
+    and a pixel shuffle: the same sums as the transposed convolution, in another order."""
+    k = _phase_weight(w, s)
+    mh, mw = k.shape[2:]
+    g = F.pixel_shuffle(F.conv2d(grad, k, None, 1, (mh - 1, mw - 1)), s)
+    h, wd = x_shape[2:]
+    g = g[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd]
+    if tuple(g.shape[2:]) != (h, wd):  # positions no output window reaches: gradient 0
+        g = F.pad(g, (0, wd - g.shape[3], 0, h - g.shape[2]))
+    return g.contiguous(memory_format=memory_format)
+
+
+class _PhasedConv(torch.autograd.Function):
+    """conv2d whose input gradient is computed by phases (the weights are constants)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, pads):
+        ctx.save_for_backward(w)
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.conf = (x.shape, torch.channels_last if cl else torch.contiguous_format, stride, list(pads))
+        return F.conv2d(x, w, b, stride, pads)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return _input_grad_by_phases(grad, *ctx.conf[:2], w, *ctx.conf[2:]), None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
