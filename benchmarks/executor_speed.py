@@ -6,7 +6,9 @@ to the input. This script builds torchvision resnet18 (random weights, eval mode
 ONNX in a temporary folder, loads the export with OnnxTorchModule, and times
 ``torch.autograd.grad(model(x).sum(), x)`` for the native module and for the executor,
 interleaved (native, executor, native, executor, ...) in one process after a warm-up, so drift in
-clock speed or machine load hits both alike. Target: median ratio executor/native <= 1.25.
+clock speed or machine load hits both alike. Target (issue 23): median ratio executor/native <= 0.8.
+``--torch-grads`` also times the executor with its own input-gradient paths off (stems by phases,
+GlobalAveragePool's channels-last gradient), interleaved, for the before of those paths.
 
 The native module's parameters are frozen (requires_grad=False) because the executor holds
 weights as buffers: both compute input gradients only. The default exports fold BatchNorm into
@@ -43,7 +45,7 @@ from pathlib import Path
 
 from common import EXPORTERS, Clock, add_output_options, export_resnet18, run_main
 
-TARGET = 1.25
+TARGET = 0.8  # executor / native torch on resnet18 (issue 23; it was 1.25)
 ORT_TARGET = 2.5  # executor forward+backward / onnxruntime forward (issue 23)
 ATTACK_TARGET = 2.75  # one PGD step / onnxruntime forward (issue 23)
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -62,6 +64,23 @@ def input_grad_step(model, x, sync):
     return clock.wall
 
 
+class TorchInputGrads:
+    """The executor with its own input-gradient paths off (stems by phases, GlobalAveragePool's
+    channels-last gradient, torch_exec/ops): torch's autograd everywhere, the before of those paths."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, x):
+        from unittest import mock
+
+        from cloakonnx.torch_exec.ops import conv, pool
+
+        with mock.patch.object(conv, "_grad_by_phases", lambda *a: False), \
+                mock.patch.object(pool._ChannelsLastGrad, "apply", lambda x: x):
+            return self.module(x)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -77,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--before", action="store_true",
                    help="--model: also time the plan unfused and contiguous, as it ran before fusion (its large "
                         "NCHW tensors change glibc's thresholds for the rest of the process)")
+    p.add_argument("--torch-grads", action="store_true",
+                   help="also time the executor with its own input-gradient paths off (torch's autograd "
+                        "everywhere), interleaved: the before of those paths")
     p.add_argument("--glibc-malloc", action="store_true",
                    help="leave glibc's malloc settings as they are (the CLI tunes them: keep_freed_memory)")
     add_output_options(p)
@@ -151,6 +173,8 @@ def run_model(args: argparse.Namespace) -> dict:
              "PGD step in the attack": lambda xi, s: pgd_step(attacked, xi, labels)}
     if unfused is not None:
         steps["before: forward+backward"] = lambda xi, s: input_grad_step(unfused, xi, s)
+    if args.torch_grads:
+        steps["torch's input gradients"] = lambda xi, s: input_grad_step(TorchInputGrads(fused), xi, s)
     for _ in range(args.warmup):
         for step in steps.values():
             step(x, lambda: None)
@@ -167,6 +191,8 @@ def run_model(args: argparse.Namespace) -> dict:
             "ratio_forward_backward_before": (round(med["before: forward+backward"] / base, 3) if unfused is not None
                                               else None),
             "ratio_attack_step": round(med["PGD step in the attack"] / base, 3), "attack_target": ATTACK_TARGET,
+            "ratio_own_grads": (round(med["executor forward+backward"] / med["torch's input gradients"], 3)
+                                if args.torch_grads else None),
             "steps": {"fused": len(fused._plan), "unfused": len(unfused._plan) if unfused is not None else None},
             "target": ORT_TARGET, "meets_target": med["executor forward+backward"] / base <= ORT_TARGET,
             "max_abs_output_diff": max_abs, "torch": torch.__version__, "onnxruntime": ort.__version__}
@@ -195,6 +221,8 @@ def run_resnet18(args: argparse.Namespace) -> dict:
         max_abs = float((native(x) - executor(x)).abs().max())
 
     models = {"native": native, "executor": executor}
+    if args.torch_grads:
+        models["torch's input gradients"] = TorchInputGrads(executor)
     for _ in range(args.warmup):
         for m in models.values():
             input_grad_step(m, x, sync)
@@ -218,6 +246,8 @@ def run_resnet18(args: argparse.Namespace) -> dict:
         "executor_median_ms": round(med["executor"] * 1e3, 3),
         "ratio": round(med["executor"] / med["native"], 4),
         "paired_ratio_median": round(statistics.median(paired), 4),
+        "torch_grads_median_ms": (round(med["torch's input gradients"] * 1e3, 3) if args.torch_grads else None),
+        "ratio_own_grads": (round(med["executor"] / med["torch's input gradients"], 4) if args.torch_grads else None),
         "target": TARGET,
         "meets_target": med["executor"] / med["native"] <= TARGET,
         "max_abs_output_diff": max_abs,
@@ -241,6 +271,8 @@ def table(r: dict) -> str:
                   f"  PGD step in the attack / onnxruntime forward     {r['ratio_attack_step']:.2f}; target <= "
                   f"{r['attack_target']}: {'met' if r['ratio_attack_step'] <= r['attack_target'] else 'NOT met'}",
                   f"  max |executor - onnxruntime| {r['max_abs_output_diff']:.2e}"]
+        if r.get("ratio_own_grads"):
+            lines.insert(-1, f"  executor / with torch's input gradients         {r['ratio_own_grads']:.3f}")
         return "\n".join(lines)
     return "\n".join([
         f"resnet18 forward+backward to the input, batch {r['batch']}, 3x{r['size']}x{r['size']}, "
@@ -250,7 +282,8 @@ def table(r: dict) -> str:
         f"  ratio executor/native {r['ratio']:.3f} (paired median {r['paired_ratio_median']:.3f}); "
         f"target <= {r['target']}: {'met' if r['meets_target'] else 'NOT met'}",
         f"  max |output difference| {r['max_abs_output_diff']:.2e}",
-    ])
+    ] + ([f"  executor with torch's input gradients median {r['torch_grads_median_ms']:9.2f} ms; "
+          f"executor / that {r['ratio_own_grads']:.3f}"] if r.get("ratio_own_grads") else []))
 
 
 def main(argv=None) -> int:

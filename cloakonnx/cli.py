@@ -236,6 +236,10 @@ class EvaluateArgs(ArgGroup):
                     "classes), Square (5000 queries). plus: AutoAttack's plus version: APGD-CE, APGD-DLR and "
                     "untargeted FAB with 5 restarts each, Square (5000 queries), APGD-T, FAB-T. "
                     "fast: APGD-CE and APGD-T."),
+        Option("--cumulative", is_flag=True, to="cumulative",
+               help="Run each --attack only on the points still robust after the ones before, as the presets "
+                    "do: the same worst case, each row then the accuracy after that attack and those before, and "
+                    "the later attacks (Square above all) run on fewer samples."),
         Option("--max-samples", type=int, default=None, help="Evaluate a random subset of this size.",
                to="max_samples"),
         Option("--no-large-eps-check", is_flag=True, to="sanity", convert=negated,

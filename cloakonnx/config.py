@@ -343,6 +343,7 @@ class EvaluateConfig(CommonConfig):
     attacks: tuple[str, ...] = ("fgsm", "pgd", "square")
     eps: tuple[float, ...] = (8 / 255,)
     preset: str | None = None  # "standard" overrides attacks and their settings
+    cumulative: bool = False  # each of ``attacks`` only on the points still robust (presets always are)
     reference: Path | None = None  # the unhardened model, for transfer attacks
     max_samples: int | None = None
     sanity: bool = True  # also run the large-eps check

@@ -191,6 +191,35 @@ def test_standard_preset_is_autoattacks_run_on_the_points_still_robust(digits_fi
     assert [s for _, s in sizes[1:]] == [round(r * n) for r in rows[:-1]], (sizes, rows)
 
 
+def test_cumulative_attack_list_runs_later_attacks_on_survivors_with_the_same_worst_case(digits_files, monkeypatch):
+    """--cumulative: each --attack only on the points still robust after the ones before. The worst case per
+    sample is that of the list run on every sample (each sample's randomness is its own, not its batch's),
+    and the later attack crafts on fewer samples."""
+    from cloakonnx.backend import LocalBackend
+
+    sizes = []
+    real = LocalBackend.craft_batches
+
+    def craft_batches(self, runner, cfg, ds, device, desc, batch):
+        sizes.append((cfg.name, len(ds)))
+        return real(self, runner, cfg, ds, device, desc, batch)
+
+    monkeypatch.setattr(LocalBackend, "craft_batches", craft_batches)
+    config = EvaluateConfig(attacks=("fgsm", "pgd"), eps=(0.1,), attack=AttackConfig(steps=5), max_samples=60,
+                            sanity=False)
+    every = evaluate(digits_files[0], digits_files[1], config).to_dict()
+    every_sizes, sizes[:] = list(sizes), []
+    survivors = evaluate(digits_files[0], digits_files[1], replace(config, cumulative=True)).to_dict()
+    assert not every["cumulative"] and survivors["cumulative"]
+    assert survivors["robust_accuracy"] == every["robust_accuracy"], (survivors["results"], every["results"])
+    n = every["samples"]
+    assert every_sizes == [("fgsm", n), ("pgd", n)]
+    fgsm_row = survivors["results"][0]["accuracy"]
+    assert fgsm_row == every["results"][0]["accuracy"] < every["clean_accuracy"]
+    assert sizes == [("fgsm", round(every["clean_accuracy"] * n)), ("pgd", round(fgsm_row * n))], sizes
+    assert survivors["results"][1]["accuracy"] == survivors["robust_accuracy"]["0.1"]
+
+
 @pytest.mark.slow
 def test_plus_preset_is_autoattacks_plus_version(digits_files):
     """AutoAttack's plus version: APGD-CE, APGD-DLR, untargeted FAB (5 restarts each), APGD-T, FAB-T, with
