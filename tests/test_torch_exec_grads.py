@@ -119,3 +119,17 @@ def test_global_average_pool_hands_its_gradient_on_channels_last():
         torch.testing.assert_close(y.detach(), x.mean((2, 3), keepdim=True), rtol=1e-6, atol=1e-6)
     assert grads[torch.channels_last].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(grads[torch.channels_last], grads[torch.contiguous_format])
+
+
+def test_stem_benchmark_times_both_paths_and_they_agree():
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("stem_grads")
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run(bench.parse_args(["--batch", "1", "--repeats", "1", "--layouts", "channels-last"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["stem"] for row in result["rows"]] == list(bench.STEMS)
+    assert all(row["max_relative_grad_difference"] < 1e-5 and row["median_ms"]["phases"] > 0 for row in result["rows"])
+    assert "phases/oneDNN" in bench.table(result)
