@@ -61,6 +61,28 @@ def test_a_candidate_no_better_than_the_original_is_refused(prepared):
     assert out.chosen is None and out.guard["hardened"] == out.guard["original"]
 
 
+def test_the_guard_runs_apgd_only_on_the_selections_survivors_with_the_same_worst_case(prepared, monkeypatch):
+    """The final check's APGD-CE crafts only on the samples the selection attack left correct; the worst
+    case per sample is that of APGD-CE run on every validation sample."""
+    p, config, base = prepared
+    survived = p.runner.predict(base.adv, config.ort_batch_size) == p.val.y
+    assert 0 < survived.sum() < len(survived)
+    sizes, real = [], type(p.backend).survivors
+
+    def survivors(self, judge, crafter, attack, ds, device, batch, ort_batch_size, desc=""):
+        sizes.append(len(ds))
+        return real(self, judge, crafter, attack, ds, device, batch, ort_batch_size, desc)
+
+    monkeypatch.setattr(type(p.backend), "survivors", survivors)
+    base.guard = None
+    strength = Strength(StrengthPoint(1.0, base.clean, base.adv_accuracy, 0.0), [], 1.0, p.runner, survived)
+    out = never_worse(p, config, base, strength, "the original")
+    assert sizes == [survived.sum(), survived.sum()]  # the original, then the same model as the candidate
+    apgd_everywhere = real(p.backend, p.runner, p.runner, guard_attack(p.attack), p.val, p.device,
+                           p.attack_batch.size, config.ort_batch_size)
+    assert out.guard["original"] == float((survived & apgd_everywhere).mean())
+
+
 def test_the_guard_attack_is_at_least_apgd_ce_20():
     cfg = guard_attack(AttackConfig(name="fgsm", eps=0.1, steps=1))
     assert cfg.name == "apgd-ce" and cfg.steps == 20 and cfg.eps == 0.1
