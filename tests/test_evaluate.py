@@ -167,9 +167,8 @@ def test_fast_preset_runs_apgd_ce_and_apgd_t(digits_files):
     assert report["robust_accuracy"]["0.1"] <= worst
 
 
-def test_standard_preset_is_autoattacks_run_on_the_points_still_robust(digits_files, monkeypatch):
-    """APGD-CE, APGD-T, FAB-T, Square-5000 in that order, each crafted only on the points the ones before
-    left robust: every row is the robust accuracy so far, and the last one is the worst case."""
+def record_crafted_sizes(monkeypatch) -> list:
+    """A list that gets (attack, samples crafted on) for each attack run, as the backend crafts it."""
     from cloakonnx.backend import LocalBackend
 
     sizes = []
@@ -180,6 +179,13 @@ def test_standard_preset_is_autoattacks_run_on_the_points_still_robust(digits_fi
         return real(self, runner, cfg, ds, device, desc, batch)
 
     monkeypatch.setattr(LocalBackend, "craft_batches", craft_batches)
+    return sizes
+
+
+def test_standard_preset_is_autoattacks_run_on_the_points_still_robust(digits_files, monkeypatch):
+    """APGD-CE, APGD-T, FAB-T, Square-5000 in that order, each crafted only on the points the ones before
+    left robust: every row is the robust accuracy so far, and the last one is the worst case."""
+    sizes = record_crafted_sizes(monkeypatch)
     report = evaluate(digits_files[0], digits_files[1], EvaluateConfig(preset="standard", eps=(0.1,), max_samples=40,
                                                                       sanity=False)).to_dict()
     rows = [r["accuracy"] for r in report["results"]]
@@ -195,16 +201,7 @@ def test_cumulative_attack_list_runs_later_attacks_on_survivors_with_the_same_wo
     """--cumulative: each --attack only on the points still robust after the ones before. The worst case per
     sample is that of the list run on every sample (each sample's randomness is its own, not its batch's),
     and the later attack crafts on fewer samples."""
-    from cloakonnx.backend import LocalBackend
-
-    sizes = []
-    real = LocalBackend.craft_batches
-
-    def craft_batches(self, runner, cfg, ds, device, desc, batch):
-        sizes.append((cfg.name, len(ds)))
-        return real(self, runner, cfg, ds, device, desc, batch)
-
-    monkeypatch.setattr(LocalBackend, "craft_batches", craft_batches)
+    sizes = record_crafted_sizes(monkeypatch)
     config = EvaluateConfig(attacks=("fgsm", "pgd"), eps=(0.1,), attack=AttackConfig(steps=5), max_samples=60,
                             sanity=False)
     every = evaluate(digits_files[0], digits_files[1], config).to_dict()
