@@ -137,7 +137,8 @@ def _evaluate(s: Session, model_path, attack_cfgs: list[AttackConfig], providers
     s.notes.extend(model_notes(runner))
     clean_pred = runner.predict(ds.x, config.ort_batch_size)
     clean = float((clean_pred == ds.y).mean())
-    cumulative = config.preset is not None or config.cumulative  # AutoAttack's way: each attack on the points still robust
+    # AutoAttack's way (presets, --cumulative): each attack only on the points still robust
+    cumulative = config.preset is not None or config.cumulative
     runs = [(base, threat, source) for base in runnable_attacks(attack_cfgs, s.n_classes, s.notes)
             for threat, source in _sources(base.name, runner, s.reference)]
     if cumulative:

@@ -87,6 +87,11 @@ def _is_float(t: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last (and not also contiguous, as a 1x1 image is)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def _onnx_dtype(elem_type: int) -> torch.dtype:
     try:
         return _DTYPES[elem_type]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import _OpVersion, op
-from ..tensors import _pt_pad
+from ..tensors import _channels_last, _pt_pad
 from .spatial import _spatial_pads
 
 
@@ -127,8 +127,8 @@ def _grad_by_phases(x, w, b, strides, dilations, groups) -> bool:
     """Whether this Conv's input gradient is the one an attack needs and is cheaper by phases.
 
     oneDNN's backward-data kernel for a stem such as ResNet's 7x7/2 over 3 channels, or a ViT's
-    16x16/16 patch embedding, costs 3-6 times the forward pass; by phases it costs 0.2-0.5 of
-    oneDNN's (benchmarks/executor_speed.py). At 3x3/2 there is no gain, so those are left alone.
+    16x16/16 patch embedding, costs 3-6 times the forward pass; by phases it costs 0.16-0.6 of
+    oneDNN's (benchmarks/stem_grads.py). At 3x3/2 channels-last there is no gain: left alone.
     """
     return (torch.is_grad_enabled() and x.requires_grad and x.dim() == 4 and x.device.type == "cpu"
             and not w.requires_grad and (b is None or not b.requires_grad) and groups == 1 and w.shape[1] <= 4
@@ -167,8 +167,8 @@ class _PhasedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, stride, pads):
         ctx.save_for_backward(w)
-        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        ctx.conf = (x.shape, torch.channels_last if cl else torch.contiguous_format, stride, list(pads))
+        layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        ctx.conf = (x.shape, layout, stride, list(pads))
         return F.conv2d(x, w, b, stride, pads)
 
     @staticmethod
